@@ -1,0 +1,46 @@
+/*
+ * Composition root: builds the event bus, the command registry, the QMP
+ * server, and wires them together. No logic of its own beyond start-up and
+ * an orderly, once-only shutdown.
+ */
+import type { Logger } from 'pino';
+import { EventBus } from './event-bus.js';
+import { CommandRegistry } from './qmp/command-registry.js';
+import { registerControlCommands } from './qmp/control-commands.js';
+import { QmpServer, type MonitorOptions } from './qmp/server.js';
+import type { Listener } from './qmp/transports/stream-listener.js';
+import { versionInfo } from './version.js';
+
+export class Daemon {
+  readonly bus = new EventBus();
+  readonly registry = new CommandRegistry();
+  readonly qmp: QmpServer;
+  private readonly shutdownHooks: (() => void | Promise<void>)[] = [];
+  private stopping: Promise<void> | undefined;
+
+  constructor(readonly log: Logger) {
+    registerControlCommands(this.registry, { shutdown: (reason) => void this.shutdown(reason) });
+    this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
+    this.bus.subscribe((event) => this.qmp.broadcast(event));
+    const missing = this.registry.missingHandlers();
+    if (missing.length) throw new Error(`schema commands without a handler: ${missing.join(', ')}`);
+  }
+
+  addMonitor(options: MonitorOptions): Promise<Listener> {
+    return this.qmp.listen(options);
+  }
+
+  /** Runs after the daemon has stopped serving (pid file removal, process exit). */
+  onShutdown(hook: () => void | Promise<void>): void {
+    this.shutdownHooks.push(hook);
+  }
+
+  shutdown(reason: string): Promise<void> {
+    this.stopping ??= (async () => {
+      this.log.info({ reason }, 'shutting down');
+      await this.qmp.close();
+      for (const hook of this.shutdownHooks) await hook();
+    })();
+    return this.stopping;
+  }
+}

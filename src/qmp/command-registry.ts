@@ -1,0 +1,60 @@
+/*
+ * Command handlers registered by name and typed by the generated schema
+ * types. Registering a name the schema does not declare fails at once, and
+ * missingHandlers() lists schema commands nobody registered, so the two can
+ * never drift apart silently (a test asserts the list is empty for the daemon).
+ */
+import type { Logger } from 'pino';
+import { commandCatalogue, type CommandEntry } from '../generated/qapi-catalogue.js';
+import type { QmpCommandMap, QmpCommandName } from '../generated/qapi-types.js';
+import { commandArgumentRefs, validationDefs } from '../generated/qapi-validation.js';
+import { ArgumentValidator } from './argument-validator.js';
+
+/** What a handler knows about the client calling it. */
+export interface SessionControl {
+  readonly id: number;
+  readonly negotiated: boolean;
+  /** Leaves negotiation mode with the given capabilities; throws QmpError when one is not offered. */
+  negotiate(capabilities: string[]): void;
+}
+
+export interface CommandContext {
+  session: SessionControl;
+  log: Logger;
+}
+
+export type CommandHandler<K extends QmpCommandName> = (
+  args: QmpCommandMap[K]['args'],
+  context: CommandContext,
+) => QmpCommandMap[K]['returns'] | Promise<QmpCommandMap[K]['returns']>;
+
+type AnyHandler = (args: unknown, context: CommandContext) => unknown;
+
+export class CommandRegistry {
+  private readonly handlers = new Map<string, AnyHandler>();
+  private readonly entries = new Map<string, CommandEntry>(commandCatalogue.map((entry) => [entry.name, entry]));
+  readonly validator = new ArgumentValidator(validationDefs, commandArgumentRefs);
+
+  register<K extends QmpCommandName>(name: K, handler: CommandHandler<K>): void {
+    if (!this.entries.has(name)) throw new Error(`command '${name}' is not declared in schema/`);
+    if (this.handlers.has(name)) throw new Error(`command '${name}' registered twice`);
+    this.handlers.set(name, handler as AnyHandler);
+  }
+
+  entry(name: string): CommandEntry | undefined {
+    return this.entries.get(name);
+  }
+
+  handler(name: string): AnyHandler | undefined {
+    return this.handlers.get(name);
+  }
+
+  /** Command names in schema order. */
+  names(): string[] {
+    return [...this.entries.keys()];
+  }
+
+  missingHandlers(): string[] {
+    return this.names().filter((name) => !this.handlers.has(name));
+  }
+}

@@ -1,0 +1,66 @@
+/*
+ * Runs bin/blockd as a real process for end-to-end tests: waits for the
+ * "blockd ready" log line (or exit), collects stderr, and stops it.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { BLOCKD_BIN } from './paths.js';
+
+export interface BlockdProcess {
+  child: ChildProcess;
+  stderr: () => string;
+  stdout: () => string;
+  /** Addresses from the "QMP monitor listening" log lines, in order. */
+  addresses: string[];
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  stop(signal?: NodeJS.Signals): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+export interface StartOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+  /** Resolve as soon as the process starts, without waiting for readiness. */
+  noWait?: boolean;
+  stdin?: 'pipe' | 'ignore';
+}
+
+export function runBlockd(args: string[], options: StartOptions = {}): Promise<BlockdProcess> {
+  const child = spawn(process.execPath, [BLOCKD_BIN, ...args], {
+    cwd: options.cwd,
+    env: { ...process.env, BLOCKD_LOG_LEVEL: 'info', ...options.env },
+    stdio: [options.stdin ?? 'ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  let stdout = '';
+  const addresses: string[] = [];
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.on('exit', (code, signal) => resolve({ code, signal })));
+  const proc: BlockdProcess = {
+    child,
+    stderr: () => stderr,
+    stdout: () => stdout,
+    addresses,
+    exited,
+    async stop(signal = 'SIGTERM') {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return exited;
+    },
+  };
+  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  return new Promise((resolve, reject) => {
+    if (options.noWait) resolve(proc);
+    child.stderr!.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString();
+      for (const line of chunk.toString().split('\n')) {
+        if (!line.startsWith('{')) continue;
+        try {
+          const record = JSON.parse(line) as { msg?: string; address?: string };
+          if (record.msg === 'QMP monitor listening' && record.address) addresses.push(record.address);
+          if (record.msg === 'blockd ready') resolve(proc);
+        } catch {
+          // not a log line
+        }
+      }
+    });
+    void exited.then(({ code }) => reject(new Error(`blockd exited (${code}) before it was ready:\n${stderr}`)));
+  });
+}
