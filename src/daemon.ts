@@ -17,6 +17,8 @@ export class Daemon {
   readonly qmp: QmpServer;
   private readonly shutdownHooks: (() => void | Promise<void>)[] = [];
   private stopping: Promise<void> | undefined;
+  /** A daemon runs until told to stop, even when no socket or client keeps the event loop busy (stdio after EOF). */
+  private readonly keepAlive = setInterval(() => {}, 1 << 30);
 
   constructor(readonly log: Logger) {
     registerControlCommands(this.registry, { shutdown: (reason) => void this.shutdown(reason) });
@@ -38,6 +40,7 @@ export class Daemon {
   shutdown(reason: string): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info({ reason }, 'shutting down');
+      clearInterval(this.keepAlive);
       await this.qmp.close();
       for (const hook of this.shutdownHooks) await hook();
     })();

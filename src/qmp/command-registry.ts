@@ -21,6 +21,8 @@ export interface SessionControl {
 export interface CommandContext {
   session: SessionControl;
   log: Logger;
+  /** The logger for one command's handler (carries the command name). */
+  commandLog(command: string): Logger;
 }
 
 export type CommandHandler<K extends QmpCommandName> = (

@@ -78,7 +78,6 @@ async function execute(request: JsonObject, registry: CommandRegistry, state: Di
   registry.validator.check(command, args);
   const handler = registry.handler(command);
   if (!handler) throw genericError(`The command ${command} has no implementation`);
-  const log = context.log.child({ cmd: command });
-  const result = await handler(toPlain(args), { ...context, log });
+  const result = await handler(toPlain(args), { ...context, log: context.commandLog(command) });
   return (result ?? {}) as JsonValue;
 }

@@ -50,6 +50,7 @@ export class QmpSession implements RequestQueueOwner, SessionControl {
   private readonly queue: StreamItem[] = [];
   private readonly parser = new JsonStreamParser((item) => this.onItem(item));
   private readonly log: Logger;
+  private readonly commandLogs = new Map<string, Logger>();
 
   constructor(private readonly connection: Connection, private readonly options: SessionOptions) {
     this.log = options.log.child({ session: this.id });
@@ -137,6 +138,15 @@ export class QmpSession implements RequestQueueOwner, SessionControl {
     return true;
   }
 
+  private commandLog(command: string): Logger {
+    let log = this.commandLogs.get(command);
+    if (!log) {
+      log = this.log.child({ cmd: command });
+      this.commandLogs.set(command, log);
+    }
+    return log;
+  }
+
   private async execute(request: JsonValue): Promise<void> {
     this.log.trace({ in: request }, 'qmp request');
     this.running++;
@@ -145,7 +155,7 @@ export class QmpSession implements RequestQueueOwner, SessionControl {
         request,
         this.options.registry,
         { negotiated: this.negotiated, oobEnabled: this.oobEnabled },
-        { session: this, log: this.log },
+        { session: this, log: this.log, commandLog: (command) => this.commandLog(command) },
       );
       this.send(response);
     } finally {

@@ -1,6 +1,8 @@
 /*
  * Runs bin/blockd as a real process for end-to-end tests: waits for the
- * "blockd ready" log line (or exit), collects stderr, and stops it.
+ * "blockd ready" log line (or exit), collects stderr, and stops it. Readiness
+ * and addresses come from info-level log lines, so tests that wait for them
+ * must not set --log-level above info.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { BLOCKD_BIN } from './paths.js';
@@ -62,5 +64,9 @@ export function runBlockd(args: string[], options: StartOptions = {}): Promise<B
       }
     });
     void exited.then(({ code }) => reject(new Error(`blockd exited (${code}) before it was ready:\n${stderr}`)));
+    if (!options.noWait) {
+      const timer = setTimeout(() => reject(new Error(`blockd not ready after 20 s:\n${stderr}`)), 20_000);
+      timer.unref();
+    }
   });
 }

@@ -29,10 +29,13 @@ export function quoteString(text: string): string {
   return out + '"';
 }
 
-/** C's printf("%.17g", value). */
+/**
+ * C's printf("%.17g", value), except for infinities: QEMU prints "inf", which is not
+ * JSON and breaks every client parser; 1e+999 is valid JSON that reads back as infinity.
+ */
 export function formatDouble(value: number): string {
-  if (Number.isNaN(value)) return 'nan';
-  if (!Number.isFinite(value)) return value > 0 ? 'inf' : '-inf';
+  if (Number.isNaN(value)) return 'null';
+  if (!Number.isFinite(value)) return value > 0 ? '1e+999' : '-1e+999';
   if (value === 0) return Object.is(value, -0) ? '-0' : '0';
   const [mantissa, exponentText] = value.toExponential(16).split('e') as [string, string];
   const exponent = Number(exponentText);

@@ -5,7 +5,8 @@
  * (nobody listening) is replaced, while a live one or a non-socket file at the
  * path is an error rather than something to delete.
  */
-import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { dirname } from 'node:path';
 import net from 'node:net';
 import type { Connection } from '../session.js';
 
@@ -65,6 +66,7 @@ async function isLiveSocket(path: string): Promise<boolean> {
 }
 
 async function removeStaleSocket(path: string): Promise<void> {
+  if (!existsSync(dirname(path))) throw new Error(`Failed to bind socket to ${path}: No such file or directory`);
   let stats;
   try {
     stats = lstatSync(path);
