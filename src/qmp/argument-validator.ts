@@ -8,6 +8,8 @@
  */
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { genericError, type QmpError } from './errors.js';
+import { firstUnexpectedMember } from './json/glib-hash-order.js';
+import { qdictOrder } from './json/qdict-order.js';
 import { isJsonInteger, isJsonNumber, isJsonObject, type JsonObject, type JsonValue } from './json/value.js';
 
 type LeafProblem =
@@ -104,8 +106,12 @@ export function describeValidationError(error: ErrorObject, args: JsonObject): Q
   switch (error.keyword) {
     case 'required':
       return genericError(`Parameter '${fullName([...steps, { name: error.params.missingProperty as string, inList: false }])}' is missing`);
-    case 'additionalProperties':
-      return genericError(`Parameter '${fullName([...steps, { name: error.params.additionalProperty as string, inList: false }])}' is unexpected`);
+    case 'additionalProperties': {
+      // With several unexpected members, name the one QEMU's GHashTable yields first.
+      const declared = Object.keys((error.parentSchema as { properties: Record<string, unknown> }).properties);
+      const member = firstUnexpectedMember(qdictOrder(Object.keys(value as JsonObject)), declared) ?? String(error.params.additionalProperty);
+      return genericError(`Parameter '${fullName([...steps, { name: member, inList: false }])}' is unexpected`);
+    }
     case 'enum':
       return genericError(`Parameter '${bareName(steps)}' does not accept value '${String(value)}'`);
     case 'qapi': {
@@ -124,7 +130,7 @@ export class ArgumentValidator {
   private readonly validators = new Map<string, ValidateFunction>();
 
   constructor(defs: Record<string, unknown>, commandRefs: Record<string, string>) {
-    const ajv = new Ajv({ allErrors: false, strict: true, strictTypes: false, strictRequired: false, validateSchema: false, addUsedSchema: false });
+    const ajv = new Ajv({ allErrors: false, verbose: true, strict: true, strictTypes: false, strictRequired: false, validateSchema: false, addUsedSchema: false });
     ajv.addKeyword({ keyword: 'qapi', schemaType: ['string', 'object'], errors: true, validate: qapiKeyword });
     ajv.addSchema(defs);
     for (const [command, ref] of Object.entries(commandRefs)) {

@@ -43,6 +43,19 @@ async function transcript(address: string, extraSteps: { send: string; replies: 
   return lines;
 }
 
+/** Opens a connection, skips the greeting, sends each step and collects its replies. */
+async function runSteps(address: string, steps: { send: string; replies: number }[]): Promise<string[]> {
+  const connection = await RawConnection.open(address);
+  await connection.readLine();
+  const lines: string[] = [];
+  for (const step of steps) {
+    connection.send(step.send);
+    lines.push(...(await connection.readLines(step.replies)));
+  }
+  connection.end();
+  return lines;
+}
+
 test('the protocol conversation is identical to qemu-storage-daemon', async () => {
   const expected = await transcript(qsd.socket);
   const actual = await transcript(`unix:${join(temp.dir, 'blockd.sock')}`);
@@ -58,18 +71,22 @@ test('oob negotiation and exec-oob errors are identical', async () => {
     { send: '{"exec-oob":1,"id":4}', replies: 1 },
     { send: '{"exec-oob":"query-commands","execute":"query-commands","id":5}', replies: 1 },
   ];
-  const run = async (address: string) => {
-    const connection = await RawConnection.open(address);
-    await connection.readLine();
-    const lines: string[] = [];
-    for (const step of steps) {
-      connection.send(step.send);
-      lines.push(...(await connection.readLines(step.replies)));
-    }
-    connection.end();
-    return lines;
-  };
-  assert.deepEqual(await run(`unix:${join(temp.dir, 'blockd.sock')}`), await run(qsd.socket));
+  assert.deepEqual(await runSteps(`unix:${join(temp.dir, 'blockd.sock')}`, steps), await runSteps(qsd.socket, steps));
+});
+
+test('with several unexpected arguments, both name the same one (glib hash order)', async () => {
+  let seed = 11;
+  const random = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
+  const word = () => Array.from({ length: 1 + Math.floor(random() * 8) }, () => 'abcdefghijklmnopqrstuvwxyz-_0123456789'[Math.floor(random() * 38)]).join('');
+  const steps = [{ send: '{"execute":"qmp_capabilities"}', replies: 1 }];
+  for (let i = 0; i < 150; i++) {
+    const args: Record<string, unknown> = i % 3 === 0 ? { enable: [] } : {};
+    for (let k = 0, n = 2 + Math.floor(random() * 30); k < n; k++) args[word()] = k;
+    steps.push({ send: JSON.stringify({ execute: i % 3 === 0 ? 'qmp_capabilities' : 'query-version', arguments: args, id: i }), replies: 1 });
+  }
+  const expected = await runSteps(qsd.socket, steps);
+  const actual = await runSteps(`unix:${join(temp.dir, 'blockd.sock')}`, steps);
+  for (let i = 0; i < expected.length; i++) assert.equal(actual[i], expected[i], steps[i]!.send);
 });
 
 type Entry = Record<string, unknown> & { name: string; 'meta-type': string };

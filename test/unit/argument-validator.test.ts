@@ -73,6 +73,8 @@ const cases: [string, string, string][] = [
   ['try-all', '{"size": 1, "flag": false}', 'OK'],
   ['try-all', '{"size": 1, "foo": 1}', "Parameter 'foo' is unexpected"],
   ['try-all', '{"size": 1, "__proto__": 1}', "Parameter '__proto__' is unexpected"],
+  // Several unexpected members: QEMU names the first left in its GHashTable (observed on qemu-storage-daemon 7.2).
+  ['no-args', '{"foo": 1, "bar": 2, "baz": 3}', "Parameter 'baz' is unexpected"],
   ['add-node', '{"driver": "null-co", "size": 5}', 'OK'],
   ['add-node', '{"driver": "null-co", "filename": 5}', "Parameter 'filename' is unexpected"],
   ['add-node', '{}', "Parameter 'driver' is missing"],
