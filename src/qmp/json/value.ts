@@ -9,6 +9,11 @@
 
 export class JsonFloat {
   constructor(readonly value: number) {}
+
+  /** Logs and JSON.stringify show the number itself. */
+  toJSON(): number {
+    return this.value;
+  }
 }
 
 export type JsonScalar = string | number | bigint | boolean | null | JsonFloat;

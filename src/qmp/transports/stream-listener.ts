@@ -99,14 +99,12 @@ export async function listenStream(address: StreamAddress, accept: AcceptConnect
     description = `tcp:${bound.address.includes(':') ? `[${bound.address}]` : bound.address}:${bound.port}`;
   }
   let connections = 0;
-  server.on('connection', (socket) => {
-    const peer = address.type === 'unix' ? `${description}#${++connections}` : `tcp:${socket.remoteAddress}:${socket.remotePort}`;
-    serveSocket(socket, peer, accept);
-  });
   const sockets = new Set<net.Socket>();
   server.on('connection', (socket) => {
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
+    const peer = address.type === 'unix' ? `${description}#${++connections}` : `tcp:${socket.remoteAddress}:${socket.remotePort}`;
+    serveSocket(socket, peer, accept);
   });
   return {
     address: description,
