@@ -25,10 +25,12 @@ registerControlCommands(registry, { shutdown: () => quits++ });
 const server = new QmpServer({ registry, log: pino({ level: 'silent' }), version: versionInfo });
 const unixAddress = `unix:${join(temp.dir, 'server.sock')}`;
 let wsAddress: string;
+let tcpAddress: string;
 
 before(async () => {
   await server.listen({ address: { type: 'unix', path: join(temp.dir, 'server.sock') } });
   wsAddress = (await server.listen({ address: { type: 'ws', host: '127.0.0.1', port: 0 } })).address;
+  tcpAddress = (await server.listen({ address: { type: 'tcp', host: '127.0.0.1', port: 0 } })).address;
 });
 
 after(async () => {
@@ -46,9 +48,10 @@ test('every schema command has a handler, and handlers need a schema entry', () 
 test('events go to every negotiated client, on every transport, and never to a negotiating one', async () => {
   const unixClient = await RawConnection.open(unixAddress);
   const wsClient = await RawConnection.open(wsAddress);
+  const tcpClient = await RawConnection.open(tcpAddress);
   const negotiating = await RawConnection.open(unixAddress);
-  for (const connection of [unixClient, wsClient, negotiating]) await connection.readLine();
-  for (const connection of [unixClient, wsClient]) {
+  for (const connection of [unixClient, wsClient, tcpClient, negotiating]) await connection.readLine();
+  for (const connection of [unixClient, wsClient, tcpClient]) {
     connection.send('{"execute":"qmp_capabilities"}');
     assert.equal(await connection.readLine(), '{"return": {}}');
   }
@@ -57,6 +60,7 @@ test('events go to every negotiated client, on every transport, and never to a n
   const expected = '{"timestamp": {"seconds": 1795313061, "microseconds": 957308}, "event": "TEST_EVENT", "data": {"status": "created", "id": "j1"}}';
   assert.equal(await unixClient.readLine(), expected);
   assert.equal(await wsClient.readLine(), expected);
+  assert.equal(await tcpClient.readLine(), expected);
   await negotiating.expectSilence(100);
   server.broadcast({ event: 'NO_DATA', data: undefined, timestamp: { seconds: 1, microseconds: 2 } });
   assert.equal(await unixClient.readLine(), '{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "NO_DATA"}');
@@ -64,7 +68,7 @@ test('events go to every negotiated client, on every transport, and never to a n
   assert.equal(await negotiating.readLine(), '{"return": {}}');
   server.broadcast(event);
   assert.equal(await negotiating.readLine(), expected);
-  for (const connection of [unixClient, wsClient, negotiating]) connection.end();
+  for (const connection of [unixClient, wsClient, tcpClient, negotiating]) connection.end();
 });
 
 test('timestamps are wall-clock seconds and microseconds', () => {
