@@ -4,6 +4,9 @@
  * an orderly, once-only shutdown.
  */
 import type { Logger } from 'pino';
+import { BlockGraph } from './blockdev/graph.js';
+import { registerBlockCommands } from './blockdev/commands.js';
+import { NodeOpener } from './blockdev/node-opener.js';
 import { EventBus } from './event-bus.js';
 import { CommandRegistry } from './qmp/command-registry.js';
 import { registerControlCommands } from './qmp/control-commands.js';
@@ -15,6 +18,8 @@ export class Daemon {
   readonly bus = new EventBus();
   readonly registry = new CommandRegistry();
   readonly qmp: QmpServer;
+  readonly graph: BlockGraph;
+  readonly opener: NodeOpener;
   private readonly shutdownHooks: (() => void | Promise<void>)[] = [];
   private stopping: Promise<void> | undefined;
   /** A daemon runs until told to stop, even when no socket or client keeps the event loop busy (stdio after EOF). */
@@ -22,6 +27,9 @@ export class Daemon {
 
   constructor(readonly log: Logger) {
     registerControlCommands(this.registry, { shutdown: (reason) => void this.shutdown(reason) });
+    this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
+    this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }));
+    registerBlockCommands(this.registry, { graph: this.graph, opener: this.opener });
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();
@@ -37,11 +45,21 @@ export class Daemon {
     this.shutdownHooks.push(hook);
   }
 
+  /** Closes every node, users before what they use, so images are flushed and consistent. */
+  private async closeAllNodes(): Promise<void> {
+    for (;;) {
+      const top = this.graph.list().find((node) => node.parents.length === 0);
+      if (!top) break;
+      await this.graph.close(top).catch((error: unknown) => this.log.error({ err: error, node: top.name }, 'closing node failed'));
+    }
+  }
+
   shutdown(reason: string): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info({ reason }, 'shutting down');
       clearInterval(this.keepAlive);
       await this.qmp.close();
+      await this.closeAllNodes();
       for (const hook of this.shutdownHooks) await hook();
     })();
     return this.stopping;

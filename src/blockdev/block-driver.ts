@@ -1,0 +1,109 @@
+/*
+ * The driver interface. A driver definition opens a node's state from its
+ * options; the state answers I/O for the node. Every call is asynchronous.
+ * Optional methods are capabilities: a driver that leaves one out does not
+ * support it (the node reports a clear error, or uses a generic fallback,
+ * e.g. write-zeroes by writing a zero buffer). Drivers reach their children
+ * only through the child edges the node gives them, which check permissions.
+ */
+import type { Logger } from 'pino';
+import type { BlockdevDriver } from '../generated/qapi-types.js';
+import type { ChildEdge } from './child-edge.js';
+import type { BlockNode } from './node.js';
+import type { ChildRole, PermissionPair } from './permissions.js';
+
+export interface WriteFlags {
+  /** Force unit access: durable before the request completes. */
+  fua?: boolean;
+}
+
+export interface ZeroFlags extends WriteFlags {
+  /** The range may be deallocated (NBD: no NO_HOLE flag). */
+  mayUnmap?: boolean;
+  /** Fail with ENOTSUP rather than write zero buffers (NBD FAST_ZERO). */
+  noFallback?: boolean;
+}
+
+/**
+ * What a driver knows about the range starting at an offset. `length` covers
+ * the run with the same answer (it may be shorter than asked, never longer).
+ */
+export type DriverExtent =
+  | {
+      length: number;
+      /** Decided at this node: data stored here, or zeros recorded here (hides any backing file). */
+      allocated: boolean;
+      /** Reads return stored data (not a hole). */
+      data: boolean;
+      /** Reads return zeros for sure. */
+      zero: boolean;
+      /** Where the bytes are stored, when they are stored in one place (qemu-img map's "offset"). */
+      hostOffset?: number;
+    }
+  | {
+      length: number;
+      /** The answer is the child's, at this offset in it (raw, filters). */
+      delegate: ChildEdge;
+      offset: number;
+    };
+
+export interface DriverInfo {
+  /** query-named-block-nodes "file": the filename or a json: pseudo-filename. */
+  filename: string;
+  /** ImageInfo extras: cluster-size, dirty-flag, format-specific, backing-filename, ... */
+  image?: Record<string, unknown>;
+}
+
+/** A node's open driver state. */
+export interface DriverState {
+  /** Size in bytes as the node's users see it. */
+  length(): number;
+  /** Writes past the end grow the node (protocol drivers; the writer needs the resize permission). */
+  readonly growsOnWrite?: boolean;
+  read(offset: number, buffer: Buffer): Promise<void>;
+  write?(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void>;
+  writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
+  discard?(offset: number, length: number): Promise<void>;
+  flush?(): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<DriverExtent>;
+  /** Changes the size; exact: must not round. */
+  truncate?(size: number): Promise<void>;
+  /** Permissions this node's child on `edge` needs, given what the node's own users need. */
+  childPermissions?(edge: ChildEdge, parents: PermissionPair): PermissionPair;
+  /** Told the node's users' combined needs, e.g. to take image locks. Throws (and changes nothing) on conflict. */
+  setPermissions?(needed: PermissionPair): Promise<void>;
+  /** Switch to read-only (blockdev-snapshot makes the old top read-only). */
+  reopenReadOnly?(): Promise<void>;
+  info(): DriverInfo;
+  /** Bytes the node occupies on the host (ImageInfo actual-size); default: the sum over its storage children. */
+  allocatedSize?(): Promise<number>;
+  /** Flush what must be durable and release resources (locks, descriptors). */
+  close(): Promise<void>;
+}
+
+/** One child a driver asks for while opening. */
+export interface ChildRequest {
+  /** The edge name, as in messages and query output: "file", "backing", "image". */
+  name: string;
+  role: ChildRole;
+}
+
+export interface OpenContext {
+  node: BlockNode;
+  log: Logger;
+  /** Opens (or looks up) the child given in the options under `name`; it becomes the node's child. */
+  openChild(optionsKey: string, request: ChildRequest): Promise<ChildEdge>;
+  /** Opens a backing file named by an image header: read-only, generated node name, not monitor-owned. */
+  openBackingFromImage?(filename: string, format: string | undefined, request: ChildRequest): Promise<ChildEdge>;
+}
+
+export interface BlockDriver<Options = Record<string, unknown>> {
+  name: BlockdevDriver;
+  /** Filters pass I/O to one child; formats and protocols own their data. */
+  kind: 'protocol' | 'format' | 'filter';
+  /** May have a backing child (qcow2). */
+  supportsBacking?: boolean;
+  /** Options that define what the node reads (QEMU's strong runtime options): they name it in json: filenames. */
+  strongOptions: readonly string[];
+  open(context: OpenContext, options: Options): Promise<DriverState>;
+}

@@ -1,0 +1,83 @@
+/*
+ * QMP handlers for the node graph: blockdev-add/del, query-named-block-nodes,
+ * block_resize and block-set-write-threshold. Thin adapters from the
+ * generated argument types to graph calls, with qemu-storage-daemon's error
+ * texts for the checks the commands themselves make.
+ */
+import type { CommandRegistry } from '../qmp/command-registry.js';
+import { QmpError, genericError } from '../qmp/errors.js';
+import { PERM_ALL, PERM_RESIZE } from './permissions.js';
+import type { BlockGraph } from './graph.js';
+import { blockDeviceInfo } from './node-info.js';
+import type { NodeOpener } from './node-opener.js';
+import type { BlockNode } from './node.js';
+
+/** A command acting on a node for its duration, described as QEMU describes its temporary BlockBackend. */
+const COMMAND_USER = { describe: () => 'an unnamed block device' };
+
+/** Domain errors (I/O errors) reach clients as GenericError with their message. */
+export function asQmpError(error: unknown): QmpError {
+  return error instanceof QmpError ? error : genericError((error as Error).message);
+}
+
+export interface BlockLayer {
+  graph: BlockGraph;
+  opener: NodeOpener;
+}
+
+/** The parent that holds `node` as its backing file, if any (QEMU blocks most operations on such nodes). */
+export function backingParentOf(node: BlockNode): BlockNode | undefined {
+  const edge = node.parents.find((candidate) => candidate.role === 'cow' && 'node' in candidate.parent);
+  return edge && 'node' in edge.parent ? edge.parent.node : undefined;
+}
+
+/** Looks a node up the way commands with separate device/node-name arguments do (no named devices in a storage daemon). */
+export function lookupDeviceOrNode(graph: BlockGraph, device: string | undefined, nodeName: string | undefined): BlockNode {
+  const node = nodeName === undefined ? undefined : graph.find(nodeName);
+  if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+  return node;
+}
+
+export function registerBlockCommands(registry: CommandRegistry, { graph, opener }: BlockLayer): void {
+  registry.register('blockdev-add', async (options) => {
+    if (options['node-name'] === undefined) throw genericError("'node-name' must be specified for the root node");
+    await opener.open({ options, monitorOwned: true });
+  });
+
+  registry.register('blockdev-del', async ({ 'node-name': name }) => {
+    const node = graph.find(name);
+    if (!node) throw genericError(`Failed to find node with node-name='${name}'`);
+    if (node.parents.some((edge) => 'user' in edge.parent)) throw genericError(`Node ${name} is in use`);
+    const backingOf = backingParentOf(node);
+    if (backingOf) throw genericError(`Node '${name}' is busy: node is used as backing hd of '${backingOf.name}'`);
+    if (!node.monitorOwned) throw genericError(`Node ${name} is not owned by the monitor`);
+    if (node.parents.length > 0) throw genericError(`Block device ${name} is in use`);
+    await graph.close(node);
+  });
+
+  registry.register('query-named-block-nodes', async ({ flat }) => {
+    const nodes = graph.list();
+    return Promise.all(nodes.map((node) => blockDeviceInfo(node, flat ?? false)));
+  });
+
+  registry.register('block_resize', async ({ device, 'node-name': nodeName, size }) => {
+    const node = lookupDeviceOrNode(graph, device, nodeName);
+    if (size < 0) throw genericError("Parameter 'size' expects a >0 size");
+    if (backingParentOf(node)) throw genericError(`Device '${device ?? '(null)'}' is in use`);
+    const user = await graph.attachUser(COMMAND_USER, node, 'root', { perm: PERM_RESIZE, shared: PERM_ALL });
+    try {
+      if (node.readOnly) throw genericError('Image is read-only');
+      await user.truncate(size).catch((error: unknown) => {
+        throw asQmpError(error);
+      });
+    } finally {
+      await graph.detach(user);
+    }
+  });
+
+  registry.register('block-set-write-threshold', ({ 'node-name': name, 'write-threshold': threshold }) => {
+    const node = graph.find(name);
+    if (!node) throw genericError(`Device '${name}' not found`);
+    node.writeThreshold = threshold;
+  });
+}

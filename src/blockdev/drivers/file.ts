@@ -1,0 +1,227 @@
+/*
+ * The `file` protocol driver: a regular file through async fs calls. Block
+ * status comes from SEEK_DATA/SEEK_HOLE, write-zeroes and discard from
+ * fallocate, and image locking uses QEMU's OFD lock bytes (100+i for a
+ * permission used, 200+i for one not shared) so blockd and QEMU never both
+ * write one image. The node is the file's size rounded up to 512 bytes, the
+ * tail reading as zeros, as in QEMU. cache.direct=on is accepted and
+ * reported but I/O stays buffered: Node cannot guarantee O_DIRECT-aligned
+ * buffers, and durability is the same (data is durable after a flush).
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import { genericError } from '../../qmp/errors.js';
+import type { BlockDriver, DriverExtent, DriverState, ZeroFlags } from '../block-driver.js';
+import { IoError, describeErrno, errnoOf } from '../io-error.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, nativeFileOps } from '../native/native-file-ops.js';
+import { permissionNames, type PermissionPair } from '../permissions.js';
+
+interface FileOptions {
+  filename: string;
+  locking?: 'auto' | 'on' | 'off';
+  aio?: 'threads' | 'native' | 'io_uring';
+  'pr-manager'?: string;
+}
+
+const SECTOR = 512;
+const LOCK_USED_BASE = 100;
+const LOCK_UNSHARED_BASE = 200;
+const PERM_BITS = 4;
+
+function roundUp(value: number, to: number): number {
+  return Math.ceil(value / to) * to;
+}
+
+/** The lock bytes a set of permissions occupies. */
+function lockBytes(needs: PermissionPair): Set<number> {
+  const bytes = new Set<number>();
+  for (let bit = 0; bit < PERM_BITS; bit++) {
+    if (needs.perm & (1 << bit)) bytes.add(LOCK_USED_BASE + bit);
+    if (!(needs.shared & (1 << bit))) bytes.add(LOCK_UNSHARED_BASE + bit);
+  }
+  return bytes;
+}
+
+class FileState implements DriverState {
+  private size: number;
+  private held = new Set<number>();
+  private flushFailed: Error | undefined;
+  readonly growsOnWrite = true;
+
+  constructor(private readonly handle: FileHandle, private readonly path: string, size: number, private readonly locking: boolean) {
+    this.size = size;
+  }
+
+  length(): number {
+    return roundUp(this.size, SECTOR);
+  }
+
+  async read(offset: number, buffer: Buffer): Promise<void> {
+    let done = 0;
+    while (done < buffer.length) {
+      const { bytesRead } = await this.handle.read(buffer, done, buffer.length - done, offset + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    if (done < buffer.length) buffer.fill(0, done); // the tail past EOF reads as zeros
+  }
+
+  async write(offset: number, buffer: Buffer): Promise<void> {
+    let done = 0;
+    while (done < buffer.length) {
+      const { bytesWritten } = await this.handle.write(buffer, done, buffer.length - done, offset + done);
+      done += bytesWritten;
+    }
+    this.size = Math.max(this.size, offset + buffer.length);
+  }
+
+  private async fallocate(mode: number, offset: number, length: number): Promise<boolean> {
+    try {
+      await nativeFileOps.fallocate(this.handle.fd, mode, offset, length);
+      return true;
+    } catch (error) {
+      const code = errnoOf(error);
+      if (code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'EINVAL' || code === 'EBUSY') return false;
+      throw new IoError(code, (error as Error).message);
+    }
+  }
+
+  /** Zeroes within the file, past its end the file just grows (new space reads as zeros). */
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    const end = offset + length;
+    const inside = Math.min(end, this.size) - offset;
+    if (inside > 0 && !(await this.zeroInPlace(offset, inside, flags.mayUnmap === true))) {
+      throw new IoError('ENOTSUP'); // the node falls back to writing zero buffers
+    }
+    if (end > this.size) {
+      await this.handle.truncate(end);
+      this.size = end;
+    }
+  }
+
+  /** QEMU's order: punch a hole when allowed, else zero-range, else punch and reallocate. */
+  private async zeroInPlace(offset: number, length: number, mayUnmap: boolean): Promise<boolean> {
+    if (!nativeFileOps.native) return false;
+    if (mayUnmap && (await this.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length))) return true;
+    if (await this.fallocate(FALLOC_FL_ZERO_RANGE, offset, length)) return true;
+    return (await this.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) && (await this.fallocate(0, offset, length));
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    const inside = Math.min(offset + length, this.size) - offset;
+    if (inside > 0) await this.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, inside);
+  }
+
+  async flush(): Promise<void> {
+    // After a failed writeback the kernel may have dropped dirty pages: no later flush may claim success.
+    if (this.flushFailed) throw new IoError('EIO', `flush failed earlier: ${this.flushFailed.message}`);
+    try {
+      await this.handle.datasync();
+    } catch (error) {
+      this.flushFailed = error as Error;
+      throw new IoError(errnoOf(error), (error as Error).message);
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    await this.handle.truncate(size);
+    this.size = size;
+  }
+
+  async blockStatus(offset: number, length: number): Promise<DriverExtent> {
+    const available = Math.min(length, this.length() - offset);
+    if (offset >= this.size) return { length: available, allocated: true, data: false, zero: true, hostOffset: offset };
+    const data = await nativeFileOps.seekData(this.handle.fd, offset);
+    if (data === null) return { length: available, allocated: true, data: false, zero: true, hostOffset: offset };
+    if (data > offset) return { length: Math.min(available, data - offset), allocated: true, data: false, zero: true, hostOffset: offset };
+    const hole = (await nativeFileOps.seekHole(this.handle.fd, offset)) ?? this.size;
+    // An unaligned end of file counts as data up to the sector boundary, as QEMU rounds it.
+    const dataEnd = hole >= this.size ? this.length() : hole;
+    return { length: Math.max(1, Math.min(available, dataEnd - offset)), allocated: true, data: true, zero: false, hostOffset: offset };
+  }
+
+  async setPermissions(needs: PermissionPair): Promise<void> {
+    if (!this.locking) return;
+    const wanted = lockBytes(needs);
+    const added = [...wanted].filter((byte) => !this.held.has(byte));
+    try {
+      // Lock first, then test: two processes opening at once then both see each other and both fail.
+      for (const byte of added) await nativeFileOps.ofdLock(this.handle.fd, byte, 1, 'shared');
+      await this.checkOthers(needs);
+    } catch (error) {
+      for (const byte of added) await nativeFileOps.ofdLock(this.handle.fd, byte, 1, 'unlock').catch(() => {});
+      throw error;
+    }
+    for (const byte of this.held) {
+      if (!wanted.has(byte)) await nativeFileOps.ofdLock(this.handle.fd, byte, 1, 'unlock');
+    }
+    this.held = wanted;
+  }
+
+  private async checkOthers(needs: PermissionPair): Promise<void> {
+    for (let bit = 0; bit < PERM_BITS; bit++) {
+      if (needs.perm & (1 << bit) && (await nativeFileOps.ofdTestConflict(this.handle.fd, LOCK_UNSHARED_BASE + bit, 1))) {
+        throw genericError(`Failed to get "${permissionNames(1 << bit)[0]}" lock`);
+      }
+    }
+    for (let bit = 0; bit < PERM_BITS; bit++) {
+      if (!(needs.shared & (1 << bit)) && (await nativeFileOps.ofdTestConflict(this.handle.fd, LOCK_USED_BASE + bit, 1))) {
+        throw genericError(`Failed to get shared "${permissionNames(1 << bit)[0]}" lock`);
+      }
+    }
+  }
+
+  info() {
+    return { filename: this.path, image: { 'dirty-flag': false } };
+  }
+
+  async allocatedSize(): Promise<number> {
+    const stats = await this.handle.stat();
+    return stats.blocks * 512;
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close(); // also drops the OFD locks
+  }
+}
+
+async function openFile(path: string, writable: boolean): Promise<FileHandle> {
+  try {
+    return await open(path, writable ? 'r+' : 'r');
+  } catch (error) {
+    throw genericError(`Could not open '${path}': ${describeErrno(errnoOf(error))}`);
+  }
+}
+
+export const fileDriver: BlockDriver<FileOptions> = {
+  name: 'file',
+  kind: 'protocol',
+  strongOptions: ['filename'],
+  async open(context, options) {
+    const { node } = context;
+    if (options['pr-manager'] !== undefined) throw genericError('pr-manager is not supported by blockd');
+    if (options.aio === 'io_uring') throw genericError('aio=io_uring was specified, but is not supported in this build.');
+    if (options.aio === 'native' && !node.settings.cacheDirect) {
+      throw genericError('aio=native was specified, but it requires cache.direct=on, which was not specified.');
+    }
+    let handle: FileHandle;
+    try {
+      handle = await openFile(options.filename, !node.readOnly);
+    } catch (error) {
+      // auto-read-only: fall back to a read-only open when the file cannot be written.
+      if (node.readOnly || !node.settings.autoReadOnly) throw error;
+      handle = await openFile(options.filename, false);
+      node.settings.readOnly = true;
+    }
+    try {
+      const stats = await handle.stat();
+      if (!stats.isFile()) throw genericError(`'file' driver requires '${options.filename}' to be a regular file`);
+      const locking = options.locking !== 'off' && nativeFileOps.native;
+      if (options.locking === 'on' && !nativeFileOps.native) context.log.warn('image locking is unavailable (no native module); the image is not locked');
+      return new FileState(handle, options.filename, stats.size, locking);
+    } catch (error) {
+      await handle.close();
+      throw error;
+    }
+  },
+};
+

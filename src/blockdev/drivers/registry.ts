@@ -1,0 +1,22 @@
+/*
+ * The drivers blockd has, by the name the schema's BlockdevDriver enum gives
+ * them. Adding a driver: its schema branch, its file here in drivers/, one
+ * line below, and its tests.
+ */
+import { genericError } from '../../qmp/errors.js';
+import type { BlockDriver } from '../block-driver.js';
+import { fileDriver } from './file.js';
+import { nullCoDriver } from './null-co.js';
+import { rawDriver } from './raw.js';
+
+const DRIVERS = new Map<string, BlockDriver<never>>([
+  ['file', fileDriver],
+  ['null-co', nullCoDriver],
+  ['raw', rawDriver],
+]);
+
+export function driverFor(name: string): BlockDriver {
+  const driver = DRIVERS.get(name);
+  if (!driver) throw genericError(`Driver '${name}' is not supported by blockd yet`);
+  return driver as unknown as BlockDriver;
+}

@@ -1,0 +1,172 @@
+/*
+ * The node graph: nodes by name, the edges between them, and permission
+ * bookkeeping. Every change of an edge goes through here so permissions are
+ * recomputed for the part of the graph below it and checked before anything
+ * changes: an attach that would let two users conflict, or whose image locks
+ * another process holds, is refused and leaves the graph as it was.
+ */
+import type { Logger } from 'pino';
+import type { EventBus } from '../event-bus.js';
+import { genericError } from '../qmp/errors.js';
+import { ChildEdge, type BlockUser, type EdgeParent } from './child-edge.js';
+import type { BlockNode, NodeObserver } from './node.js';
+import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, defaultChildPermissions, permissionConflictMessage, type ChildRole, type PermissionPair } from './permissions.js';
+
+export class BlockGraph implements NodeObserver {
+  private readonly nodes = new Map<string, BlockNode>();
+
+  constructor(readonly log: Logger, private readonly bus: EventBus) {}
+
+  /** Nodes newest first, the order QEMU lists them in. */
+  list(): BlockNode[] {
+    return [...this.nodes.values()].reverse();
+  }
+
+  find(name: string): BlockNode | undefined {
+    return this.nodes.get(name);
+  }
+
+  has(name: string): boolean {
+    return this.nodes.has(name);
+  }
+
+  register(node: BlockNode): void {
+    if (this.nodes.has(node.name)) throw genericError(`Duplicate nodes with node-name='${node.name}'`);
+    this.nodes.set(node.name, node);
+  }
+
+  unregister(node: BlockNode): void {
+    if (this.nodes.get(node.name) === node) this.nodes.delete(node.name);
+  }
+
+  writeThresholdExceeded(node: BlockNode, amountExceeded: number, threshold: number): void {
+    this.bus.emit('BLOCK_WRITE_THRESHOLD', { 'node-name': node.name, 'amount-exceeded': amountExceeded, 'write-threshold': threshold });
+  }
+
+  // ---- edges ---------------------------------------------------------------------------
+
+  /** Adds an edge without checking permissions yet (for nodes being opened; refresh follows). */
+  linkChild(parent: BlockNode, child: BlockNode, name: string, role: ChildRole): ChildEdge {
+    const edge = new ChildEdge({ node: parent }, child, name, role);
+    parent.children.push(edge);
+    child.parents.unshift(edge);
+    return edge;
+  }
+
+  unlink(edge: ChildEdge): void {
+    if ('node' in edge.parent) {
+      const siblings = edge.parent.node.children;
+      siblings.splice(siblings.indexOf(edge), 1);
+    }
+    const parents = edge.child.parents;
+    const index = parents.indexOf(edge);
+    if (index >= 0) parents.splice(index, 1);
+  }
+
+  /** Attaches a non-node user (export, job, command) with the permissions it needs. */
+  async attachUser(user: BlockUser, node: BlockNode, name: string, needs: PermissionPair): Promise<ChildEdge> {
+    const edge = new ChildEdge({ user } as EdgeParent, node, name, 'filtered');
+    node.parents.unshift(edge);
+    try {
+      await this.refreshPermissions([node], new Map([[edge, needs]]));
+    } catch (error) {
+      this.unlink(edge);
+      throw error;
+    }
+    return edge;
+  }
+
+  /** Removes an edge and relaxes the permissions below it. */
+  async detach(edge: ChildEdge): Promise<void> {
+    this.unlink(edge);
+    await this.refreshPermissions([edge.child]).catch((error: unknown) => {
+      // Giving up permissions cannot conflict; a failure here is a lock release problem worth logging only.
+      this.log.warn({ err: error, node: edge.child.name }, 'releasing permissions failed');
+    });
+  }
+
+  /**
+   * Closes a node that lost its last user: flushes and closes it, then lets go of
+   * its children, closing in turn those that nobody else holds and the monitor does not own.
+   */
+  async close(node: BlockNode): Promise<void> {
+    await node.drained(async () => {
+      // Called on the driver itself: the node's own entry points are held back while it is drained.
+      if (!node.readOnly && !node.settings.cacheNoFlush) {
+        await node.state.flush?.().catch((error: unknown) => this.log.warn({ err: error, node: node.name }, 'flush on close failed'));
+      }
+      await node.state.close();
+    });
+    this.unregister(node);
+    for (const edge of node.children) {
+      if (edge.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) await edge.flush().catch(() => {});
+    }
+    for (const edge of [...node.children]) {
+      await this.detach(edge);
+      if (edge.child.parents.length === 0 && !edge.child.monitorOwned) await this.close(edge.child);
+    }
+  }
+
+  // ---- permissions -----------------------------------------------------------------------
+
+  /**
+   * Recomputes the permissions of every edge below `roots`, given explicit values for
+   * some edges (users), checks QEMU's rule on every node reached, tells drivers their
+   * new needs (image locks) and only then applies the new values.
+   */
+  async refreshPermissions(roots: BlockNode[], fixed = new Map<ChildEdge, PermissionPair>()): Promise<void> {
+    const proposed = new Map<ChildEdge, PermissionPair>(fixed);
+    const reached: BlockNode[] = [];
+    const queue = [...roots];
+    // Compute top-down; a node is (re)visited when one of its parents changed. Graphs are small and acyclic.
+    for (let guard = 0; queue.length; guard++) {
+      if (guard > 10_000) throw new Error('permission refresh does not converge (cycle in the graph?)');
+      const node = queue.shift()!;
+      if (!reached.includes(node)) reached.push(node);
+      const needs = node.neededPermissions(node.parents, proposed);
+      for (const edge of node.children) {
+        const next = node.state?.childPermissions?.(edge, needs) ?? defaultChildPermissions(edge.role, needs, !node.readOnly);
+        const current = proposed.get(edge) ?? edge;
+        if (!proposed.has(edge) || current.perm !== next.perm || current.shared !== next.shared) {
+          proposed.set(edge, next);
+          queue.push(edge.child);
+        }
+      }
+    }
+    for (const node of reached) checkParents(node, proposed);
+
+    // Tell drivers (locks); undo the ones already told if one refuses.
+    const told: { node: BlockNode; previous: PermissionPair }[] = [];
+    try {
+      for (const node of reached) {
+        if (!node.state?.setPermissions) continue;
+        const previous = node.neededPermissions();
+        const needs = node.neededPermissions(node.parents, proposed);
+        if (needs.perm === previous.perm && needs.shared === previous.shared) continue;
+        await node.state.setPermissions(needs);
+        told.push({ node, previous });
+      }
+    } catch (error) {
+      for (const { node, previous } of told.reverse()) await node.state.setPermissions!(previous).catch(() => {});
+      throw error;
+    }
+    for (const [edge, pair] of proposed) {
+      edge.perm = pair.perm;
+      edge.shared = pair.shared;
+    }
+  }
+}
+
+/** QEMU's rule: for every two parents a and b of a node, what b uses must be shared by a. */
+function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>): void {
+  const pairOf = (edge: ChildEdge) => proposed.get(edge) ?? edge;
+  for (const a of node.parents) {
+    for (const b of node.parents) {
+      if (a === b) continue;
+      const conflict = pairOf(b).perm & ~pairOf(a).shared & PERM_ALL;
+      if (conflict) {
+        throw genericError(permissionConflictMessage(node.name, conflict, b.describeParent(), b.name, a.describeParent(), a.name));
+      }
+    }
+  }
+}

@@ -1,0 +1,46 @@
+/*
+ * The error of the I/O path: an errno name and a message. NBD turns the code
+ * into its error numbers, jobs into BLOCK_JOB_ERROR, commands into
+ * GenericError with the message. Errors from node's fs keep their code.
+ */
+
+export type ErrnoName = 'EIO' | 'EPERM' | 'EINVAL' | 'ENOSPC' | 'ENOTSUP' | 'ENOMEDIUM' | 'EBUSY' | 'EROFS' | 'EFBIG' | 'ENOENT' | 'EAGAIN' | 'EACCES';
+
+const DESCRIPTIONS: Record<string, string> = {
+  EIO: 'Input/output error',
+  EPERM: 'Operation not permitted',
+  EINVAL: 'Invalid argument',
+  ENOSPC: 'No space left on device',
+  ENOTSUP: 'Operation not supported',
+  EOPNOTSUPP: 'Operation not supported',
+  ENOMEDIUM: 'No medium found',
+  EBUSY: 'Device or resource busy',
+  EROFS: 'Read-only file system',
+  EFBIG: 'File too large',
+  ENOENT: 'No such file or directory',
+  EAGAIN: 'Resource temporarily unavailable',
+  EACCES: 'Permission denied',
+  EISDIR: 'Is a directory',
+  ENOTDIR: 'Not a directory',
+  EEXIST: 'File exists',
+  EBADF: 'Bad file descriptor',
+  ENXIO: 'No such device or address',
+};
+
+export class IoError extends Error {
+  constructor(readonly code: string, message?: string) {
+    super(message ?? describeErrno(code));
+    this.name = 'IoError';
+  }
+}
+
+/** strerror() for an errno name. */
+export function describeErrno(code: string): string {
+  return DESCRIPTIONS[code] ?? code;
+}
+
+/** The errno name of any error (Node fs errors carry one; anything else is EIO). */
+export function errnoOf(error: unknown): string {
+  const code = (error as { code?: unknown })?.code;
+  return typeof code === 'string' && code.startsWith('E') ? code : 'EIO';
+}

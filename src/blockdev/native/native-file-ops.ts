@@ -1,0 +1,91 @@
+/*
+ * The file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks),
+ * from blockd's native addon (native/, built at npm install) or, when it cannot be loaded,
+ * from a pure-JS fallback: everything is data, no fallocate, no locking.
+ */
+import { existsSync, fstat } from 'node:fs';
+import { createRequire } from 'node:module';
+import { constants } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
+export const FALLOC_FL_KEEP_SIZE = 0x01, FALLOC_FL_PUNCH_HOLE = 0x02, FALLOC_FL_ZERO_RANGE = 0x10;
+
+export interface NativeFileOps {
+  readonly native: boolean;                 // true when the addon loaded
+  /** lseek(fd, offset, SEEK_DATA): the next data offset >= offset, or null when there is no data after offset (ENXIO). */
+  seekData(fd: number, offset: number): Promise<number | null>;
+  /** lseek(fd, offset, SEEK_HOLE): the next hole offset >= offset (EOF counts as a hole); null on ENXIO. */
+  seekHole(fd: number, offset: number): Promise<number | null>;
+  /** fallocate(fd, mode, offset, length). Rejects with an Error whose .code is the errno name (EOPNOTSUPP, EINVAL, ...) and .errno the number. */
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  /** Non-blocking OFD lock change on bytes [start, start+length): fcntl(F_OFD_SETLK) with F_RDLCK ('shared') or F_UNLCK ('unlock'). Rejects with code EAGAIN/EACCES when it cannot be taken. */
+  ofdLock(fd: number, start: number, length: number, kind: 'shared' | 'unlock'): Promise<void>;
+  /** fcntl(F_OFD_GETLK) asking about an exclusive (F_WRLCK) lock of [start, start+length): true when ANOTHER open file description holds a lock there. */
+  ofdTestConflict(fd: number, start: number, length: number): Promise<boolean>;
+}
+
+/** The addon's exports (native/blockd_native.c); they throw a TypeError on bad arguments. */
+interface Addon {
+  seekData(fd: number, offset: number): Promise<number | null>;
+  seekHole(fd: number, offset: number): Promise<number | null>;
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  ofdLock(fd: number, start: number, length: number, shared: 0 | 1): Promise<void>;
+  ofdTestConflict(fd: number, start: number, length: number): Promise<boolean>;
+}
+
+const fstatAsync = promisify(fstat);
+
+/** Everything reads as data and nothing is locked, as QEMU behaves with locking=off. */
+export function fallbackFileOps(): NativeFileOps {
+  const size = async (fd: number): Promise<number> => (await fstatAsync(fd)).size;
+  return {
+    native: false,
+    seekData: async (fd, offset) => (offset < await size(fd) ? offset : null),
+    seekHole: async (fd, offset) => {
+      const end = await size(fd);
+      return offset < end ? end : null;
+    },
+    fallocate: async () => {
+      // Callers take EOPNOTSUPP as "write zeros / skip the discard", as they do on filesystems without fallocate.
+      throw Object.assign(new Error('fallocate: Operation not supported'),
+        { code: 'EOPNOTSUPP', errno: constants.errno.EOPNOTSUPP });
+    },
+    ofdLock: async () => {},
+    ofdTestConflict: async () => false,
+  };
+}
+
+/** The directory holding package.json, above this module both in src/ (tsx) and in dist/src/. */
+function repoRoot(dir: string): string | null {
+  if (existsSync(join(dir, 'package.json'))) return dir;
+  const parent = dirname(dir);
+  return parent === dir ? null : repoRoot(parent);
+}
+
+function loadAddon(): Addon | null {
+  const root = repoRoot(dirname(fileURLToPath(import.meta.url)));
+  if (root === null) return null;
+  try {
+    return createRequire(import.meta.url)(join(root, 'native/build/Release/blockd_native.node')) as Addon;
+  } catch {
+    return null; // not built (install scripts skipped, no compiler): the fallback serves
+  }
+}
+
+function addonFileOps(addon: Addon): NativeFileOps {
+  // async wrappers turn the addon's synchronous argument errors into rejections too.
+  return {
+    native: true,
+    seekData: async (fd, offset) => addon.seekData(fd, offset),
+    seekHole: async (fd, offset) => addon.seekHole(fd, offset),
+    fallocate: async (fd, mode, offset, length) => addon.fallocate(fd, mode, offset, length),
+    ofdLock: async (fd, start, length, kind) => addon.ofdLock(fd, start, length, kind === 'shared' ? 1 : 0),
+    ofdTestConflict: async (fd, start, length) => addon.ofdTestConflict(fd, start, length),
+  };
+}
+
+const addon = loadAddon();
+
+export const nativeFileOps: NativeFileOps = addon ? addonFileOps(addon) : fallbackFileOps();

@@ -1,0 +1,127 @@
+/*
+ * Opens nodes from BlockdevOptions as blockdev-add does: checks the node
+ * name, resolves the settings children inherit (cache, read-only, discard,
+ * force-share), opens children given inline or by reference and backing
+ * files named in image headers, then takes the permissions (and image locks)
+ * the new subtree needs. On any failure everything opened on the way is
+ * closed again and the graph is left as it was.
+ */
+import type { Logger } from 'pino';
+import type { BlockdevOptions, BlockdevRef } from '../generated/qapi-types.js';
+import { genericError } from '../qmp/errors.js';
+import type { ChildRequest, OpenContext } from './block-driver.js';
+import type { ChildEdge } from './child-edge.js';
+import { driverFor } from './drivers/registry.js';
+import type { BlockGraph } from './graph.js';
+import { checkNodeName, generateNodeName } from './node-names.js';
+import { BlockNode, type NodeSettings } from './node.js';
+
+export interface OpenRequest {
+  options: BlockdevOptions;
+  monitorOwned: boolean;
+  /** Settings of the parent an inline child inherits from. */
+  parent?: NodeSettings;
+  /** Opened as a backing file: read-only unless the options say otherwise. */
+  asBacking?: boolean;
+}
+
+function resolveSettings(options: BlockdevOptions, request: OpenRequest): NodeSettings {
+  const parent = request.parent;
+  const readOnly = options['read-only'] ?? (request.asBacking ? true : parent?.readOnly ?? false);
+  const settings: NodeSettings = {
+    readOnly,
+    autoReadOnly: options['auto-read-only'] ?? (request.asBacking ? false : parent?.autoReadOnly ?? false),
+    forceShare: options['force-share'] ?? parent?.forceShare ?? false,
+    // Lower layers pass discards on; only the top decides whether to honour them.
+    discard: options.discard ?? (parent ? 'unmap' : 'ignore'),
+    detectZeroes: options['detect-zeroes'] ?? 'off',
+    cacheDirect: options.cache?.direct ?? parent?.cacheDirect ?? false,
+    cacheNoFlush: options.cache?.['no-flush'] ?? parent?.cacheNoFlush ?? false,
+  };
+  if (settings.forceShare && !settings.readOnly) throw genericError('force-share=on can only be used with read-only images');
+  if (settings.detectZeroes === 'unmap' && settings.discard !== 'unmap') {
+    throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+  }
+  return settings;
+}
+
+export class NodeOpener {
+  constructor(private readonly graph: BlockGraph, private readonly log: Logger) {}
+
+  /** Opens a node and everything it needs; the node is registered in the graph. */
+  async open(request: OpenRequest): Promise<BlockNode> {
+    const created: BlockNode[] = [];
+    try {
+      const node = await this.openTree(request, created);
+      await this.graph.refreshPermissions([node]);
+      return node;
+    } catch (error) {
+      await this.discard(created);
+      throw error;
+    }
+  }
+
+  private async openTree(request: OpenRequest, created: BlockNode[]): Promise<BlockNode> {
+    const { options } = request;
+    const explicitName = options['node-name'];
+    if (explicitName !== undefined) checkNodeName(explicitName);
+    const name = explicitName ?? generateNodeName();
+    if (this.graph.has(name)) throw genericError(`Duplicate nodes with node-name='${name}'`);
+    const settings = resolveSettings(options, request);
+    const driver = driverFor(options.driver);
+    const node = new BlockNode(name, driver, options, settings, request.monitorOwned, this.graph);
+    const log = this.log.child({ node: name });
+
+    const context: OpenContext = {
+      node,
+      log,
+      openChild: async (key: string, child: ChildRequest): Promise<ChildEdge> => {
+        const reference = (options as unknown as Record<string, BlockdevRef | undefined>)[key];
+        if (reference === undefined) throw genericError(`Parameter '${key}' is missing`);
+        const target = typeof reference === 'string'
+          ? this.lookup(reference)
+          : await this.openTree({ options: reference, monitorOwned: false, parent: settings, asBacking: child.role === 'cow' }, created);
+        return this.graph.linkChild(node, target, child.name, child.role);
+      },
+      openBackingFromImage: async (filename: string, format: string | undefined, child: ChildRequest): Promise<ChildEdge> => {
+        if (!format) throw genericError(`Could not open backing file: backing format of '${filename}' is not recorded in the image; give it with "backing"`);
+        const backingOptions = {
+          driver: format,
+          file: { driver: 'file', filename },
+        } as unknown as BlockdevOptions;
+        try {
+          const target = await this.openTree({ options: backingOptions, monitorOwned: false, parent: settings, asBacking: true }, created);
+          return this.graph.linkChild(node, target, child.name, child.role);
+        } catch (error) {
+          throw genericError(`Could not open backing file: ${(error as Error).message}`);
+        }
+      },
+    };
+
+    try {
+      node.state = await driver.open(context, options as unknown as Record<string, unknown>);
+    } catch (error) {
+      // The node never existed: take its edges off its children (some may be nodes that existed before).
+      for (const edge of [...node.children]) this.graph.unlink(edge);
+      throw error;
+    }
+    this.graph.register(node);
+    created.push(node);
+    return node;
+  }
+
+  private lookup(name: string): BlockNode {
+    const node = this.graph.find(name);
+    if (!node) throw genericError(`Cannot find device='${name}' nor node-name='${name}'`);
+    return node;
+  }
+
+  /** Undoes a failed open: unlinks and closes what this open created, newest first. */
+  private async discard(created: BlockNode[]): Promise<void> {
+    for (const node of created.reverse()) {
+      for (const edge of [...node.children]) this.graph.unlink(edge);
+      this.graph.unregister(node);
+      await node.state.close().catch((error: unknown) => this.log.warn({ err: error, node: node.name }, 'close after failed open'));
+    }
+  }
+}

@@ -1,0 +1,253 @@
+/*
+ * One node of the graph: its driver state, its child edges, the edges of its
+ * parents, and the generic I/O layer every request passes through: bounds,
+ * read-only, in-flight tracking (for drain), detect-zeroes, the discard
+ * policy, no-flush, the write threshold, and block status resolved through
+ * delegating drivers (raw, filters) and down the backing chain.
+ */
+import type { BlockdevOptions } from '../generated/qapi-types.js';
+import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from './block-driver.js';
+import type { ChildEdge } from './child-edge.js';
+import { IoError } from './io-error.js';
+import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, type PermissionPair } from './permissions.js';
+
+/** Block status as the layers above a driver see it. */
+export interface NodeExtent {
+  length: number;
+  /** Decided at this depth of the chain (not a fall-through). */
+  allocated: boolean;
+  data: boolean;
+  zero: boolean;
+  /** 0 = this node, 1 = its backing file, ... (the top layer of filters counts as 0). */
+  depth: number;
+  /** Where the bytes are stored: a protocol node and the offset in it. */
+  host?: { node: BlockNode; offset: number };
+}
+
+export interface NodeSettings {
+  readOnly: boolean;
+  autoReadOnly: boolean;
+  forceShare: boolean;
+  discard: 'ignore' | 'unmap';
+  detectZeroes: 'off' | 'on' | 'unmap';
+  cacheDirect: boolean;
+  cacheNoFlush: boolean;
+}
+
+/** What the node tells the graph about (and the graph turns into events). */
+export interface NodeObserver {
+  writeThresholdExceeded(node: BlockNode, amountExceeded: number, threshold: number): void;
+}
+
+const ZERO_CHUNK = 1 << 20;
+
+export class BlockNode {
+  state!: DriverState;
+  readonly children: ChildEdge[] = [];
+  /** Edges of the node's parents and users, newest first (QEMU's order, which its messages follow). */
+  readonly parents: ChildEdge[] = [];
+  writeThreshold = 0;
+  private inFlight = 0;
+  private quiesce = 0;
+  private idleWaiters: (() => void)[] = [];
+  private resumeWaiters: (() => void)[] = [];
+
+  constructor(
+    readonly name: string,
+    readonly driver: BlockDriver,
+    readonly options: BlockdevOptions,
+    readonly settings: NodeSettings,
+    readonly monitorOwned: boolean,
+    private readonly observer: NodeObserver,
+  ) {}
+
+  get readOnly(): boolean {
+    return this.settings.readOnly;
+  }
+
+  /** The backing child, if the node has one. */
+  backing(): ChildEdge | undefined {
+    return this.children.find((edge) => edge.role === 'cow');
+  }
+
+  /** The child a filter or pass-through format reads through ("file" or "image"). */
+  primaryChild(): ChildEdge | undefined {
+    return this.children.find((edge) => edge.role !== 'cow');
+  }
+
+  length(): number {
+    return this.state.length();
+  }
+
+  /** What the node's parents and users need of it, combined. */
+  neededPermissions(edges: readonly ChildEdge[] = this.parents, proposed?: Map<ChildEdge, PermissionPair>): PermissionPair {
+    let perm = 0;
+    let shared = PERM_ALL;
+    for (const edge of edges) {
+      const pair = proposed?.get(edge) ?? edge;
+      perm |= pair.perm;
+      shared &= pair.shared;
+    }
+    return { perm, shared };
+  }
+
+  // ---- request tracking and drain -------------------------------------------------------
+
+  private async track<T>(request: () => Promise<T>): Promise<T> {
+    while (this.quiesce > 0) await new Promise<void>((resolve) => this.resumeWaiters.push(resolve));
+    this.inFlight++;
+    try {
+      return await request();
+    } finally {
+      if (--this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake();
+    }
+  }
+
+  /** Runs `change` with no request in flight on this node and new ones held back. */
+  async drained<T>(change: () => Promise<T>): Promise<T> {
+    this.quiesce++;
+    try {
+      while (this.inFlight > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+      return await change();
+    } finally {
+      if (--this.quiesce === 0) for (const wake of this.resumeWaiters.splice(0)) wake();
+    }
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.length()) {
+      throw new IoError('EIO', `request [${offset}, +${length}) outside '${this.name}' (size ${this.length()})`);
+    }
+  }
+
+  private checkWritable(offset: number, length: number): void {
+    if (this.readOnly) throw new IoError('EPERM', `node '${this.name}' is read-only`);
+    if (!this.state.growsOnWrite) return this.checkRange(offset, length);
+    if (!Number.isSafeInteger(offset + length) || offset < 0 || length < 0) throw new IoError('EINVAL', 'bad request range');
+  }
+
+  private noteWrite(offset: number, length: number): void {
+    const end = offset + length;
+    if (this.writeThreshold > 0 && end > this.writeThreshold) {
+      const threshold = this.writeThreshold;
+      this.writeThreshold = 0; // one-shot, as in QEMU
+      this.observer.writeThresholdExceeded(this, end - threshold, threshold);
+    }
+  }
+
+  // ---- I/O ---------------------------------------------------------------------------------
+
+  async read(offset: number, buffer: Buffer): Promise<void> {
+    this.checkRange(offset, buffer.length);
+    if (buffer.length === 0) return;
+    return this.track(() => this.state.read(offset, buffer));
+  }
+
+  async write(offset: number, buffer: Buffer, flags: WriteFlags = {}): Promise<void> {
+    this.checkWritable(offset, buffer.length);
+    if (buffer.length === 0) return;
+    if (this.settings.detectZeroes !== 'off' && isAllZero(buffer)) {
+      const mayUnmap = this.settings.detectZeroes === 'unmap' && this.settings.discard === 'unmap';
+      return this.writeZeroes(offset, buffer.length, { ...flags, mayUnmap });
+    }
+    const write = this.state.write;
+    if (!write) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
+    this.noteWrite(offset, buffer.length);
+    return this.track(() => write.call(this.state, offset, buffer, flags));
+  }
+
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    this.checkWritable(offset, length);
+    if (length === 0) return;
+    this.noteWrite(offset, length);
+    const zeroFlags = { ...flags, mayUnmap: flags.mayUnmap === true && this.settings.discard === 'unmap' };
+    return this.track(async () => {
+      if (this.state.writeZeroes) {
+        try {
+          return await this.state.writeZeroes(offset, length, zeroFlags);
+        } catch (error) {
+          if ((error as IoError).code !== 'ENOTSUP' || flags.noFallback) throw error;
+        }
+      } else if (flags.noFallback) {
+        throw new IoError('ENOTSUP');
+      }
+      // Generic fallback: write real zero buffers.
+      const write = this.state.write;
+      if (!write) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
+      const zeros = Buffer.alloc(Math.min(length, ZERO_CHUNK));
+      for (let done = 0; done < length; done += zeros.length) {
+        await write.call(this.state, offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)), flags);
+      }
+    });
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkWritable(offset, length);
+    // QEMU drops discards on nodes opened with discard=ignore (the default for blockdev-add).
+    if (this.settings.discard === 'ignore' || !this.state.discard || length === 0) return;
+    const discard = this.state.discard;
+    return this.track(() => discard.call(this.state, offset, length));
+  }
+
+  /** Flushes this node, then every child it may have written to. */
+  async flush(): Promise<void> {
+    if (this.settings.cacheNoFlush) return;
+    await this.track(async () => {
+      await this.state.flush?.();
+    });
+    for (const edge of this.children) {
+      if (edge.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) await edge.child.flush();
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    if (this.readOnly) throw new IoError('EPERM', `node '${this.name}' is read-only`);
+    const truncate = this.state.truncate;
+    if (!truncate) throw new IoError('ENOTSUP', 'Image format driver does not support resize');
+    return this.track(() => truncate.call(this.state, size));
+  }
+
+  // ---- block status ----------------------------------------------------------------------
+
+  /** The driver's own answer, clamped to the node. */
+  async driverBlockStatus(offset: number, length: number): Promise<DriverExtent> {
+    this.checkRange(offset, length);
+    return this.track(() => this.state.blockStatus(offset, Math.min(length, this.length() - offset)));
+  }
+
+  /** Status of this layer, following delegations (raw, filters) but not the backing chain. */
+  async blockStatus(offset: number, length: number): Promise<NodeExtent> {
+    const extent = await this.driverBlockStatus(offset, length);
+    if ('delegate' in extent) {
+      const below = await extent.delegate.child.blockStatusAbove(extent.offset, extent.length);
+      return { ...below, length: Math.min(below.length, extent.length) };
+    }
+    const host = extent.hostOffset === undefined ? undefined : { node: this.primaryChild()?.child ?? this, offset: extent.hostOffset };
+    return { length: extent.length, allocated: extent.allocated, data: extent.data, zero: extent.zero, depth: 0, host };
+  }
+
+  /** Status through the whole chain: where the bytes at `offset` come from. */
+  async blockStatusAbove(offset: number, length: number): Promise<NodeExtent> {
+    const extent = await this.blockStatus(offset, length);
+    if (extent.allocated) return extent;
+    const backing = this.backing();
+    if (!backing) return { ...extent, zero: true, data: false };
+    const backingLength = backing.child.length();
+    if (offset >= backingLength) return { length: extent.length, allocated: false, data: false, zero: true, depth: 1 };
+    const below = await backing.child.blockStatusAbove(offset, Math.min(extent.length, backingLength - offset));
+    return { ...below, depth: below.depth + 1 };
+  }
+}
+
+export function isAllZero(buffer: Buffer): boolean {
+  // Compare 8 bytes at a time where alignment allows; most non-zero buffers fail on the first word.
+  const words = Math.floor(buffer.length / 8);
+  if (buffer.byteOffset % 8 === 0 && words > 0) {
+    const view = new BigUint64Array(buffer.buffer, buffer.byteOffset, words);
+    for (let i = 0; i < words; i++) if (view[i] !== 0n) return false;
+    for (let i = words * 8; i < buffer.length; i++) if (buffer[i] !== 0) return false;
+    return true;
+  }
+  for (let i = 0; i < buffer.length; i++) if (buffer[i] !== 0) return false;
+  return true;
+}

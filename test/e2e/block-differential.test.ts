@@ -1,0 +1,102 @@
+/*
+ * Differential test of the node-graph commands: the same script runs against
+ * qemu-storage-daemon and blockd, each in its own directory holding the same
+ * files; replies must be equal once the directory and generated node names
+ * (#blockNNN) are normalised. Covers blockdev-add/del on file, raw and
+ * null-co with their error cases, block_resize, block-set-write-threshold and
+ * query-named-block-nodes.
+ */
+import assert from 'node:assert/strict';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
+import { makeTempDir } from '../helpers/paths.js';
+import { startQsd, type QsdProcess } from '../helpers/qsd-process.js';
+import { RawConnection } from '../helpers/raw-connection.js';
+
+const temp = makeTempDir();
+let qsd: QsdProcess;
+let blockd: BlockdProcess;
+const qsdDir = join(temp.dir, 'qsd');
+const blockdDir = join(temp.dir, 'blockd');
+
+before(async () => {
+  for (const dir of [qsdDir, blockdDir]) {
+    mkdirSync(join(dir, 'sub'), { recursive: true });
+    writeFileSync(join(dir, 'disk.raw'), Buffer.alloc(8192, 1));
+  }
+  qsd = await startQsd(qsdDir);
+  blockd = await runBlockd(['--qmp', `unix:${join(blockdDir, 'blockd.sock')}`]);
+});
+
+after(async () => {
+  await qsd.stop();
+  await blockd.stop();
+  temp.cleanup();
+});
+
+/** The script; "$DIR" is each server's own directory. */
+const STEPS: object[] = [
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'f', filename: '$DIR/disk.raw' } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'r', file: 'f' } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'r2', file: { driver: 'file', filename: '$DIR/disk.raw' } } },
+  { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'n', size: 1048576 } },
+  { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'n2', 'read-zeroes': true, 'latency-ns': 10 } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', file: 'f' } },
+  { execute: 'blockdev-add', arguments: { 'node-name': 'x' } },
+  { execute: 'blockdev-add', arguments: { driver: 'bogus', 'node-name': 'x' } },
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'x' } },
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'x', filename: '$DIR/nonexist.raw' } },
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'x', filename: '$DIR/sub' } },
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'f', filename: '$DIR/disk.raw' } },
+  ...['1abc', '', 'a b', '_x', '#block1', 'a'.repeat(32)].map((name) => ({ execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': name } })),
+  { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'A-b.c_d', size: 512 } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'x', file: 'nonode' } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'x', file: 5 } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'x', file: 'f', offset: 9000 } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'x', file: 'f', offset: 4096, size: 8192 } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'x', file: 'f', size: 1000 } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'w', file: 'f', offset: 512, size: 4096 } },
+  { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'x', 'force-share': true } },
+  { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'x', 'detect-zeroes': 'unmap' } },
+  { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'x', 'latency-ns': -1 } },
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'x', filename: '$DIR/disk.raw', aio: 'native' } },
+  { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'ro', 'read-only': true, 'force-share': true, 'detect-zeroes': 'on' } },
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
+  { execute: 'query-named-block-nodes' },
+  { execute: 'blockdev-del', arguments: { 'node-name': 'nosuch' } },
+  { execute: 'blockdev-del', arguments: { 'node-name': 'f' } },
+  { execute: 'block_resize', arguments: { 'node-name': 'n', size: 4096 } },
+  { execute: 'block_resize', arguments: { 'node-name': 'n', size: -1 } },
+  { execute: 'block_resize', arguments: { size: 4096 } },
+  { execute: 'block_resize', arguments: { device: 'f', size: 4096 } },
+  { execute: 'block_resize', arguments: { 'node-name': 'w', size: 8192 } },
+  { execute: 'block_resize', arguments: { 'node-name': 'r2', size: 16384 } },
+  { execute: 'block-set-write-threshold', arguments: { 'node-name': 'nosuch', 'write-threshold': 1 } },
+  { execute: 'block-set-write-threshold', arguments: { 'node-name': 'r', 'write-threshold': 4096 } },
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
+  ...['w', 'r', 'r2', 'f', 'n', 'n2', 'A-b.c_d', 'ro'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
+  { execute: 'query-named-block-nodes' },
+];
+
+async function run(socket: string, dir: string): Promise<string[]> {
+  const connection = await RawConnection.open(socket);
+  await connection.readLine();
+  connection.send('{"execute":"qmp_capabilities"}');
+  await connection.readLine();
+  const replies: string[] = [];
+  for (const step of STEPS) {
+    connection.send(JSON.stringify(step).replaceAll('$DIR', dir));
+    const line = await connection.readLine(10_000);
+    replies.push(line.replaceAll(dir, '$DIR').replace(/#block\d+/g, '#blockN'));
+  }
+  connection.end();
+  return replies;
+}
+
+test('node-graph commands answer exactly as qemu-storage-daemon', async () => {
+  const expected = await run(qsd.socket, qsdDir);
+  const actual = await run(join(blockdDir, 'blockd.sock'), blockdDir);
+  for (let i = 0; i < STEPS.length; i++) assert.equal(actual[i], expected[i], JSON.stringify(STEPS[i]));
+});
