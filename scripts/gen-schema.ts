@@ -11,6 +11,7 @@ import { loadSchema } from './qapi/model.js';
 import { buildIntrospection } from './qapi/introspection.js';
 import { buildValidationSchemas } from './qapi/validation-schema.js';
 import { buildTypeScript } from './qapi/typescript-types.js';
+import { buildRuntimeModel } from './qapi/runtime-model.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const outDir = join(root, 'src', 'generated');
@@ -34,6 +35,14 @@ writeData('qapi-validation.ts', [
 
 const introspection = buildIntrospection(model);
 writeData('qapi-introspection.ts', `export const schemaInfo: Record<string, unknown>[] = ${JSON.stringify(introspection)};\n`);
+
+const runtime = buildRuntimeModel(model);
+writeData('qapi-model.ts', [
+  "import type { ModelType } from '../../scripts/qapi/runtime-model.js';",
+  `export const qapiTypes: Record<string, ModelType> = ${JSON.stringify(runtime.types)};`,
+  `export const commandArgumentTypes: Record<string, string> = ${JSON.stringify(runtime.commandArguments, null, 1)};`,
+  '',
+].join('\n'));
 
 const catalogue = {
   commands: model.commands.map((command) => ({ name: command.name, allowOob: command.allowOob, features: command.features })),

@@ -16,6 +16,11 @@ import { isDaemonChild, reportStartup, runDetachedChild } from './cli/daemonize.
 import { parseChardev, parseMonitor, parseQmpAddress, type Chardev } from './cli/monitor-options.js';
 import { removePidFile, writePidFile } from './cli/pidfile.js';
 import { USAGE } from './cli/usage.js';
+import { keyvalArguments } from './cli/keyval-visitor.js';
+import { parseKeyval } from './cli/keyval.js';
+import { commandArgumentTypes } from './generated/qapi-model.js';
+import { JsonStreamParser } from './qmp/json/streamer.js';
+import { isJsonObject, type JsonObject, type JsonValue } from './qmp/json/value.js';
 
 const OPTIONS: OptionSpec[] = [
   { name: 'help', short: 'h', takesValue: false },
@@ -33,9 +38,23 @@ const OPTIONS: OptionSpec[] = [
   { name: 'log-level', takesValue: true },
 ];
 
-const NOT_YET = ['blockdev', 'export', 'nbd-server', 'object'];
+const NOT_YET = ['export', 'nbd-server', 'object'];
 
 export const DEFAULT_SOCKET = 'blockd-qmp.sock';
+
+/** An option value in keyval or JSON form ("{...}"), as the arguments of a QMP command. */
+function optionArguments(text: string, impliedKey: string, typeName: string): JsonObject {
+  if (!text.trimStart().startsWith('{')) return keyvalArguments(parseKeyval(text, impliedKey), typeName);
+  let parsed: JsonValue | undefined;
+  let problem: string | undefined;
+  new JsonStreamParser((item) => {
+    if ('value' in item) parsed ??= item.value;
+    else problem ??= item.error;
+  }).feed(Buffer.from(`${text}\n`));
+  if (problem) throw new CliError(problem);
+  if (!isJsonObject(parsed)) throw new CliError('JSON parse error, expecting value');
+  return parsed;
+}
 
 function fail(error: unknown, option?: ParsedOption): never {
   const cliError = error instanceof CliError ? error : new CliError((error as Error).message);
@@ -120,6 +139,9 @@ export async function main(argv: string[]): Promise<void> {
           await serve(address, pretty, false);
           break;
         }
+        case 'blockdev':
+          await daemon.runCommand('blockdev-add', optionArguments(option.value!, 'driver', commandArgumentTypes['blockdev-add']!));
+          break;
         case 'trace':
           log.warn({ pattern: option.value }, 'QEMU trace events do not exist in blockd; use --log-level debug or trace');
           break;

@@ -13,6 +13,7 @@ import { registerControlCommands } from './qmp/control-commands.js';
 import { QmpServer, type MonitorOptions } from './qmp/server.js';
 import type { Listener } from './qmp/transports/stream-listener.js';
 import { versionInfo } from './version.js';
+import type { JsonObject, JsonValue } from './qmp/json/value.js';
 
 export class Daemon {
   readonly bus = new EventBus();
@@ -34,6 +35,18 @@ export class Daemon {
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();
     if (missing.length) throw new Error(`schema commands without a handler: ${missing.join(', ')}`);
+  }
+
+  /** Runs a command outside any QMP session, as command-line options like --blockdev do. */
+  runCommand(name: string, args: JsonObject): Promise<JsonValue> {
+    const session = {
+      id: 0,
+      negotiated: true,
+      negotiate: () => {
+        throw new Error('no session');
+      },
+    };
+    return this.registry.call(name, args, { session, log: this.log, commandLog: (command) => this.log.child({ cmd: command }) });
   }
 
   addMonitor(options: MonitorOptions): Promise<Listener> {

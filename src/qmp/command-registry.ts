@@ -9,6 +9,8 @@ import { commandCatalogue, type CommandEntry } from '../generated/qapi-catalogue
 import type { QmpCommandMap, QmpCommandName } from '../generated/qapi-types.js';
 import { commandArgumentRefs, validationDefs } from '../generated/qapi-validation.js';
 import { ArgumentValidator } from './argument-validator.js';
+import { genericError } from './errors.js';
+import { toPlain, type JsonObject, type JsonValue } from './json/value.js';
 
 /** What a handler knows about the client calling it. */
 export interface SessionControl {
@@ -54,6 +56,15 @@ export class CommandRegistry {
   /** Command names in schema order. */
   names(): string[] {
     return [...this.entries.keys()];
+  }
+
+  /** Validates the arguments against the schema and runs the handler; returns its result ({} when none). */
+  async call(name: string, args: JsonObject, context: CommandContext): Promise<JsonValue> {
+    this.validator.check(name, args);
+    const handler = this.handlers.get(name);
+    if (!handler) throw genericError(`The command ${name} has no implementation`);
+    const result = await handler(toPlain(args), { ...context, log: context.commandLog(name) });
+    return (result ?? {}) as JsonValue;
   }
 
   missingHandlers(): string[] {

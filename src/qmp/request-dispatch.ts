@@ -6,10 +6,10 @@
  * only qmp_capabilities exists and every CommandNotFound carries the
  * negotiation hint instead.
  */
-import { QmpError, genericError, protocolErrors } from './errors.js';
+import { QmpError, protocolErrors } from './errors.js';
 import type { CommandContext, CommandRegistry } from './command-registry.js';
 import { qdictOrder } from './json/qdict-order.js';
-import { hasMember, isJsonObject, toPlain, type JsonObject, type JsonValue } from './json/value.js';
+import { hasMember, isJsonObject, type JsonObject, type JsonValue } from './json/value.js';
 
 export interface DispatchState {
   negotiated: boolean;
@@ -74,10 +74,5 @@ async function execute(request: JsonObject, registry: CommandRegistry, state: Di
   const entry = registry.entry(command);
   if (!entry || (!state.negotiated && command !== NEGOTIATION_COMMAND)) throw protocolErrors.commandNotFound(command);
   if (oob && !entry.allowOob) throw protocolErrors.oobNotSupported(command);
-  const args = (request.arguments ?? {}) as JsonObject;
-  registry.validator.check(command, args);
-  const handler = registry.handler(command);
-  if (!handler) throw genericError(`The command ${command} has no implementation`);
-  const result = await handler(toPlain(args), { ...context, log: context.commandLog(command) });
-  return (result ?? {}) as JsonValue;
+  return registry.call(command, (request.arguments ?? {}) as JsonObject, context);
 }

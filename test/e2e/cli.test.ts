@@ -48,7 +48,7 @@ test('bad command lines: exact messages, exit status 1', () => {
     [['--chardev', 'stdio,id=a', '--chardev', 'stdio,id=a'], "blockd: --chardev stdio,id=a: Duplicate ID 'a' for chardev"],
     [['--chardev', 'stdio,id=a', '--monitor', 'a', '--monitor', 'a'], "blockd: --monitor a: Device 'a' is in use"],
     [['--qmp', 'http:x'], 'blockd: --qmp http:x: expected unix:PATH, tcp:HOST:PORT or ws:HOST:PORT'],
-    [['--blockdev', 'null-co,node-name=n'], 'blockd: --blockdev null-co,node-name=n: --blockdev is not supported by this version of blockd yet'],
+    [['--nbd-server', 'addr.type=unix,addr.path=/tmp/x'], 'blockd: --nbd-server addr.type=unix,addr.path=/tmp/x: --nbd-server is not supported by this version of blockd yet'],
     [['--log-level', 'loud'], 'blockd: --log-level loud: unknown log level; use one of fatal, error, warn, info, debug, trace, silent'],
     [['--qmp', 'unix:/nonexistent-dir/x.sock'], 'blockd: --qmp unix:/nonexistent-dir/x.sock: Failed to bind socket to /nonexistent-dir/x.sock: No such file or directory'],
   ];
@@ -197,5 +197,32 @@ test('TCP binds loopback by default; several monitors share one daemon', async (
   assert.equal(record.component, 'qmp');
   assert.equal(typeof record.session, 'number');
   await daemon.stop();
+  temp.cleanup();
+});
+
+test('--blockdev: keyval and JSON forms, with the same errors as qemu-storage-daemon', async () => {
+  const temp = makeTempDir();
+  writeFileSync(join(temp.dir, 'x.raw'), Buffer.alloc(4096));
+  const daemon = await runBlockd([
+    '--blockdev', `driver=file,node-name=f,filename=${join(temp.dir, 'x.raw')}`,
+    '--blockdev', 'raw,node-name=r,file=f,size=0x800',
+    '--blockdev', '{"driver":"null-co","node-name":"n","size":4096}',
+    '--qmp', `unix:${join(temp.dir, 'q.sock')}`,
+  ]);
+  const client = await QmpClient.connect(join(temp.dir, 'q.sock'));
+  const nodes = await client.execute('query-named-block-nodes', { flat: true });
+  assert.deepEqual(nodes.map((node) => [node['node-name'], node.drv, node.image['virtual-size']]), [['n', 'null-co', 4096], ['r', 'raw', 2048], ['f', 'file', 4096]]);
+  await client.close();
+  await daemon.stop();
+  const cases = [
+    'null-co,node-name=n,size=1M', 'null-co,node-name=n,read-only=1', 'driver=file,node-name=f,filename=/nonexist',
+    'null-co,size=1', 'bogus,node-name=x', 'null-co,node-name=n,cache.direct=on,cache.bogus=1', 'help', '{"driver":1}',
+    'raw,node-name=x,file=nonode', 'null-co,node-name=x,cache=on', 'null-co,node-name=x,size=0x',
+  ];
+  for (const value of cases) {
+    const ours = runSync(['--blockdev', value]).stderr.trim().replace(/^blockd: /, '');
+    const theirs = spawnSync('qemu-storage-daemon', ['--blockdev', value], { encoding: 'utf8' }).stderr.trim().replace(/^qemu-storage-daemon: /, '');
+    assert.equal(ours, theirs, value);
+  }
   temp.cleanup();
 });
