@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import type { EventBus } from '../event-bus.js';
 import { genericError } from '../qmp/errors.js';
 import { ChildEdge, type BlockUser, type EdgeParent } from './child-edge.js';
-import type { BlockNode, NodeObserver } from './node.js';
+import type { BlockNode, CorruptionReport, NodeObserver } from './node.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, defaultChildPermissions, permissionConflictMessage, type ChildRole, type PermissionPair } from './permissions.js';
 
 export class BlockGraph implements NodeObserver {
@@ -41,6 +41,16 @@ export class BlockGraph implements NodeObserver {
 
   writeThresholdExceeded(node: BlockNode, amountExceeded: number, threshold: number): void {
     this.bus.emit('BLOCK_WRITE_THRESHOLD', { 'node-name': node.name, 'amount-exceeded': amountExceeded, 'write-threshold': threshold });
+  }
+
+  imageCorrupted(node: BlockNode, report: CorruptionReport): void {
+    this.bus.emit('BLOCK_IMAGE_CORRUPTED', {
+      device: '',
+      'node-name': node.name,
+      msg: report.message,
+      ...(report.offset === undefined ? {} : { offset: report.offset, size: report.size ?? 0 }),
+      fatal: report.fatal,
+    });
   }
 
   // ---- edges ---------------------------------------------------------------------------

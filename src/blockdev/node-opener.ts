@@ -6,6 +6,7 @@
  * the new subtree needs. On any failure everything opened on the way is
  * closed again and the graph is left as it was.
  */
+import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { BlockdevOptions, BlockdevRef } from '../generated/qapi-types.js';
 import { genericError } from '../qmp/errors.js';
@@ -43,6 +44,28 @@ function resolveSettings(options: BlockdevOptions, request: OpenRequest): NodeSe
     throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
   }
   return settings;
+}
+
+/**
+ * The format of a backing file whose image does not record it, guessed as QEMU 7.2
+ * does (qcow2 magic, else raw). Guessing is risky: a raw disk whose first bytes look
+ * like qcow2 would be misread, so it is logged.
+ */
+async function probeFormat(filename: string, log: Logger): Promise<string> {
+  const magic = Buffer.alloc(4);
+  try {
+    const handle = await open(filename, 'r');
+    try {
+      await handle.read(magic, 0, 4, 0);
+    } finally {
+      await handle.close();
+    }
+  } catch {
+    return 'raw'; // opening it for real reports the error
+  }
+  const format = magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+  log.warn({ backing: filename, format }, 'backing file format not recorded in the image: probed');
+  return format;
 }
 
 export class NodeOpener {
@@ -84,9 +107,9 @@ export class NodeOpener {
         return this.graph.linkChild(node, target, child.name, child.role);
       },
       openBackingFromImage: async (filename: string, format: string | undefined, child: ChildRequest): Promise<ChildEdge> => {
-        if (!format) throw genericError(`Could not open backing file: backing format of '${filename}' is not recorded in the image; give it with "backing"`);
+        const driverName = format ?? (await probeFormat(filename, log));
         const backingOptions = {
-          driver: format,
+          driver: driverName,
           file: { driver: 'file', filename },
         } as unknown as BlockdevOptions;
         try {

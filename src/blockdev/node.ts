@@ -34,9 +34,18 @@ export interface NodeSettings {
   cacheNoFlush: boolean;
 }
 
+/** A driver's report of metadata found broken (QEMU's BLOCK_IMAGE_CORRUPTED). */
+export interface CorruptionReport {
+  message: string;
+  fatal: boolean;
+  offset?: number;
+  size?: number;
+}
+
 /** What the node tells the graph about (and the graph turns into events). */
 export interface NodeObserver {
   writeThresholdExceeded(node: BlockNode, amountExceeded: number, threshold: number): void;
+  imageCorrupted(node: BlockNode, report: CorruptionReport): void;
 }
 
 const ZERO_CHUNK = 1 << 20;
@@ -60,6 +69,10 @@ export class BlockNode {
     readonly monitorOwned: boolean,
     private readonly observer: NodeObserver,
   ) {}
+
+  reportCorruption(report: CorruptionReport): void {
+    this.observer.imageCorrupted(this, report);
+  }
 
   get readOnly(): boolean {
     return this.settings.readOnly;
@@ -138,9 +151,13 @@ export class BlockNode {
   // ---- I/O ---------------------------------------------------------------------------------
 
   async read(offset: number, buffer: Buffer): Promise<void> {
-    this.checkRange(offset, buffer.length);
-    if (buffer.length === 0) return;
-    return this.track(() => this.state.read(offset, buffer));
+    // Protocol nodes read zeros past their end, as QEMU does (formats read their file's tail that way).
+    const end = this.state.growsOnWrite ? Math.min(offset + buffer.length, this.length()) : offset + buffer.length;
+    this.checkRange(offset, Math.max(0, end - offset));
+    if (end < offset + buffer.length) buffer.fill(0, Math.max(0, end - offset));
+    if (end <= offset) return;
+    const inside = buffer.subarray(0, end - offset);
+    return this.track(() => this.state.read(offset, inside));
   }
 
   async write(offset: number, buffer: Buffer, flags: WriteFlags = {}): Promise<void> {

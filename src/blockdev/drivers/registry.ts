@@ -7,11 +7,13 @@ import { genericError } from '../../qmp/errors.js';
 import type { BlockDriver } from '../block-driver.js';
 import { fileDriver } from './file.js';
 import { nullCoDriver } from './null-co.js';
+import { qcow2Driver } from './qcow2/qcow2-driver.js';
 import { rawDriver } from './raw.js';
 
 const DRIVERS = new Map<string, BlockDriver<never>>([
   ['file', fileDriver],
   ['null-co', nullCoDriver],
+  ['qcow2', qcow2Driver],
   ['raw', rawDriver],
 ]);
 

@@ -1,0 +1,186 @@
+/*
+ * The qcow2 mapping from guest clusters to L2 entries: the active L1 table in
+ * memory, an LRU cache of L2 tables, and updates written through in a
+ * crash-safe order. A new L2 table is written and flushed before the L1
+ * entry that links it; a shared L2 table (snapshots) is copied first and the
+ * old one released only after the new link is durable. Callers hold the
+ * image's metadata mutex for updates.
+ */
+import { IoError } from '../../io-error.js';
+import { L1_ENTRY_SIZE, L2_ENTRY_SIZE } from './format-constants.js';
+import type { RefcountContext, Refcounts } from './refcounts.js';
+import { decodeL1Entry, decodeL2Entry, encodeL1Entry, type L2Entry, type L2EntryContext } from './table-entries.js';
+
+export interface TablesContext extends RefcountContext {
+  refcounts: Refcounts;
+}
+
+export interface MappedCluster {
+  raw: bigint;
+  entry: L2Entry;
+}
+
+const UNALLOCATED: MappedCluster = { raw: 0n, entry: { type: 'UNALLOCATED', copied: false } };
+
+export class ClusterTables {
+  readonly clusterSize: number;
+  readonly entriesPerTable: number;
+  private l1: bigint[] = [];
+  private readonly cache = new Map<number, Buffer>();
+  private readonly maxCachedTables: number;
+  private readonly entryContext: L2EntryContext;
+
+  constructor(private readonly context: TablesContext, cacheBytes: number) {
+    const { header } = context;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.entriesPerTable = this.clusterSize / L2_ENTRY_SIZE;
+    this.maxCachedTables = Math.max(16, Math.floor(cacheBytes / this.clusterSize));
+    this.entryContext = { clusterBits: header.clusterBits, version: header.version, externalDataFile: false };
+  }
+
+  async load(): Promise<void> {
+    const { header, file } = this.context;
+    const bytes = Buffer.alloc(header.l1Size * L1_ENTRY_SIZE);
+    await file.read(header.l1TableOffset, bytes);
+    this.l1 = [];
+    for (let i = 0; i < header.l1Size; i++) {
+      const raw = bytes.readBigUInt64BE(i * L1_ENTRY_SIZE);
+      const entry = decodeL1Entry(raw, header.clusterBits);
+      if (entry.type === 'INVALID') this.context.corrupt(`L2 table offset ${hex(raw)} unaligned (L1 index: ${hex(BigInt(i))})`);
+      this.l1.push(raw);
+    }
+  }
+
+  /** Offsets of the L2 tables the active L1 links (metadata, for overlap checks). */
+  activeTables(): number[] {
+    return this.l1.map((raw) => this.l2Offset(raw)).filter((offset) => offset !== 0);
+  }
+
+  l1Span(): [number, number] {
+    return [this.context.header.l1TableOffset, this.context.header.l1Size * L1_ENTRY_SIZE];
+  }
+
+  private l2Offset(raw: bigint): number {
+    const entry = decodeL1Entry(raw, this.context.header.clusterBits);
+    return entry.type === 'ALLOCATED' ? entry.l2Offset : 0;
+  }
+
+  private async table(offset: number): Promise<Buffer> {
+    let table = this.cache.get(offset);
+    if (table) {
+      this.cache.delete(offset); // re-insert: most recently used last
+    } else {
+      table = Buffer.alloc(this.clusterSize);
+      await this.context.file.read(offset, table);
+    }
+    this.cache.set(offset, table);
+    if (this.cache.size > this.maxCachedTables) this.cache.delete(this.cache.keys().next().value!);
+    return table;
+  }
+
+  /** The L2 entries of `count` clusters from `cluster` on, within one L2 table. */
+  async lookupRun(cluster: number, count: number): Promise<MappedCluster[]> {
+    const l1Index = Math.floor(cluster / this.entriesPerTable);
+    const first = cluster % this.entriesPerTable;
+    const n = Math.min(count, this.entriesPerTable - first);
+    const l2 = l1Index < this.l1.length ? this.l2Offset(this.l1[l1Index]!) : 0;
+    if (l2 === 0) return new Array<MappedCluster>(n).fill(UNALLOCATED);
+    if (l2 % this.clusterSize !== 0) this.context.corrupt(`L2 table offset ${hex(BigInt(l2))} unaligned (L1 index: ${hex(BigInt(l1Index))})`);
+    const table = await this.table(l2);
+    const run: MappedCluster[] = [];
+    for (let i = first; i < first + n; i++) {
+      const raw = table.readBigUInt64BE(i * L2_ENTRY_SIZE);
+      const entry = decodeL2Entry(raw, this.entryContext);
+      if (entry.type === 'INVALID') this.context.corrupt(`Invalid cluster entry found  (L2 offset: ${hex(BigInt(l2))}, L2 index: ${hex(BigInt(i))}): ${entry.reason}`);
+      run.push({ raw, entry });
+    }
+    return run;
+  }
+
+  async lookup(cluster: number): Promise<MappedCluster> {
+    return (await this.lookupRun(cluster, 1))[0]!;
+  }
+
+  /**
+   * Writes new raw L2 entries. Tables that do not exist are created, shared ones copied;
+   * entries of one table are written with one write.
+   */
+  async setEntries(updates: Map<number, bigint>): Promise<void> {
+    const byTable = new Map<number, [number, bigint][]>();
+    for (const [cluster, raw] of updates) {
+      const l1Index = Math.floor(cluster / this.entriesPerTable);
+      if (!byTable.has(l1Index)) byTable.set(l1Index, []);
+      byTable.get(l1Index)!.push([cluster % this.entriesPerTable, raw]);
+    }
+    for (const [l1Index, entries] of byTable) {
+      if (l1Index >= this.l1.length) throw new IoError('EIO', `guest cluster beyond the L1 table (index ${l1Index})`);
+      const current = this.l1[l1Index]!;
+      const linked = decodeL1Entry(current, this.context.header.clusterBits);
+      if (linked.type === 'ALLOCATED' && linked.copied) {
+        await this.writeEntries(linked.l2Offset, await this.table(linked.l2Offset), entries);
+      } else {
+        await this.replaceTable(l1Index, linked.type === 'ALLOCATED' ? linked.l2Offset : 0, entries);
+      }
+    }
+  }
+
+  private async writeEntries(offset: number, table: Buffer, entries: [number, bigint][]): Promise<void> {
+    let low = Infinity;
+    let high = -1;
+    for (const [index, raw] of entries) {
+      table.writeBigUInt64BE(raw, index * L2_ENTRY_SIZE);
+      low = Math.min(low, index);
+      high = Math.max(high, index);
+    }
+    await this.context.file.write(offset + low * L2_ENTRY_SIZE, table.subarray(low * L2_ENTRY_SIZE, (high + 1) * L2_ENTRY_SIZE));
+  }
+
+  /** A new table (empty, or a copy of a shared one), durable before the L1 entry links it. */
+  private async replaceTable(l1Index: number, sharedOffset: number, entries: [number, bigint][]): Promise<void> {
+    const { refcounts, file } = this.context;
+    const table = sharedOffset ? Buffer.from(await this.table(sharedOffset)) : Buffer.alloc(this.clusterSize);
+    for (const [index, raw] of entries) table.writeBigUInt64BE(raw, index * L2_ENTRY_SIZE);
+    const [offset] = await refcounts.allocate(1, true);
+    await file.write(offset!, table);
+    await this.context.flush();
+    this.cache.set(offset!, table);
+    await this.writeL1Entry(l1Index, encodeL1Entry(offset!, true));
+    if (sharedOffset) {
+      await this.context.flush(); // the new link is durable before the old table loses its reference
+      this.cache.delete(sharedOffset);
+      await refcounts.update(sharedOffset / this.clusterSize, -1);
+    }
+  }
+
+  private async writeL1Entry(l1Index: number, raw: bigint): Promise<void> {
+    const bytes = Buffer.alloc(L1_ENTRY_SIZE);
+    bytes.writeBigUInt64BE(raw);
+    await this.context.file.write(this.context.header.l1TableOffset + l1Index * L1_ENTRY_SIZE, bytes);
+    this.l1[l1Index] = raw;
+  }
+
+  /** Makes room in L1 for a disk of `size` bytes: a new, larger table, switched to in the header. */
+  async growFor(size: number): Promise<void> {
+    const { header, refcounts, file } = this.context;
+    const needed = Math.ceil(size / (this.clusterSize * this.entriesPerTable));
+    if (needed <= this.l1.length) return;
+    if (needed * L1_ENTRY_SIZE > 32 * 1024 * 1024) throw new IoError('EFBIG', 'Active L1 table too large');
+    const entries = [...this.l1, ...new Array<bigint>(needed - this.l1.length).fill(0n)];
+    const bytes = Buffer.alloc(Math.ceil((needed * L1_ENTRY_SIZE) / this.clusterSize) * this.clusterSize);
+    entries.forEach((raw, i) => bytes.writeBigUInt64BE(raw, i * L1_ENTRY_SIZE));
+    const clusters = bytes.length / this.clusterSize;
+    const offsets = await refcounts.allocate(clusters, true);
+    await file.write(offsets[0]!, bytes);
+    await this.context.flush();
+    const old = { offset: header.l1TableOffset, size: header.l1Size };
+    header.l1TableOffset = offsets[0]!;
+    header.l1Size = needed;
+    await this.context.writeHeader();
+    this.l1 = entries;
+    if (old.size > 0) await refcounts.release(old.offset, old.size * L1_ENTRY_SIZE);
+  }
+}
+
+export function hex(value: bigint): string {
+  return `0x${value.toString(16)}`;
+}

@@ -1,0 +1,169 @@
+/*
+ * The `qcow2` format driver: opens the image (header checks with QEMU's
+ * texts, refusing what blockd cannot handle safely yet), opens the backing
+ * chain from the header or from the options, and answers I/O through
+ * Qcow2Image and qcow2-writes. Metadata is written through, so a flush is the
+ * file's flush and close has nothing left to write.
+ */
+import { dirname, isAbsolute, join } from 'node:path';
+import { genericError } from '../../../qmp/errors.js';
+import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
+import type { ChildEdge } from '../../child-edge.js';
+import { AutoclearFeature, CompatibleFeature, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
+import { parseHeader } from './header.js';
+import { Qcow2Image } from './qcow2-image.js';
+import { discard, resize, writeData, writeZeroes } from './qcow2-writes.js';
+
+interface Qcow2Options {
+  backing?: unknown;
+  'cache-size'?: number;
+  'l2-cache-size'?: number;
+  encrypt?: unknown;
+  'data-file'?: unknown;
+}
+
+const DEFAULT_L2_CACHE = 32 * 1024 * 1024;
+const STATUS_LIMIT = 1 << 30; // block status answers at most this much at once
+
+class Qcow2State implements DriverState {
+  constructor(private readonly image: Qcow2Image) {}
+
+  length(): number {
+    return this.image.size;
+  }
+
+  async read(offset: number, buffer: Buffer): Promise<void> {
+    const release = await this.image.locks.acquire(offset, offset + buffer.length, false);
+    try {
+      await this.image.readUnlocked(offset, buffer);
+    } finally {
+      release();
+    }
+  }
+
+  write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+    return writeData(this.image, offset, buffer, flags);
+  }
+
+  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return writeZeroes(this.image, offset, length, flags);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return discard(this.image, offset, length);
+  }
+
+  async flush(): Promise<void> {
+    // Metadata is written through; the node flushes the file after this.
+  }
+
+  async blockStatus(offset: number, length: number): Promise<DriverExtent> {
+    const [run] = await this.image.mappedRuns(offset, Math.min(length, STATUS_LIMIT));
+    const { entry } = run!.mapping;
+    const inCluster = offset % this.image.clusterSize;
+    switch (entry.type) {
+      case 'NORMAL': return { length: run!.length, allocated: true, data: true, zero: false, hostOffset: entry.hostOffset + inCluster };
+      case 'ZERO_ALLOC': return { length: run!.length, allocated: true, data: false, zero: true, hostOffset: entry.hostOffset + inCluster };
+      case 'ZERO_PLAIN': return { length: run!.length, allocated: true, data: false, zero: true };
+      case 'COMPRESSED': return { length: run!.length, allocated: true, data: true, zero: false };
+      default: return { length: run!.length, allocated: false, data: false, zero: false };
+    }
+  }
+
+  truncate(size: number): Promise<void> {
+    return resize(this.image, size);
+  }
+
+  info() {
+    const { header } = this.image;
+    const v3 = header.version === 3;
+    const image: Record<string, unknown> = {
+      'cluster-size': this.image.clusterSize,
+      'dirty-flag': (header.incompatibleFeatures & IncompatibleFeature.DIRTY) !== 0n,
+      'format-specific': {
+        type: 'qcow2',
+        data: {
+          compat: v3 ? '1.1' : '0.10',
+          ...(v3 ? {
+            'lazy-refcounts': (header.compatibleFeatures & CompatibleFeature.LAZY_REFCOUNTS) !== 0n,
+            corrupt: (header.incompatibleFeatures & IncompatibleFeature.CORRUPT) !== 0n,
+            'extended-l2': false,
+          } : {}),
+          'refcount-bits': 2 ** header.refcountOrder,
+          'compression-type': header.compressionType === 1 ? 'zstd' : 'zlib',
+        },
+      },
+    };
+    if (header.backingFile) {
+      image['backing-filename'] = header.backingFile;
+      image['full-backing-filename'] = resolveBacking(this.image.file, header.backingFile);
+      if (header.backingFormat) image['backing-filename-format'] = header.backingFormat;
+    }
+    return { filename: this.image.file.child.state.info().filename, image };
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** A backing name from the header is relative to the image's own directory. */
+function resolveBacking(file: ChildEdge, name: string): string {
+  if (isAbsolute(name) || name.includes(':')) return name;
+  return join(dirname(file.child.state.info().filename), name);
+}
+
+export const qcow2Driver: BlockDriver<Qcow2Options> = {
+  name: 'qcow2',
+  kind: 'format',
+  supportsBacking: true,
+  strongOptions: [],
+  async open(context, options) {
+    const { node } = context;
+    if (options.encrypt !== undefined) throw genericError('qcow2 encryption is not supported by blockd');
+    if (options['data-file'] !== undefined) throw genericError('qcow2 external data files are not supported by blockd');
+    const file = await context.openChild('file', { name: 'file', role: 'storage' });
+    const fileSize = file.length();
+    const start = Buffer.alloc(Math.min(fileSize, 104));
+    await file.read(0, start);
+    if (start.length < 4 || start.readUInt32BE(0) !== 0x514649fb) throw genericError('Image is not in qcow2 format');
+    const clusterBits = start.length >= 24 ? start.readUInt32BE(20) : 0;
+    const cluster0 = Buffer.alloc(clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 512);
+    await file.read(0, cluster0.subarray(0, Math.min(cluster0.length, fileSize)));
+    let header;
+    try {
+      header = parseHeader(cluster0, fileSize);
+    } catch (error) {
+      if (error instanceof Qcow2FormatError) throw genericError(error.message);
+      throw error;
+    }
+    header.size -= header.size % 512; // QEMU works in whole sectors
+    const writable = !node.readOnly;
+    if (header.cryptMethod !== 0) throw genericError('qcow2 encryption is not supported by blockd');
+    if (header.incompatibleFeatures & IncompatibleFeature.EXTERNAL_DATA_FILE) throw genericError('qcow2 external data files are not supported by blockd');
+    if (header.incompatibleFeatures & IncompatibleFeature.EXTENDED_L2) throw genericError('qcow2 extended L2 entries are not supported by blockd');
+    if (header.compressionType !== 0) throw genericError('qcow2 compression type zstd is not supported by blockd');
+    if (writable && header.incompatibleFeatures & IncompatibleFeature.CORRUPT) throw genericError('qcow2: Image is corrupt; cannot be opened read/write');
+    if (writable && header.incompatibleFeatures & IncompatibleFeature.DIRTY) {
+      throw genericError("qcow2: the image's refcounts are stale (dirty bit set by lazy refcounts); repair it with 'qemu-img check -r all' first");
+    }
+    if (writable && header.bitmaps && header.autoclearFeatures & AutoclearFeature.BITMAPS) {
+      throw genericError('qcow2 images with persistent dirty bitmaps cannot be opened read-write by this version of blockd');
+    }
+
+    const cacheBytes = options['l2-cache-size'] ?? options['cache-size'] ?? DEFAULT_L2_CACHE;
+    let backing: ChildEdge | undefined;
+    if (options.backing === undefined && header.backingFile) {
+      backing = await context.openBackingFromImage!(resolveBacking(file, header.backingFile), header.backingFormat, { name: 'backing', role: 'cow' });
+    } else if (options.backing !== undefined && options.backing !== null && options.backing !== '') {
+      backing = await context.openChild('backing', { name: 'backing', role: 'cow' });
+    }
+
+    const image = new Qcow2Image(node, file, backing, header, cacheBytes, context.log);
+    await image.load();
+    if (writable && header.autoclearFeatures & ~KNOWN_AUTOCLEAR_FEATURES) {
+      // Unknown autoclear bits must be cleared before the first write (the extensions they vouch for go stale).
+      header.autoclearFeatures &= KNOWN_AUTOCLEAR_FEATURES;
+      await image.writeHeader();
+    }
+    return new Qcow2State(image);
+  },
+};

@@ -1,0 +1,201 @@
+/*
+ * An open qcow2 image: the header, refcounts and cluster tables, the read and
+ * block-status paths, header rewrites and corruption handling. Writes live in
+ * qcow2-writes.ts. Requests lock the guest clusters they touch (shared for
+ * reads and in-place writes, exclusive for anything that changes a mapping),
+ * so a cluster is never freed or reused while a request still uses it.
+ */
+import { promisify } from 'node:util';
+import type { Logger } from 'pino';
+import { inflateRaw } from 'node:zlib';
+import type { ChildEdge } from '../../child-edge.js';
+import { FlushCoalescer } from '../../flush-coalescer.js';
+import { IoError } from '../../io-error.js';
+import { Mutex } from '../../mutex.js';
+import type { BlockNode } from '../../node.js';
+import { RangeLock } from '../../range-lock.js';
+import { ClusterTables, type MappedCluster } from './cluster-tables.js';
+import { IncompatibleFeature } from './format-constants.js';
+import { serializeHeader, type Qcow2Header } from './header.js';
+import { Refcounts } from './refcounts.js';
+
+const inflate = promisify(inflateRaw);
+
+/** One run of guest clusters with the same kind of mapping. */
+export interface MappedRun {
+  offset: number;
+  length: number;
+  mapping: MappedCluster;
+}
+
+export class Qcow2Image {
+  readonly clusterSize: number;
+  readonly refcounts: Refcounts;
+  readonly tables: ClusterTables;
+  readonly locks = new RangeLock();
+  readonly metadata = new Mutex();
+  readonly barrier: FlushCoalescer;
+  private failed: string | undefined;
+  private readonly inflated = new Map<bigint, Buffer>();
+
+  constructor(
+    readonly node: BlockNode,
+    readonly file: ChildEdge,
+    readonly backing: ChildEdge | undefined,
+    readonly header: Qcow2Header,
+    cacheBytes: number,
+    readonly log: Logger,
+  ) {
+    this.clusterSize = 2 ** header.clusterBits;
+    this.barrier = new FlushCoalescer(() => file.flush());
+    const context = {
+      file,
+      header,
+      flush: () => this.barrier.flush(),
+      writeHeader: () => this.writeHeader(),
+      corrupt: (message: string): never => this.corrupt(message),
+    };
+    this.refcounts = new Refcounts(context);
+    this.tables = new ClusterTables({ ...context, refcounts: this.refcounts }, cacheBytes);
+  }
+
+  async load(): Promise<void> {
+    await this.refcounts.load();
+    await this.tables.load();
+  }
+
+  get size(): number {
+    return this.header.size;
+  }
+
+  /** Rewrites the header cluster in one write and makes it durable. */
+  async writeHeader(): Promise<void> {
+    await this.file.write(0, serializeHeader(this.header));
+    await this.barrier.flush();
+  }
+
+  /**
+   * Metadata found broken: like QEMU, report BLOCK_IMAGE_CORRUPTED once, mark a writable
+   * image corrupt on disk, and fail this and every later request.
+   */
+  corrupt(message: string, offset?: number, size?: number): never {
+    if (this.failed === undefined) {
+      this.failed = message;
+      const fatal = !this.node.readOnly;
+      this.node.reportCorruption({ message, fatal, offset, size });
+      if (fatal) {
+        this.header.incompatibleFeatures |= IncompatibleFeature.CORRUPT;
+        this.writeHeader().catch((error: unknown) => this.log.error({ err: error }, 'could not mark the image corrupt'));
+      }
+    }
+    throw new IoError('EIO', `qcow2 image '${this.node.name}' is corrupt: ${message}`);
+  }
+
+  checkUsable(): void {
+    if (this.failed !== undefined && !this.node.readOnly) throw new IoError('EIO', `qcow2 image '${this.node.name}' is corrupt: ${this.failed}`);
+  }
+
+  /** The guest range [offset, offset+length) cut into runs of consecutive clusters with one kind of mapping. */
+  async mappedRuns(offset: number, length: number): Promise<MappedRun[]> {
+    const runs: MappedRun[] = [];
+    const end = offset + length;
+    let position = offset;
+    while (position < end) {
+      const cluster = Math.floor(position / this.clusterSize);
+      const lastCluster = Math.floor((end - 1) / this.clusterSize);
+      for (const mapping of await this.tables.lookupRun(cluster, lastCluster - cluster + 1)) {
+        const runEnd = Math.min(end, (Math.floor(position / this.clusterSize) + 1) * this.clusterSize);
+        const previous = runs[runs.length - 1];
+        if (previous && continues(previous, mapping, this.clusterSize)) previous.length += runEnd - position;
+        else runs.push({ offset: position, length: runEnd - position, mapping });
+        position = runEnd;
+      }
+    }
+    return runs;
+  }
+
+  /** Reads guest data; the caller holds a lock covering the range. */
+  async readUnlocked(offset: number, buffer: Buffer): Promise<void> {
+    let done = 0;
+    for (const run of await this.mappedRuns(offset, buffer.length)) {
+      const part = buffer.subarray(done, done + run.length);
+      await this.readRun(run, part);
+      done += run.length;
+    }
+  }
+
+  private async readRun(run: MappedRun, part: Buffer): Promise<void> {
+    const { entry } = run.mapping;
+    const inCluster = run.offset % this.clusterSize;
+    switch (entry.type) {
+      case 'NORMAL':
+        return this.file.read(entry.hostOffset + inCluster, part);
+      case 'ZERO_ALLOC':
+      case 'ZERO_PLAIN':
+        part.fill(0);
+        return;
+      case 'UNALLOCATED':
+        return this.readBacking(run.offset, part);
+      case 'COMPRESSED':
+        for (let done = 0; done < part.length;) {
+          const at = run.offset + done;
+          const within = at % this.clusterSize;
+          const mapping = await this.tables.lookup(Math.floor(at / this.clusterSize));
+          const cluster = await this.inflateCluster(mapping);
+          const n = Math.min(part.length - done, this.clusterSize - within);
+          cluster.copy(part, done, within, within + n);
+          done += n;
+        }
+        return;
+      default:
+        this.corrupt(`Invalid cluster entry found at guest offset ${run.offset}`);
+    }
+  }
+
+  /** Reads from the backing file, zeros past its end (or everywhere without one). */
+  async readBacking(offset: number, part: Buffer): Promise<void> {
+    const backingLength = this.backing?.length() ?? 0;
+    const inBacking = Math.max(0, Math.min(part.length, backingLength - offset));
+    if (inBacking > 0) await this.backing!.read(offset, part.subarray(0, inBacking));
+    part.fill(0, inBacking);
+  }
+
+  /** A compressed cluster, inflated (the last few are cached). */
+  async inflateCluster(mapping: MappedCluster): Promise<Buffer> {
+    const cached = this.inflated.get(mapping.raw);
+    if (cached) return cached;
+    if (mapping.entry.type !== 'COMPRESSED') throw new Error('not a compressed cluster');
+    if (this.header.compressionType !== 0) throw new IoError('ENOTSUP', 'qcow2 compression type zstd is not supported by blockd');
+    const { hostOffset, compressedSize } = mapping.entry.compressed;
+    const stream = Buffer.alloc(compressedSize);
+    await this.file.read(hostOffset, stream);
+    let cluster: Buffer;
+    try {
+      cluster = await inflate(stream, { finishFlush: 2 /* Z_SYNC_FLUSH: the stream may be followed by other data */ });
+    } catch {
+      this.corrupt(`Compressed cluster at ${hostOffset} does not inflate`);
+    }
+    if (cluster.length < this.clusterSize) this.corrupt(`Compressed cluster at ${hostOffset} inflates to ${cluster.length} bytes`);
+    cluster = cluster.subarray(0, this.clusterSize);
+    if (this.inflated.size >= 8) this.inflated.delete(this.inflated.keys().next().value!);
+    this.inflated.set(mapping.raw, cluster);
+    return cluster;
+  }
+
+  forgetInflated(raw: bigint): void {
+    this.inflated.delete(raw);
+  }
+}
+
+/** Whether a cluster's mapping extends the run before it (same kind; contiguous on the host for data). */
+function continues(previous: MappedRun, next: MappedCluster, clusterSize: number): boolean {
+  const a = previous.mapping.entry;
+  const b = next.entry;
+  if (a.type !== b.type) return false;
+  if (a.type === 'COMPRESSED') return true;
+  if (a.type === 'NORMAL' || a.type === 'ZERO_ALLOC') {
+    const clustersSoFar = Math.ceil((previous.offset % clusterSize + previous.length) / clusterSize);
+    return (b as { hostOffset: number }).hostOffset === a.hostOffset + clustersSoFar * clusterSize && a.copied === (b as { copied: boolean }).copied;
+  }
+  return true;
+}

@@ -1,0 +1,246 @@
+/*
+ * Everything that changes a qcow2 image, in the crash-safe order of the
+ * format: new clusters are counted and their data written and flushed before
+ * an L2 entry points at them; an entry that drops a reference is durable
+ * before the refcount goes down. Writes into clusters the image owns go
+ * straight to the file under a shared lock; anything that changes a mapping
+ * holds the clusters exclusively. Concurrent allocations share flushes.
+ */
+import type { WriteFlags, ZeroFlags } from '../../block-driver.js';
+import { IoError } from '../../io-error.js';
+import { OFLAG_COPIED, OFLAG_ZERO } from './format-constants.js';
+import type { MappedCluster } from './cluster-tables.js';
+import type { Qcow2Image } from './qcow2-image.js';
+
+/** Host clusters a mapping holds a reference on: released when the mapping goes away. */
+function referencedClusters(image: Qcow2Image, mapping: MappedCluster): [number, number][] {
+  const { entry } = mapping;
+  if (entry.type === 'NORMAL' || entry.type === 'ZERO_ALLOC') return [[entry.hostOffset, image.clusterSize]];
+  if (entry.type === 'COMPRESSED') return [[entry.compressed.hostOffset, entry.compressed.compressedSize]];
+  return [];
+}
+
+function ownedHost(mapping: MappedCluster): number | undefined {
+  const { entry } = mapping;
+  return (entry.type === 'NORMAL' || entry.type === 'ZERO_ALLOC') && entry.copied ? entry.hostOffset : undefined;
+}
+
+async function lookupClusters(image: Qcow2Image, first: number, count: number): Promise<MappedCluster[]> {
+  const mappings: MappedCluster[] = [];
+  while (mappings.length < count) mappings.push(...(await image.tables.lookupRun(first + mappings.length, count - mappings.length)));
+  return mappings;
+}
+
+/** QEMU's overlap check: a data write that would land on metadata means the image is corrupt. */
+function checkNotMetadata(image: Qcow2Image, host: number, length: number): void {
+  const clusters = metadataClusters(image);
+  for (let cluster = Math.floor(host / image.clusterSize); cluster * image.clusterSize < host + length; cluster++) {
+    const what = clusters.get(cluster);
+    if (what) image.corrupt(`Preventing invalid write on metadata (overlaps with ${what})`, host, length);
+  }
+}
+
+function metadataClusters(image: Qcow2Image): Map<number, string> {
+  const map = new Map<number, string>([[0, 'qcow2_header']]);
+  const mark = (offset: number, length: number, what: string) => {
+    for (let c = Math.floor(offset / image.clusterSize); c * image.clusterSize < offset + length; c++) map.set(c, what);
+  };
+  const [l1Offset, l1Length] = image.tables.l1Span();
+  mark(l1Offset, l1Length, 'active L1 table');
+  for (const l2 of image.tables.activeTables()) mark(l2, image.clusterSize, 'active L2 table');
+  const { blocks, table } = image.refcounts.metadataClusters();
+  mark(table[0], table[1], 'refcount table');
+  for (const block of blocks) mark(block, image.clusterSize, 'refcount block');
+  return map;
+}
+
+/** Releases references once the entries that dropped them are durable. */
+async function releaseAfterBarrier(image: Qcow2Image, released: [number, number][]): Promise<void> {
+  if (!released.length) return;
+  await image.barrier.flush();
+  await image.metadata.run(async () => {
+    for (const [offset, length] of released) {
+      await image.refcounts.release(offset, length);
+      // A cluster nobody references any more gives its space back to the host.
+      if (length === image.clusterSize && (await image.refcounts.get(offset / image.clusterSize)) === 0) {
+        await image.file.discard(offset, length).catch(() => {});
+      }
+    }
+  });
+}
+
+export async function writeData(image: Qcow2Image, offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+  image.checkUsable();
+  const release = await image.locks.acquire(offset, offset + buffer.length, false);
+  let inPlace: boolean;
+  try {
+    const runs = await image.mappedRuns(offset, buffer.length);
+    inPlace = runs.every((run) => run.mapping.entry.type === 'NORMAL' && run.mapping.entry.copied);
+    if (inPlace) {
+      let done = 0;
+      for (const run of runs) {
+        const host = (run.mapping.entry as { hostOffset: number }).hostOffset + (run.offset % image.clusterSize);
+        checkNotMetadata(image, host, run.length);
+        await image.file.write(host, buffer.subarray(done, done + run.length));
+        done += run.length;
+      }
+    }
+  } finally {
+    release();
+  }
+  if (!inPlace) await allocatingWrite(image, offset, buffer);
+  if (flags.fua) await image.barrier.flush();
+}
+
+async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer): Promise<void> {
+  const cs = image.clusterSize;
+  const first = Math.floor(offset / cs);
+  const last = Math.floor((offset + buffer.length - 1) / cs);
+  const release = await image.locks.acquire(first * cs, (last + 1) * cs, true);
+  try {
+    const mappings = await lookupClusters(image, first, last - first + 1);
+    const contents: { cluster: number; data: Buffer; host?: number }[] = [];
+    const released: [number, number][] = [];
+    for (let i = 0; i < mappings.length; i++) {
+      const cluster = first + i;
+      const mapping = mappings[i]!;
+      const clusterStart = cluster * cs;
+      const from = Math.max(offset, clusterStart);
+      const to = Math.min(offset + buffer.length, clusterStart + cs);
+      const slice = buffer.subarray(from - offset, to - offset);
+      const owned = ownedHost(mapping);
+      if (mapping.entry.type === 'NORMAL' && owned !== undefined) {
+        checkNotMetadata(image, owned + from - clusterStart, slice.length);
+        await image.file.write(owned + from - clusterStart, slice);
+        continue;
+      }
+      // A whole new cluster: the old contents around the write (backing, zeros, a shared or compressed cluster).
+      let data = slice;
+      if (slice.length < cs) {
+        data = Buffer.alloc(cs);
+        if (mapping.entry.type !== 'ZERO_ALLOC' && mapping.entry.type !== 'ZERO_PLAIN') await image.readUnlocked(clusterStart, data);
+        slice.copy(data, from - clusterStart);
+      }
+      contents.push({ cluster, data, host: owned });
+      if (owned === undefined) released.push(...referencedClusters(image, mapping));
+      if (mapping.entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
+    }
+    if (!contents.length) return;
+
+    const needHosts = contents.filter((content) => content.host === undefined);
+    if (needHosts.length) {
+      const hosts = await image.metadata.run(() => image.refcounts.allocate(needHosts.length, true));
+      needHosts.forEach((content, i) => (content.host = hosts[i]));
+    }
+    await Promise.all(contents.map((content) => {
+      checkNotMetadata(image, content.host!, cs);
+      return image.file.write(content.host!, content.data);
+    }));
+    await image.barrier.flush(); // data and refcounts durable before anything points at them
+    await image.metadata.run(() => image.tables.setEntries(new Map(contents.map((content) => [content.cluster, BigInt(content.host!) | OFLAG_COPIED]))));
+    await releaseAfterBarrier(image, released);
+  } finally {
+    release();
+  }
+}
+
+/** Zeroes whole clusters with the zero flag (v3), or by unmapping them (v2 without a backing file). */
+async function zeroClusters(image: Qcow2Image, first: number, count: number, mayUnmap: boolean): Promise<void> {
+  const cs = image.clusterSize;
+  const release = await image.locks.acquire(first * cs, (first + count) * cs, true);
+  try {
+    const mappings = await lookupClusters(image, first, count);
+    const updates = new Map<number, bigint>();
+    const released: [number, number][] = [];
+    mappings.forEach((mapping, i) => {
+      const { entry } = mapping;
+      if (entry.type === 'ZERO_PLAIN' || (entry.type === 'ZERO_ALLOC' && !mayUnmap)) return;
+      const keep = !mayUnmap && entry.type === 'NORMAL' ? ownedHost(mapping) : undefined;
+      if (image.header.version === 2) updates.set(first + i, 0n);
+      else updates.set(first + i, keep === undefined ? OFLAG_ZERO : BigInt(keep) | OFLAG_COPIED | OFLAG_ZERO);
+      if (keep === undefined) released.push(...referencedClusters(image, mapping));
+      if (entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
+    });
+    if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
+    await releaseAfterBarrier(image, released);
+  } finally {
+    release();
+  }
+}
+
+export async function writeZeroes(image: Qcow2Image, offset: number, length: number, flags: ZeroFlags): Promise<void> {
+  image.checkUsable();
+  // v2 has no zero flag: with a backing file, unmapping would expose its data.
+  if (image.header.version === 2 && image.backing) throw new IoError('ENOTSUP');
+  const cs = image.clusterSize;
+  const end = offset + length;
+  const alignedStart = Math.ceil(offset / cs) * cs;
+  const alignedEnd = Math.min(Math.floor(end / cs) * cs, end);
+  // The last cluster of an image whose size is not cluster-aligned counts as whole.
+  const wholeEnd = end === image.size && end % cs !== 0 ? Math.ceil(end / cs) * cs : alignedEnd;
+  if (alignedStart >= wholeEnd) return writeData(image, offset, Buffer.alloc(length), flags);
+  if (offset < alignedStart) await writeData(image, offset, Buffer.alloc(alignedStart - offset), {});
+  await zeroClusters(image, alignedStart / cs, (wholeEnd - alignedStart) / cs, flags.mayUnmap === true);
+  if (wholeEnd < end) await writeData(image, wholeEnd, Buffer.alloc(end - wholeEnd), {});
+  if (flags.fua) await image.barrier.flush();
+}
+
+/** Discard (only whole clusters): the clusters read as zeros afterwards and their space is freed. */
+export async function discard(image: Qcow2Image, offset: number, length: number): Promise<void> {
+  image.checkUsable();
+  const cs = image.clusterSize;
+  const first = Math.ceil(offset / cs);
+  const end = offset + length === image.size ? Math.ceil((offset + length) / cs) : Math.floor((offset + length) / cs);
+  if (end <= first) return;
+  const release = await image.locks.acquire(first * cs, end * cs, true);
+  try {
+    const mappings = await lookupClusters(image, first, end - first);
+    const updates = new Map<number, bigint>();
+    const released: [number, number][] = [];
+    mappings.forEach((mapping, i) => {
+      const allocated = mapping.entry.type !== 'UNALLOCATED';
+      if (!allocated && !image.backing) return;
+      updates.set(first + i, image.header.version === 3 ? OFLAG_ZERO : 0n);
+      released.push(...referencedClusters(image, mapping));
+      if (mapping.entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
+    });
+    if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
+    await releaseAfterBarrier(image, released);
+  } finally {
+    release();
+  }
+}
+
+/** Grows or shrinks the virtual disk; shrinking drops the clusters past the new end entirely. */
+export async function resize(image: Qcow2Image, size: number): Promise<void> {
+  image.checkUsable();
+  if (size % 512 !== 0) throw new IoError('EINVAL', 'The new size must be a multiple of 512');
+  if (image.header.nbSnapshots > 0 && size < image.size) throw new IoError('ENOTSUP', "Can't shrink an image with internal snapshots");
+  const release = await image.locks.acquire(0, Number.MAX_SAFE_INTEGER, true);
+  try {
+    if (size < image.size) {
+      const cs = image.clusterSize;
+      const first = Math.ceil(size / cs);
+      const count = Math.ceil(image.size / cs) - first;
+      if (count > 0) {
+        const mappings = await lookupClusters(image, first, count);
+        const updates = new Map<number, bigint>();
+        const released: [number, number][] = [];
+        mappings.forEach((mapping, i) => {
+          if (mapping.raw === 0n) return;
+          updates.set(first + i, 0n);
+          released.push(...referencedClusters(image, mapping));
+        });
+        if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
+        await releaseAfterBarrier(image, released);
+      }
+    } else {
+      await image.metadata.run(() => image.tables.growFor(size));
+    }
+    image.header.size = size;
+    await image.metadata.run(() => image.writeHeader());
+  } finally {
+    release();
+  }
+}
+

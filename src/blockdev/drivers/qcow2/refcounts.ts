@@ -1,0 +1,211 @@
+/*
+ * qcow2 reference counts: the refcount table and blocks, kept in memory and
+ * written through on every change, and the cluster allocator built on them.
+ * Order on disk follows the crash-safety rules: a new refcount block is
+ * written and flushed before the table entry that points to it; a grown
+ * table is complete and flushed before the header switches to it. The
+ * caller serialises calls (the image's metadata mutex).
+ */
+import type { ChildEdge } from '../../child-edge.js';
+import { IoError } from '../../io-error.js';
+import { REFCOUNT_TABLE_ENTRY_SIZE } from './format-constants.js';
+import type { Qcow2Header } from './header.js';
+import { getRefcount, maxSafeRefcount, refcountBitsFromOrder, refcountBlockEntries, setRefcount, type RefcountBits } from './refcount-block.js';
+import { decodeRefcountTableEntry, encodeRefcountTableEntry } from './table-entries.js';
+
+export interface RefcountContext {
+  file: ChildEdge;
+  header: Qcow2Header;
+  flush(): Promise<void>;
+  writeHeader(): Promise<void>;
+  /** Reports metadata found broken (the image is then marked corrupt). */
+  corrupt(message: string): never;
+}
+
+export class Refcounts {
+  readonly bits: RefcountBits;
+  readonly clusterSize: number;
+  readonly entriesPerBlock: number;
+  private table: number[] = [];
+  private readonly blocks = new Map<number, Buffer>();
+  /** Lowest cluster index that may be free. */
+  private freeHint = 0;
+
+  constructor(private readonly context: RefcountContext) {
+    const { header } = context;
+    this.bits = refcountBitsFromOrder(header.refcountOrder);
+    this.clusterSize = 2 ** header.clusterBits;
+    this.entriesPerBlock = refcountBlockEntries(header.clusterBits, this.bits);
+  }
+
+  async load(): Promise<void> {
+    const { header, file } = this.context;
+    const bytes = Buffer.alloc(header.refcountTableClusters * this.clusterSize);
+    await file.read(header.refcountTableOffset, bytes);
+    this.table = [];
+    for (let i = 0; i < bytes.length / REFCOUNT_TABLE_ENTRY_SIZE; i++) {
+      const entry = decodeRefcountTableEntry(bytes.readBigUInt64BE(i * REFCOUNT_TABLE_ENTRY_SIZE), header.clusterBits);
+      if (entry.type === 'INVALID') this.context.corrupt(`Refblock offset invalid (refcount table index ${i}): ${entry.reason}`);
+      this.table.push(entry.type === 'ALLOCATED' ? entry.blockOffset : 0);
+    }
+  }
+
+  /** Offsets of every refcount block and of the table's clusters (metadata, for overlap checks). */
+  metadataClusters(): { blocks: number[]; table: [number, number] } {
+    const { header } = this.context;
+    return { blocks: this.table.filter((offset) => offset !== 0), table: [header.refcountTableOffset, header.refcountTableClusters * this.clusterSize] };
+  }
+
+  private async block(tableIndex: number): Promise<Buffer | undefined> {
+    const offset = this.table[tableIndex];
+    if (!offset) return undefined;
+    let block = this.blocks.get(offset);
+    if (!block) {
+      block = Buffer.alloc(this.clusterSize);
+      await this.context.file.read(offset, block);
+      this.blocks.set(offset, block);
+    }
+    return block;
+  }
+
+  async get(cluster: number): Promise<number> {
+    const block = await this.block(Math.floor(cluster / this.entriesPerBlock));
+    return block ? getRefcount(block, cluster % this.entriesPerBlock, this.bits) : 0;
+  }
+
+  /** Adds `delta` to a cluster's refcount and writes the change through. */
+  async update(cluster: number, delta: number): Promise<void> {
+    const tableIndex = Math.floor(cluster / this.entriesPerBlock);
+    const block = (await this.block(tableIndex)) ?? (await this.createBlock(tableIndex));
+    const index = cluster % this.entriesPerBlock;
+    const value = getRefcount(block, index, this.bits) + delta;
+    if (value < 0) this.context.corrupt(`Invalid refcount: cluster ${cluster} would drop below zero`);
+    if (value > maxSafeRefcount(this.bits)) throw new IoError('EINVAL', `refcount of cluster ${cluster} would exceed the ${this.bits}-bit maximum`);
+    setRefcount(block, index, this.bits, value);
+    await this.writeBlockEntries(tableIndex, block, index, index);
+    if (value === 0 && cluster < this.freeHint) this.freeHint = cluster;
+  }
+
+  /** Writes the bytes of a block that hold entries low..high (whole bytes; sub-byte widths share them). */
+  private async writeBlockEntries(tableIndex: number, block: Buffer, low: number, high: number): Promise<void> {
+    const first = Math.floor((low * this.bits) / 8);
+    const last = Math.floor(((high + 1) * this.bits - 1) / 8);
+    await this.context.file.write(this.table[tableIndex]! + first, block.subarray(first, last + 1));
+  }
+
+  /**
+   * Allocates `count` clusters (refcount 0 -> 1), contiguous when `contiguous`; returns their offsets.
+   * Freed clusters in the middle of the file are reused before the file grows.
+   */
+  async allocate(count: number, contiguous: boolean): Promise<number[]> {
+    const found: number[] = [];
+    let cluster = this.freeHint;
+    while (found.length < count) {
+      // A range without a refcount block gets one first: the block takes a cluster of that range.
+      const tableIndex = Math.floor(cluster / this.entriesPerBlock);
+      if (!(await this.block(tableIndex))) await this.createBlock(tableIndex);
+      if ((await this.get(cluster)) === 0) {
+        if (contiguous && found.length && found[found.length - 1] !== cluster - 1) found.length = 0;
+        found.push(cluster);
+      } else if (contiguous) {
+        found.length = 0;
+      }
+      cluster++;
+    }
+    await this.setAllocated(found);
+    if (found[0] === this.freeHint) this.freeHint = found[found.length - 1]! + 1;
+    return found.map((index) => index * this.clusterSize);
+  }
+
+  /** Sets free clusters to refcount 1, with one write per refcount block touched. */
+  private async setAllocated(clusters: number[]): Promise<void> {
+    const spans = new Map<number, [number, number]>();
+    for (const cluster of clusters) {
+      const tableIndex = Math.floor(cluster / this.entriesPerBlock);
+      const block = (await this.block(tableIndex))!;
+      const index = cluster % this.entriesPerBlock;
+      setRefcount(block, index, this.bits, 1);
+      const span = spans.get(tableIndex);
+      spans.set(tableIndex, span ? [Math.min(span[0], index), Math.max(span[1], index)] : [index, index]);
+    }
+    for (const [tableIndex, [low, high]] of spans) await this.writeBlockEntries(tableIndex, (await this.block(tableIndex))!, low, high);
+  }
+
+  /** Drops one reference from each cluster of [offset, offset + length). */
+  async release(offset: number, length: number): Promise<void> {
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.floor((offset + length - 1) / this.clusterSize);
+    for (let cluster = first; cluster <= last; cluster++) await this.update(cluster, -1);
+  }
+
+  /** A new refcount block for table index `tableIndex`, placed inside the range it describes. */
+  private async createBlock(tableIndex: number): Promise<Buffer> {
+    if (tableIndex >= this.table.length) await this.growTable(tableIndex);
+    if (this.table[tableIndex]) return (await this.block(tableIndex))!;
+    const selfCluster = tableIndex * this.entriesPerBlock;
+    const block = Buffer.alloc(this.clusterSize);
+    setRefcount(block, 0, this.bits, 1); // the block describes itself
+    const offset = selfCluster * this.clusterSize;
+    const { file, header } = this.context;
+    await file.write(offset, block);
+    await this.context.flush();
+    this.table[tableIndex] = offset;
+    this.blocks.set(offset, block);
+    const entry = Buffer.alloc(REFCOUNT_TABLE_ENTRY_SIZE);
+    entry.writeBigUInt64BE(encodeRefcountTableEntry(offset));
+    await file.write(header.refcountTableOffset + tableIndex * REFCOUNT_TABLE_ENTRY_SIZE, entry);
+    await this.context.flush();
+    return block;
+  }
+
+  /**
+   * Grows the table so that `tableIndex` fits: the new table and a refcount block for
+   * it go at the start of a range no block covers yet, are written and flushed, the
+   * header switches to the new table, and only then are the old table's clusters freed.
+   */
+  private async growTable(tableIndex: number): Promise<void> {
+    const { file, header } = this.context;
+    const range = Math.max(tableIndex, this.table.length);
+    const entriesPerCluster = this.clusterSize / REFCOUNT_TABLE_ENTRY_SIZE;
+    const tableClusters = Math.ceil(((range + 1) * 3) / 2 / entriesPerCluster);
+    if (tableClusters + 1 > this.entriesPerBlock) throw new IoError('EFBIG', 'refcount table too large');
+    const blockCluster = range * this.entriesPerBlock;
+    const blockOffset = blockCluster * this.clusterSize;
+    const tableOffset = blockOffset + this.clusterSize;
+    const block = Buffer.alloc(this.clusterSize);
+    for (let i = 0; i <= tableClusters; i++) setRefcount(block, i, this.bits, 1);
+    const newTable = [...this.table, ...new Array<number>(tableClusters * entriesPerCluster - this.table.length).fill(0)];
+    newTable[range] = blockOffset;
+    const bytes = Buffer.alloc(tableClusters * this.clusterSize);
+    newTable.forEach((offset, i) => bytes.writeBigUInt64BE(offset ? encodeRefcountTableEntry(offset) : 0n, i * REFCOUNT_TABLE_ENTRY_SIZE));
+    await file.write(blockOffset, block);
+    await file.write(tableOffset, bytes);
+    await this.context.flush();
+    const old = { offset: header.refcountTableOffset, clusters: header.refcountTableClusters };
+    header.refcountTableOffset = tableOffset;
+    header.refcountTableClusters = tableClusters;
+    await this.context.writeHeader();
+    this.table = newTable;
+    this.blocks.set(blockOffset, block);
+    await this.release(old.offset, old.clusters * this.clusterSize);
+  }
+
+  /** One past the last cluster with a non-zero refcount: where the image ends. */
+  async imageEnd(): Promise<number> {
+    for (let tableIndex = this.table.length - 1; tableIndex >= 0; tableIndex--) {
+      const block = await this.block(tableIndex);
+      if (!block) continue;
+      for (let index = this.entriesPerBlock - 1; index >= 0; index--) {
+        if (getRefcount(block, index, this.bits) !== 0) return (tableIndex * this.entriesPerBlock + index + 1) * this.clusterSize;
+      }
+    }
+    return 0;
+  }
+
+  /** Drops cached blocks (after a refcount rebuild rewrote them on disk). */
+  async reload(): Promise<void> {
+    this.blocks.clear();
+    this.freeHint = 0;
+    await this.load();
+  }
+}
