@@ -20,6 +20,7 @@ import { keyvalArguments } from './cli/keyval-visitor.js';
 import { parseKeyval } from './cli/keyval.js';
 import { commandArgumentTypes } from './generated/qapi-model.js';
 import { JsonStreamParser } from './qmp/json/streamer.js';
+import { QmpError } from './qmp/errors.js';
 import { isJsonObject, type JsonObject, type JsonValue } from './qmp/json/value.js';
 
 const OPTIONS: OptionSpec[] = [
@@ -38,7 +39,7 @@ const OPTIONS: OptionSpec[] = [
   { name: 'log-level', takesValue: true },
 ];
 
-const NOT_YET = ['export', 'nbd-server', 'object'];
+const NOT_YET = ['export', 'nbd-server'];
 
 export const DEFAULT_SOCKET = 'blockd-qmp.sock';
 
@@ -58,7 +59,8 @@ function optionArguments(text: string, impliedKey: string, typeName: string): Js
 
 function fail(error: unknown, option?: ParsedOption): never {
   const cliError = error instanceof CliError ? error : new CliError((error as Error).message);
-  const text = cliError.optionText || !option ? cliError.format() : new CliError(cliError.message, option.text).format();
+  const hint = error instanceof QmpError && error.hint ? `\n${error.hint}` : '';
+  const text = (cliError.optionText || !option ? cliError.format() : new CliError(cliError.message, option.text).format()) + hint;
   if (isDaemonChild()) reportStartup({ error: text });
   else process.stderr.write(`${text}\n`);
   process.exitCode = 1;
@@ -141,6 +143,9 @@ export async function main(argv: string[]): Promise<void> {
         }
         case 'blockdev':
           await daemon.runCommand('blockdev-add', optionArguments(option.value!, 'driver', commandArgumentTypes['blockdev-add']!));
+          break;
+        case 'object':
+          await daemon.runCommand('object-add', optionArguments(option.value!, 'qom-type', commandArgumentTypes['object-add']!));
           break;
         case 'trace':
           log.warn({ pattern: option.value }, 'QEMU trace events do not exist in blockd; use --log-level debug or trace');

@@ -8,6 +8,8 @@ import { BlockGraph } from './blockdev/graph.js';
 import { registerBlockCommands } from './blockdev/commands.js';
 import { NodeOpener } from './blockdev/node-opener.js';
 import { EventBus } from './event-bus.js';
+import { registerObjectCommands } from './objects/commands.js';
+import { ObjectRegistry } from './objects/object-registry.js';
 import { CommandRegistry } from './qmp/command-registry.js';
 import { registerControlCommands } from './qmp/control-commands.js';
 import { QmpServer, type MonitorOptions } from './qmp/server.js';
@@ -21,6 +23,7 @@ export class Daemon {
   readonly qmp: QmpServer;
   readonly graph: BlockGraph;
   readonly opener: NodeOpener;
+  readonly objects = new ObjectRegistry();
   private readonly shutdownHooks: (() => void | Promise<void>)[] = [];
   private stopping: Promise<void> | undefined;
   /** A daemon runs until told to stop, even when no socket or client keeps the event loop busy (stdio after EOF). */
@@ -29,8 +32,9 @@ export class Daemon {
   constructor(readonly log: Logger) {
     registerControlCommands(this.registry, { shutdown: (reason) => void this.shutdown(reason) });
     this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
-    this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }));
+    this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }), this.objects);
     registerBlockCommands(this.registry, { graph: this.graph, opener: this.opener });
+    registerObjectCommands(this.registry, this.objects);
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();

@@ -75,8 +75,8 @@ export interface DriverState {
   /** Switch to read-only (blockdev-snapshot makes the old top read-only). */
   reopenReadOnly?(): Promise<void>;
   info(): DriverInfo;
-  /** Bytes the node occupies on the host (ImageInfo actual-size); default: the sum over its storage children. */
-  allocatedSize?(): Promise<number>;
+  /** Bytes the node occupies on the host (ImageInfo actual-size; undefined: unknown, not reported); default: the sum over its storage children. */
+  allocatedSize?(): Promise<number | undefined>;
   /** Flush what must be durable and release resources (locks, descriptors). */
   close(): Promise<void>;
 }
@@ -93,6 +93,8 @@ export interface OpenContext {
   log: Logger;
   /** Opens (or looks up) the child given in the options under `name`; it becomes the node's child. */
   openChild(optionsKey: string, request: ChildRequest): Promise<ChildEdge>;
+  /** A user-created object by id (object-add / --object), e.g. a throttle group. */
+  findObject(id: string): unknown;
   /** Opens a backing file named by an image header: read-only, generated node name, not monitor-owned. */
   openBackingFromImage?(filename: string, format: string | undefined, request: ChildRequest): Promise<ChildEdge>;
 }

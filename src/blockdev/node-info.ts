@@ -11,21 +11,40 @@ function filterOrBacking(node: BlockNode) {
   return node.backing() ?? (node.driver.kind === 'filter' ? node.primaryChild() : undefined);
 }
 
-async function allocatedSize(node: BlockNode): Promise<number> {
+async function allocatedSize(node: BlockNode): Promise<number | undefined> {
   if (node.state.allocatedSize) return node.state.allocatedSize();
   let total = 0;
-  for (const edge of node.children) if (edge.role !== 'cow') total += await allocatedSize(edge.child);
+  for (const edge of node.children) {
+    if (edge.role === 'cow') continue;
+    const size = await allocatedSize(edge.child);
+    if (size === undefined) return undefined;
+    total += size;
+  }
   return total;
+}
+
+/** Filters answer QEMU's get_info with their child's: cluster size and dirty flag come from below. */
+function infoThroughFilters(node: BlockNode): Partial<ImageInfo> {
+  const own = (node.state.info().image ?? {}) as Partial<ImageInfo>;
+  const child = node.driver.kind === 'filter' ? node.primaryChild() : undefined;
+  if (!child) return own;
+  const below = infoThroughFilters(child.child);
+  return {
+    ...own,
+    ...(below['cluster-size'] === undefined ? {} : { 'cluster-size': below['cluster-size'] }),
+    ...(below['dirty-flag'] === undefined ? {} : { 'dirty-flag': below['dirty-flag'] }),
+  };
 }
 
 export async function imageInfo(node: BlockNode): Promise<ImageInfo> {
   const driverInfo = node.state.info();
+  const actualSize = await allocatedSize(node);
   return {
     filename: driverInfo.filename,
     format: node.driver.name,
     'virtual-size': node.length(),
-    'actual-size': await allocatedSize(node),
-    ...(driverInfo.image as Partial<ImageInfo>),
+    ...(actualSize === undefined ? {} : { 'actual-size': actualSize }),
+    ...infoThroughFilters(node),
   };
 }
 

@@ -69,7 +69,7 @@ async function probeFormat(filename: string, log: Logger): Promise<string> {
 }
 
 export class NodeOpener {
-  constructor(private readonly graph: BlockGraph, private readonly log: Logger) {}
+  constructor(private readonly graph: BlockGraph, private readonly log: Logger, private readonly objects?: { find(id: string): unknown }) {}
 
   /** Opens a node and everything it needs; the node is registered in the graph. */
   async open(request: OpenRequest): Promise<BlockNode> {
@@ -98,6 +98,7 @@ export class NodeOpener {
     const context: OpenContext = {
       node,
       log,
+      findObject: (id) => this.objects?.find(id),
       openChild: async (key: string, child: ChildRequest): Promise<ChildEdge> => {
         const reference = (options as unknown as Record<string, BlockdevRef | undefined>)[key];
         if (reference === undefined) throw genericError(`Parameter '${key}' is missing`);

@@ -9,9 +9,17 @@
 export type QmpErrorClass = 'GenericError' | 'CommandNotFound' | 'DeviceNotActive' | 'DeviceNotFound' | 'KVMMissingCap';
 
 export class QmpError extends Error {
+  /** Advice QEMU prints after the error on the command line (never sent over QMP). */
+  hint?: string;
+
   constructor(readonly errorClass: QmpErrorClass, readonly desc: string) {
     super(desc);
     this.name = 'QmpError';
+  }
+
+  withHint(hint: string): this {
+    this.hint = hint;
+    return this;
   }
 }
 

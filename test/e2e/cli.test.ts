@@ -219,10 +219,11 @@ test('--blockdev: keyval and JSON forms, with the same errors as qemu-storage-da
     'null-co,size=1', 'bogus,node-name=x', 'null-co,node-name=n,cache.direct=on,cache.bogus=1', 'help', '{"driver":1}',
     'raw,node-name=x,file=nonode', 'null-co,node-name=x,cache=on', 'null-co,node-name=x,size=0x',
   ];
-  for (const value of cases) {
-    const ours = runSync(['--blockdev', value]).stderr.trim().replace(/^blockd: /, '');
-    const theirs = spawnSync('qemu-storage-daemon', ['--blockdev', value], { encoding: 'utf8' }).stderr.trim().replace(/^qemu-storage-daemon: /, '');
-    assert.equal(ours, theirs, value);
+  const objectCases = ['bogus,id=x', 'throttle-group,id=1x', 'throttle-group,id=t,limits.bps-total=x', 'throttle-group,id=t,limits.bps-total=1,limits.bps-read=1'];
+  for (const [option, value] of [...cases.map((c) => ['--blockdev', c]), ...objectCases.map((c) => ['--object', c])] as [string, string][]) {
+    const ours = runSync([option, value]).stderr.trim().replace(/^blockd: /, '');
+    const theirs = spawnSync('qemu-storage-daemon', [option, value], { encoding: 'utf8' }).stderr.trim().replace(/^qemu-storage-daemon: /, '');
+    assert.equal(ours, theirs, `${option} ${value}`);
   }
   temp.cleanup();
 });

@@ -5,16 +5,22 @@
  */
 import { genericError } from '../../qmp/errors.js';
 import type { BlockDriver } from '../block-driver.js';
+import { blkdebugDriver } from './blkdebug.js';
+import { copyOnReadDriver } from './copy-on-read.js';
 import { fileDriver } from './file.js';
 import { nullCoDriver } from './null-co.js';
 import { qcow2Driver } from './qcow2/qcow2-driver.js';
 import { rawDriver } from './raw.js';
+import { throttleDriver } from './throttle.js';
 
 const DRIVERS = new Map<string, BlockDriver<never>>([
+  ['blkdebug', blkdebugDriver],
+  ['copy-on-read', copyOnReadDriver],
   ['file', fileDriver],
   ['null-co', nullCoDriver],
   ['qcow2', qcow2Driver],
   ['raw', rawDriver],
+  ['throttle', throttleDriver],
 ]);
 
 export function driverFor(name: string): BlockDriver {

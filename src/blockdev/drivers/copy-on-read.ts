@@ -1,0 +1,96 @@
+/*
+ * The `copy-on-read` filter: data read from the backing chain below the top
+ * image (down to `bottom`, if given) is written into the top image on the
+ * way up, so later reads find it there. The write does not change what the
+ * disk reads (QEMU's write-unchanged permission).
+ */
+import { genericError } from '../../qmp/errors.js';
+import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { ChildEdge } from '../child-edge.js';
+import type { BlockNode } from '../node.js';
+import { PERM_WRITE_UNCHANGED, defaultChildPermissions, type PermissionPair } from '../permissions.js';
+import { jsonFilename } from './json-filename.js';
+
+interface CorOptions {
+  bottom?: string;
+}
+
+class CopyOnReadState implements DriverState {
+  constructor(private readonly file: ChildEdge, private readonly bottom: BlockNode | undefined, private readonly node: BlockNode) {}
+
+  length(): number {
+    return this.file.length();
+  }
+
+  /** Whether data at `offset` comes from a layer that may be copied up (below the top, above `bottom`). */
+  private async copyableRun(offset: number, length: number): Promise<{ length: number; copy: boolean }> {
+    const top = this.file.child;
+    const status = await top.blockStatus(offset, length);
+    if (status.allocated) return { length: status.length, copy: false };
+    // Walk down to the layer the data comes from; stop at bottom.
+    let layer = top.backing();
+    while (layer) {
+      const below = await layer.child.blockStatus(offset, Math.min(status.length, Math.max(1, layer.child.length() - offset)));
+      if (below.allocated || layer.child === this.bottom) return { length: Math.min(status.length, below.length), copy: below.allocated && !below.zero };
+      layer = layer.child.backing();
+    }
+    return { length: status.length, copy: false };
+  }
+
+  async read(offset: number, buffer: Buffer): Promise<void> {
+    await this.file.read(offset, buffer);
+    for (let done = 0; done < buffer.length;) {
+      const run = await this.copyableRun(offset + done, buffer.length - done);
+      if (run.copy) await this.file.write(offset + done, buffer.subarray(done, done + run.length));
+      done += run.length;
+    }
+  }
+
+  write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+    return this.file.write(offset, buffer, flags);
+  }
+
+  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return this.file.writeZeroes(offset, length, flags);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.file.discard(offset, length);
+  }
+
+  async blockStatus(offset: number, length: number) {
+    return { length, delegate: this.file, offset };
+  }
+
+  truncate(size: number): Promise<void> {
+    return this.file.truncate(size);
+  }
+
+  childPermissions(edge: ChildEdge, parents: PermissionPair): PermissionPair {
+    const pair = defaultChildPermissions(edge.role, parents, !this.node.readOnly);
+    return { perm: pair.perm | PERM_WRITE_UNCHANGED, shared: pair.shared };
+  }
+
+  info() {
+    return { filename: jsonFilename(this.node) };
+  }
+
+  async close(): Promise<void> {}
+}
+
+export const copyOnReadDriver: BlockDriver<CorOptions> = {
+  name: 'copy-on-read',
+  kind: 'filter',
+  strongOptions: ['bottom'],
+  async open(context, options) {
+    const file = await context.openChild('file', { name: 'file', role: 'filtered' });
+    let bottom: BlockNode | undefined;
+    if (options.bottom !== undefined) {
+      for (let layer = file.child.backing(); layer; layer = layer.child.backing()) {
+        if (layer.child.name === options.bottom) bottom = layer.child;
+      }
+      if (!bottom) throw genericError(`Bottom node '${options.bottom}' not found in the backing chain`);
+    }
+    return new CopyOnReadState(file, bottom, context.node);
+  },
+};
