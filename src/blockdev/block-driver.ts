@@ -72,8 +72,8 @@ export interface DriverState {
   childPermissions?(edge: ChildEdge, parents: PermissionPair): PermissionPair;
   /** Told the node's users' combined needs, e.g. to take image locks. Throws (and changes nothing) on conflict. */
   setPermissions?(needed: PermissionPair): Promise<void>;
-  /** Switch to read-only (blockdev-snapshot makes the old top read-only). */
-  reopenReadOnly?(): Promise<void>;
+  /** Told that the node's backing child changed (a snapshot put a node under it); formats with backing files only. */
+  setBacking?(backing: ChildEdge | undefined): void;
   info(): DriverInfo;
   /** Bytes the node occupies on the host (ImageInfo actual-size; undefined: unknown, not reported); default: the sum over its storage children. */
   allocatedSize?(): Promise<number | undefined>;

@@ -22,7 +22,8 @@ export class ChildEdge {
   perm = 0;
   shared = PERM_ALL;
 
-  constructor(readonly parent: EdgeParent, readonly child: BlockNode, readonly name: string, readonly role: ChildRole) {}
+  /** The node the edge points at; graph operations (snapshot, job completion) move edges to another node. */
+  constructor(readonly parent: EdgeParent, public child: BlockNode, readonly name: string, readonly role: ChildRole) {}
 
   /** How QEMU names this parent in permission messages. */
   describeParent(): string {

@@ -117,6 +117,54 @@ export class BlockGraph implements NodeObserver {
     }
   }
 
+  /**
+   * Puts `overlay` in `old`'s place: `old` becomes the overlay's backing file and every
+   * other parent of `old` now uses the overlay (QEMU's bdrv_append). Checked like any
+   * attach; on a conflict the graph is left as it was.
+   */
+  async append(overlay: BlockNode, old: BlockNode): Promise<void> {
+    await old.drained(async () => {
+      const moved = old.parents.slice();
+      const backing = this.linkChild(overlay, old, 'backing', 'cow');
+      for (const edge of moved) {
+        old.parents.splice(old.parents.indexOf(edge), 1);
+        edge.child = overlay;
+        overlay.parents.unshift(edge);
+      }
+      overlay.state.setBacking?.(backing);
+      try {
+        await this.refreshPermissions([overlay, old]);
+      } catch (error) {
+        for (const edge of moved) {
+          overlay.parents.splice(overlay.parents.indexOf(edge), 1);
+          edge.child = old;
+          old.parents.unshift(edge);
+        }
+        this.unlink(backing);
+        overlay.state.setBacking?.(undefined);
+        throw error;
+      }
+    });
+  }
+
+  /** Makes a node (and the children that inherited its mode) read-only, dropping the write permissions below. */
+  async reopenReadOnly(node: BlockNode): Promise<void> {
+    const changed: BlockNode[] = [];
+    const visit = (current: BlockNode) => {
+      if (current.settings.readOnly) return;
+      current.settings.readOnly = true;
+      changed.push(current);
+      for (const edge of current.children) if (edge.role !== 'cow' && !edge.child.monitorOwned) visit(edge.child);
+    };
+    visit(node);
+    try {
+      await this.refreshPermissions([node]);
+    } catch (error) {
+      for (const current of changed) current.settings.readOnly = false;
+      throw error;
+    }
+  }
+
   // ---- permissions -----------------------------------------------------------------------
 
   /**
