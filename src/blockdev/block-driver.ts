@@ -72,6 +72,8 @@ export interface DriverState {
   childPermissions?(edge: ChildEdge, parents: PermissionPair): PermissionPair;
   /** Told the node's users' combined needs, e.g. to take image locks. Throws (and changes nothing) on conflict. */
   setPermissions?(needed: PermissionPair): Promise<void>;
+  /** The backing file the image header names, as QEMU keeps it (auto_backing_file); formats with backing files only. */
+  autoBackingFile?: string;
   /** Told that the node's backing child changed (a snapshot put a node under it); formats with backing files only. */
   setBacking?(backing: ChildEdge | undefined): void;
   info(): DriverInfo;

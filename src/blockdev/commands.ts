@@ -5,38 +5,11 @@
  * texts for the checks the commands themselves make.
  */
 import type { CommandRegistry } from '../qmp/command-registry.js';
-import { QmpError, genericError } from '../qmp/errors.js';
+import { genericError } from '../qmp/errors.js';
+import { COMMAND_USER, asQmpError, backingParentOf, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
-import type { BlockGraph } from './graph.js';
+import { blockdevSnapshot, blockdevSnapshotSync } from './snapshot.js';
 import { blockDeviceInfo } from './node-info.js';
-import type { NodeOpener } from './node-opener.js';
-import type { BlockNode } from './node.js';
-
-/** A command acting on a node for its duration, described as QEMU describes its temporary BlockBackend. */
-const COMMAND_USER = { describe: () => 'an unnamed block device' };
-
-/** Domain errors (I/O errors) reach clients as GenericError with their message. */
-export function asQmpError(error: unknown): QmpError {
-  return error instanceof QmpError ? error : genericError((error as Error).message);
-}
-
-export interface BlockLayer {
-  graph: BlockGraph;
-  opener: NodeOpener;
-}
-
-/** The parent that holds `node` as its backing file, if any (QEMU blocks most operations on such nodes). */
-export function backingParentOf(node: BlockNode): BlockNode | undefined {
-  const edge = node.parents.find((candidate) => candidate.role === 'cow' && 'node' in candidate.parent);
-  return edge && 'node' in edge.parent ? edge.parent.node : undefined;
-}
-
-/** Looks a node up the way commands with separate device/node-name arguments do (no named devices in a storage daemon). */
-export function lookupDeviceOrNode(graph: BlockGraph, device: string | undefined, nodeName: string | undefined): BlockNode {
-  const node = nodeName === undefined ? undefined : graph.find(nodeName);
-  if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
-  return node;
-}
 
 export function registerBlockCommands(registry: CommandRegistry, { graph, opener }: BlockLayer): void {
   registry.register('blockdev-add', async (options) => {
@@ -74,6 +47,9 @@ export function registerBlockCommands(registry: CommandRegistry, { graph, opener
       await graph.detach(user);
     }
   });
+
+  registry.register('blockdev-snapshot', (args) => blockdevSnapshot({ graph, opener }, args));
+  registry.register('blockdev-snapshot-sync', (args) => blockdevSnapshotSync({ graph, opener }, args));
 
   registry.register('block-set-write-threshold', ({ 'node-name': name, 'write-threshold': threshold }) => {
     const node = graph.find(name);

@@ -183,7 +183,9 @@ export class BlockGraph implements NodeObserver {
       if (!reached.includes(node)) reached.push(node);
       const needs = node.neededPermissions(node.parents, proposed);
       for (const edge of node.children) {
-        const next = node.state?.childPermissions?.(edge, needs) ?? defaultChildPermissions(edge.role, needs, !node.readOnly);
+        const computed = node.state?.childPermissions?.(edge, needs) ?? defaultChildPermissions(edge.role, needs, !node.readOnly);
+        // A child opened with force-share lets everybody do anything (qemu-img -U).
+        const next = edge.child.settings.forceShare ? { perm: computed.perm, shared: PERM_ALL } : computed;
         const current = proposed.get(edge) ?? edge;
         if (!proposed.has(edge) || current.perm !== next.perm || current.shared !== next.shared) {
           proposed.set(edge, next);
@@ -215,7 +217,10 @@ export class BlockGraph implements NodeObserver {
   }
 }
 
-/** QEMU's rule: for every two parents a and b of a node, what b uses must be shared by a. */
+/**
+ * QEMU's rules: for every two parents a and b of a node, what b uses must be shared by a;
+ * and nobody may write to a read-only node.
+ */
 function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>): void {
   const pairOf = (edge: ChildEdge) => proposed.get(edge) ?? edge;
   for (const a of node.parents) {
@@ -226,5 +231,8 @@ function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>)
         throw genericError(permissionConflictMessage(node.name, conflict, b.describeParent(), b.name, a.describeParent(), a.name));
       }
     }
+  }
+  if (node.readOnly && node.neededPermissions(node.parents, proposed).perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) {
+    throw genericError('Block node is read-only');
   }
 }

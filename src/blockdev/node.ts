@@ -250,7 +250,8 @@ export class BlockNode {
     const backing = this.backing();
     if (!backing) return { ...extent, zero: true, data: false };
     const backingLength = backing.child.length();
-    if (offset >= backingLength) return { length: extent.length, allocated: false, data: false, zero: true, depth: 1 };
+    // Past the end of a short backing file this layer ends the search, as if it had no backing file (qemu-img map).
+    if (offset >= backingLength) return { length: extent.length, allocated: false, data: false, zero: true, depth: 0 };
     const below = await backing.child.blockStatusAbove(offset, Math.min(extent.length, backingLength - offset));
     return { ...below, depth: below.depth + 1 };
   }

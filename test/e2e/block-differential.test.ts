@@ -7,6 +7,7 @@
  * query-named-block-nodes.
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -25,6 +26,7 @@ before(async () => {
   for (const dir of [qsdDir, blockdDir]) {
     mkdirSync(join(dir, 'sub'), { recursive: true });
     writeFileSync(join(dir, 'disk.raw'), Buffer.alloc(8192, 1));
+    for (const name of ['base0.qcow2', 'base.qcow2', 'o2.qcow2', 'o3.qcow2']) spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, name), '4M']);
   }
   qsd = await startQsd(qsdDir);
   blockd = await runBlockd(['--qmp', `unix:${join(blockdDir, 'blockd.sock')}`]);
@@ -96,6 +98,35 @@ const STEPS: object[] = [
   { execute: 'object-del', arguments: { id: 'tg1' } },
   ...['w', 'r', 'r2', 'f', 'n', 'n2', 'A-b.c_d', 'ro'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
   { execute: 'query-named-block-nodes' },
+  // external snapshots
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'base', file: { driver: 'file', filename: '$DIR/base.qcow2' } } },
+  { execute: 'blockdev-snapshot-sync', arguments: { 'node-name': 'base', 'snapshot-file': '$DIR/ov1.qcow2' } },
+  { execute: 'blockdev-snapshot-sync', arguments: { device: 'base', 'snapshot-file': '$DIR/ov1.qcow2' } },
+  { execute: 'blockdev-snapshot-sync', arguments: { 'node-name': 'nosuch', 'snapshot-file': '$DIR/ov1.qcow2', 'snapshot-node-name': 'ov1' } },
+  { execute: 'blockdev-snapshot-sync', arguments: { 'node-name': 'base', 'snapshot-file': '$DIR/ov1.qcow2', 'snapshot-node-name': 'base' } },
+  { execute: 'blockdev-snapshot-sync', arguments: { 'node-name': 'base', 'snapshot-file': '$DIR/nodir/ov1.qcow2', 'snapshot-node-name': 'ov1' } },
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'base0', file: { driver: 'file', filename: '$DIR/base0.qcow2' } } },
+  { execute: 'blockdev-snapshot-sync', arguments: { 'node-name': 'base0', 'snapshot-file': '$DIR/ov0.qcow2', 'snapshot-node-name': 'ov0' } },
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
+  { execute: 'object-add', arguments: { 'qom-type': 'throttle-group', id: 'tg2' } },
+  { execute: 'blockdev-add', arguments: { driver: 'throttle', 'node-name': 'user', 'throttle-group': 'tg2', file: 'base' } },
+  { execute: 'blockdev-snapshot-sync', arguments: { 'node-name': 'base', 'snapshot-file': '$DIR/ov1.qcow2', 'snapshot-node-name': 'ov1' } },
+  { execute: 'query-named-block-nodes' },
+  { execute: 'blockdev-snapshot', arguments: { node: 'base', overlay: 'ov1' } },
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'o2', file: { driver: 'file', filename: '$DIR/o2.qcow2' }, backing: null } },
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'o3', file: { driver: 'file', filename: '$DIR/o3.qcow2' } } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'o4', file: { driver: 'file', filename: '$DIR/disk.raw' } } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'nosuch', overlay: 'o2' } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'ov1', overlay: 'nosuch' } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'ov1', overlay: 'user' } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'ov1', overlay: 'o4' } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'ov1', overlay: 'o2' } },
+  { execute: 'query-named-block-nodes' },
+  { execute: 'blockdev-del', arguments: { 'node-name': 'base' } },
+  { execute: 'blockdev-del', arguments: { 'node-name': 'user' } },
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
+  ...['o2', 'o3', 'o4', 'base', 'base0'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
 ];
 
 async function run(socket: string, dir: string): Promise<string[]> {

@@ -14,7 +14,7 @@ import type { ChildEdge } from '../child-edge.js';
 import { IoError } from '../io-error.js';
 import type { BlockNode } from '../node.js';
 import { permissionsFromQapi, type PermissionPair, defaultChildPermissions } from '../permissions.js';
-import { jsonFilename } from './json-filename.js';
+import { jsonFilename } from '../node-filename.js';
 
 interface BlkdebugOptions {
   config?: string;

@@ -9,7 +9,7 @@ import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-d
 import type { ChildEdge } from '../child-edge.js';
 import type { BlockNode } from '../node.js';
 import { PERM_WRITE_UNCHANGED, defaultChildPermissions, type PermissionPair } from '../permissions.js';
-import { jsonFilename } from './json-filename.js';
+import { jsonFilename } from '../node-filename.js';
 
 interface CorOptions {
   bottom?: string;

@@ -6,7 +6,7 @@
  */
 import { genericError } from '../../qmp/errors.js';
 import type { BlockDriver, DriverState } from '../block-driver.js';
-import { jsonFilename } from './json-filename.js';
+import { jsonFilename } from '../node-filename.js';
 
 interface NullOptions {
   size?: number;

@@ -7,7 +7,7 @@ import { genericError } from '../../qmp/errors.js';
 import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import { PERM_RESIZE, PERM_WRITE, defaultChildPermissions, type PermissionPair } from '../permissions.js';
-import { jsonFilename } from './json-filename.js';
+import { nodeFilename } from '../node-filename.js';
 
 interface RawOptions {
   offset?: number;
@@ -78,7 +78,6 @@ export const rawDriver: BlockDriver<RawOptions & Record<string, unknown>> = {
       throw genericError(`The sum of offset (${offset}) and size (${options.size}) has to be smaller or equal to the  actual size of the containing file (${fileSize})`);
     }
     if (options.size !== undefined && options.size % SECTOR !== 0) throw genericError(`Specified size is not multiple of ${SECTOR}`);
-    const filename = () => (windowed ? jsonFilename(context.node) : file.child.state.info().filename);
-    return new RawState(file, offset, options.size, filename);
+    return new RawState(file, offset, options.size, () => nodeFilename(context.node));
   },
 };

@@ -7,7 +7,7 @@ import { genericError } from '../../qmp/errors.js';
 import { ThrottleGroup } from '../../objects/throttle-group.js';
 import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
-import { jsonFilename } from './json-filename.js';
+import { jsonFilename } from '../node-filename.js';
 import type { BlockNode } from '../node.js';
 
 interface ThrottleOptions {

@@ -5,12 +5,12 @@
  * Qcow2Image and qcow2-writes. Metadata is written through, so a flush is the
  * file's flush and close has nothing left to write.
  */
-import { dirname, isAbsolute, join } from 'node:path';
 import { genericError } from '../../../qmp/errors.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import type { ChildEdge } from '../../child-edge.js';
 import { AutoclearFeature, CompatibleFeature, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
 import { parseHeader } from './header.js';
+import { nodeFilename } from '../../node-filename.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { discard, resize, writeData, writeZeroes } from './qcow2-writes.js';
 
@@ -23,10 +23,9 @@ interface Qcow2Options {
 }
 
 const DEFAULT_L2_CACHE = 32 * 1024 * 1024;
-const STATUS_LIMIT = 1 << 30; // block status answers at most this much at once
 
 class Qcow2State implements DriverState {
-  constructor(private readonly image: Qcow2Image) {}
+  constructor(private readonly image: Qcow2Image, public autoBackingFile: string) {}
 
   length(): number {
     return this.image.size;
@@ -58,20 +57,24 @@ class Qcow2State implements DriverState {
   }
 
   async blockStatus(offset: number, length: number): Promise<DriverExtent> {
-    const [run] = await this.image.mappedRuns(offset, Math.min(length, STATUS_LIMIT));
-    const { entry } = run!.mapping;
+    const run = await this.image.firstRun(offset, length);
+    const { entry } = run.mapping;
     const inCluster = offset % this.image.clusterSize;
     switch (entry.type) {
-      case 'NORMAL': return { length: run!.length, allocated: true, data: true, zero: false, hostOffset: entry.hostOffset + inCluster };
-      case 'ZERO_ALLOC': return { length: run!.length, allocated: true, data: false, zero: true, hostOffset: entry.hostOffset + inCluster };
-      case 'ZERO_PLAIN': return { length: run!.length, allocated: true, data: false, zero: true };
-      case 'COMPRESSED': return { length: run!.length, allocated: true, data: true, zero: false };
-      default: return { length: run!.length, allocated: false, data: false, zero: false };
+      case 'NORMAL': return { length: run.length, allocated: true, data: true, zero: false, hostOffset: entry.hostOffset + inCluster };
+      case 'ZERO_ALLOC': return { length: run.length, allocated: true, data: false, zero: true, hostOffset: entry.hostOffset + inCluster };
+      case 'ZERO_PLAIN': return { length: run.length, allocated: true, data: false, zero: true };
+      case 'COMPRESSED': return { length: run.length, allocated: true, data: true, zero: false };
+      default: return { length: run.length, allocated: false, data: false, zero: false };
     }
   }
 
   truncate(size: number): Promise<void> {
     return resize(this.image, size);
+  }
+
+  setBacking(backing: ChildEdge | undefined): void {
+    this.image.backing = backing;
   }
 
   info() {
@@ -99,16 +102,27 @@ class Qcow2State implements DriverState {
       image['full-backing-filename'] = resolveBacking(this.image.file, header.backingFile);
       if (header.backingFormat) image['backing-filename-format'] = header.backingFormat;
     }
-    return { filename: this.image.file.child.state.info().filename, image };
+    return { filename: nodeFilename(this.image.node), image };
   }
 
   async close(): Promise<void> {}
 }
 
-/** A backing name from the header is relative to the image's own directory. */
+/**
+ * A backing name from the header, relative to the image's own directory as QEMU's
+ * path_combine makes it: absolute names and names with a protocol prefix stay as
+ * they are; otherwise the name replaces the last component of the image's name.
+ */
 function resolveBacking(file: ChildEdge, name: string): string {
-  if (isAbsolute(name) || name.includes(':')) return name;
-  return join(dirname(file.child.state.info().filename), name);
+  const hasProtocol = (path: string) => {
+    const colon = path.indexOf(':');
+    return colon > 0 && (path.indexOf('/') < 0 || colon < path.indexOf('/'));
+  };
+  if (name.startsWith('/') || hasProtocol(name)) return name;
+  const base = file.child.state.info().filename;
+  let keep = base.lastIndexOf('/') + 1;
+  if (hasProtocol(base)) keep = Math.max(keep, base.indexOf(':') + 1);
+  return base.slice(0, keep) + name;
 }
 
 export const qcow2Driver: BlockDriver<Qcow2Options> = {
@@ -164,6 +178,8 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
       header.autoclearFeatures &= KNOWN_AUTOCLEAR_FEATURES;
       await image.writeHeader();
     }
-    return new Qcow2State(image);
+    // QEMU's auto_backing_file: the header's name, or the implicitly opened backing file's own name.
+    const implicitBacking = options.backing === undefined && backing !== undefined;
+    return new Qcow2State(image, implicitBacking && backing ? nodeFilename(backing.child) : header.backingFile ?? '');
   },
 };

@@ -41,7 +41,7 @@ export class Qcow2Image {
   constructor(
     readonly node: BlockNode,
     readonly file: ChildEdge,
-    readonly backing: ChildEdge | undefined,
+    public backing: ChildEdge | undefined,
     readonly header: Qcow2Header,
     cacheBytes: number,
     readonly log: Logger,
@@ -112,6 +112,24 @@ export class Qcow2Image {
       }
     }
     return runs;
+  }
+
+  /** The first run of [offset, offset+length): clusters are looked up only until the kind of mapping changes. */
+  async firstRun(offset: number, length: number): Promise<MappedRun> {
+    const end = offset + length;
+    let run: MappedRun | undefined;
+    let position = offset;
+    while (position < end) {
+      const cluster = Math.floor(position / this.clusterSize);
+      for (const mapping of await this.tables.lookupRun(cluster, Math.floor((end - 1) / this.clusterSize) - cluster + 1)) {
+        const runEnd = Math.min(end, (Math.floor(position / this.clusterSize) + 1) * this.clusterSize);
+        if (!run) run = { offset: position, length: runEnd - position, mapping };
+        else if (continues(run, mapping, this.clusterSize)) run.length += runEnd - position;
+        else return run;
+        position = runEnd;
+      }
+    }
+    return run!;
   }
 
   /** Reads guest data; the caller holds a lock covering the range. */

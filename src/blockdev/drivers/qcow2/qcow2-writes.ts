@@ -155,7 +155,8 @@ async function zeroClusters(image: Qcow2Image, first: number, count: number, may
     mappings.forEach((mapping, i) => {
       const { entry } = mapping;
       if (entry.type === 'ZERO_PLAIN' || (entry.type === 'ZERO_ALLOC' && !mayUnmap)) return;
-      const keep = !mayUnmap && entry.type === 'NORMAL' ? ownedHost(mapping) : undefined;
+      // v2 has no ZERO_ALLOC: its entry becomes 0, so the cluster is released even without mayUnmap.
+      const keep = !mayUnmap && entry.type === 'NORMAL' && image.header.version === 3 ? ownedHost(mapping) : undefined;
       if (image.header.version === 2) updates.set(first + i, 0n);
       else updates.set(first + i, keep === undefined ? OFLAG_ZERO : BigInt(keep) | OFLAG_COPIED | OFLAG_ZERO);
       if (keep === undefined) released.push(...referencedClusters(image, mapping));
@@ -211,11 +212,36 @@ export async function discard(image: Qcow2Image, offset: number, length: number)
   }
 }
 
+/**
+ * The area a grow adds must read as zeros: the old last cluster may keep data past the old
+ * end (a shrink leaves it), and a longer backing file would show through unallocated clusters.
+ * No request reaches the area before the size changes.
+ */
+async function zeroPastEnd(image: Qcow2Image, from: number, to: number): Promise<void> {
+  const cs = image.clusterSize;
+  const backingEnd = image.backing?.length() ?? 0;
+  const headEnd = Math.min(to, Math.ceil(from / cs) * cs);
+  if (headEnd > from) {
+    const { type } = (await image.tables.lookup(Math.floor(from / cs))).entry;
+    if (type === 'NORMAL' || type === 'COMPRESSED' || (type === 'UNALLOCATED' && backingEnd > from)) {
+      await writeData(image, from, Buffer.alloc(headEnd - from), {});
+    }
+  }
+  const zeroEnd = Math.min(to, Math.ceil(backingEnd / cs) * cs);
+  if (zeroEnd > headEnd) await zeroClusters(image, headEnd / cs, (zeroEnd - headEnd) / cs, false);
+}
+
 /** Grows or shrinks the virtual disk; shrinking drops the clusters past the new end entirely. */
 export async function resize(image: Qcow2Image, size: number): Promise<void> {
   image.checkUsable();
   if (size % 512 !== 0) throw new IoError('EINVAL', 'The new size must be a multiple of 512');
   if (image.header.nbSnapshots > 0 && size < image.size) throw new IoError('ENOTSUP', "Can't shrink an image with internal snapshots");
+  if (size > image.size) {
+    // v2 has no zero flag to hide a longer backing file with (QEMU refuses too).
+    if (image.header.version === 2 && (image.backing?.length() ?? 0) > image.size) throw new IoError('ENOTSUP', 'Cannot grow a v2 image over a longer backing file');
+    await image.metadata.run(() => image.tables.growFor(size));
+    await zeroPastEnd(image, image.size, size);
+  }
   const release = await image.locks.acquire(0, Number.MAX_SAFE_INTEGER, true);
   try {
     if (size < image.size) {
@@ -234,8 +260,6 @@ export async function resize(image: Qcow2Image, size: number): Promise<void> {
         if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
         await releaseAfterBarrier(image, released);
       }
-    } else {
-      await image.metadata.run(() => image.tables.growFor(size));
     }
     image.header.size = size;
     await image.metadata.run(() => image.writeHeader());

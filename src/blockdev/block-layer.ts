@@ -1,0 +1,35 @@
+/*
+ * What the block commands work on (the graph and the node opener) and the
+ * small lookups and error conversions they share.
+ */
+import { QmpError, genericError } from '../qmp/errors.js';
+import type { BlockGraph } from './graph.js';
+import type { NodeOpener } from './node-opener.js';
+import type { BlockNode } from './node.js';
+
+/** A command acting on a node for its duration, described as QEMU describes its temporary BlockBackend. */
+export const COMMAND_USER = { describe: () => 'an unnamed block device' };
+
+/** Domain errors (I/O errors) reach clients as GenericError with their message. */
+export function asQmpError(error: unknown): QmpError {
+  return error instanceof QmpError ? error : genericError((error as Error).message);
+}
+
+export interface BlockLayer {
+  graph: BlockGraph;
+  opener: NodeOpener;
+}
+
+/** The parent that holds `node` as its backing file, if any (QEMU blocks most operations on such nodes). */
+export function backingParentOf(node: BlockNode): BlockNode | undefined {
+  const edge = node.parents.find((candidate) => candidate.role === 'cow' && 'node' in candidate.parent);
+  return edge && 'node' in edge.parent ? edge.parent.node : undefined;
+}
+
+/** Looks a node up the way commands with separate device/node-name arguments do (no named devices in a storage daemon). */
+export function lookupDeviceOrNode(graph: BlockGraph, device: string | undefined, nodeName: string | undefined): BlockNode {
+  const node = nodeName === undefined ? undefined : graph.find(nodeName);
+  if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+  return node;
+}
+
