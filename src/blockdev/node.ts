@@ -153,7 +153,8 @@ export class BlockNode {
   async read(offset: number, buffer: Buffer): Promise<void> {
     // Protocol nodes read zeros past their end, as QEMU does (formats read their file's tail that way).
     const end = this.state.growsOnWrite ? Math.min(offset + buffer.length, this.length()) : offset + buffer.length;
-    this.checkRange(offset, Math.max(0, end - offset));
+    // A read that starts past the end is all zeros, not an error (only the part inside is checked).
+    this.checkRange(Math.min(offset, end), Math.max(0, end - offset));
     if (end < offset + buffer.length) buffer.fill(0, Math.max(0, end - offset));
     if (end <= offset) return;
     const inside = buffer.subarray(0, end - offset);

@@ -1,7 +1,7 @@
 /* The qcow2 on-disk codec against images made by qemu-img and qemu-io: header round trips and QEMU's open errors, L1/L2/compressed/extended-L2 entries, refcount blocks. */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, openSync, readSync, statSync, writeSync } from 'node:fs';
+import { copyFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { inflateRawSync } from 'node:zlib';
@@ -17,6 +17,7 @@ import {
   refcountLocation, refcountTableEntriesPerCluster, setRefcount, type RefcountBits,
 } from '../../src/blockdev/drivers/qcow2/refcount-block.js';
 import { makeTempDir } from '../helpers/paths.js';
+import { readAt, writeAt } from '../helpers/qemu-tools.js';
 
 const KiB = 1024, MiB = 1024 * KiB;
 const { dir, cleanup } = makeTempDir('blockd-qcow2-format-');
@@ -41,27 +42,6 @@ function createImage(name: string, options: string[] = [], size: string | undefi
 
 function qemuIo(path: string, ...commands: string[]): void {
   succeed('qemu-io', ...commands.flatMap((command) => ['-c', command]), path);
-}
-
-/** Bytes of the file at `offset`; past the end of the file they read as zeros. */
-function readAt(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buffer = Buffer.alloc(length);
-    readSync(fd, buffer, 0, length, offset);
-    return buffer;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function writeAt(path: string, offset: number, bytes: Buffer): void {
-  const fd = openSync(path, 'r+');
-  try {
-    writeSync(fd, bytes, 0, bytes.length, offset);
-  } finally {
-    closeSync(fd);
-  }
 }
 
 function headerOf(path: string): Qcow2Header {

@@ -46,7 +46,7 @@ export class ClusterTables {
     for (let i = 0; i < header.l1Size; i++) {
       const raw = bytes.readBigUInt64BE(i * L1_ENTRY_SIZE);
       const entry = decodeL1Entry(raw, header.clusterBits);
-      if (entry.type === 'INVALID') this.context.corrupt(`L2 table offset ${hex(raw)} unaligned (L1 index: ${hex(BigInt(i))})`);
+      if (entry.type === 'INVALID') this.context.corrupt(`${entry.reason} (L1 index: ${hex(BigInt(i))})`);
       this.l1.push(raw);
     }
   }
@@ -70,6 +70,8 @@ export class ClusterTables {
     if (table) {
       this.cache.delete(offset); // re-insert: most recently used last
     } else {
+      // A table cut off by the end of the file would read as zeros: unallocated clusters instead of data.
+      if (offset + this.clusterSize > this.context.file.length()) this.context.corrupt(`L2 table at ${hex(BigInt(offset))} lies past the end of the image file`);
       table = Buffer.alloc(this.clusterSize);
       await this.context.file.read(offset, table);
     }

@@ -105,7 +105,9 @@ class Qcow2State implements DriverState {
     return { filename: nodeFilename(this.image.node), image };
   }
 
-  async close(): Promise<void> {}
+  async close(): Promise<void> {
+    await this.image.settle();
+  }
 }
 
 /**
@@ -150,6 +152,11 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
       throw error;
     }
     header.size -= header.size % 512; // QEMU works in whole sectors
+    // Tables past the end of the file would read as zeros: every cluster unallocated, or free for reuse.
+    if (header.l1TableOffset + header.l1Size * 8 > fileSize) throw genericError('qcow2: the active L1 table lies past the end of the image file');
+    if (header.refcountTableOffset + header.refcountTableClusters * 2 ** header.clusterBits > fileSize) {
+      throw genericError('qcow2: the refcount table lies past the end of the image file');
+    }
     const writable = !node.readOnly;
     if (header.cryptMethod !== 0) throw genericError('qcow2 encryption is not supported by blockd');
     if (header.incompatibleFeatures & IncompatibleFeature.EXTERNAL_DATA_FILE) throw genericError('qcow2 external data files are not supported by blockd');
@@ -172,7 +179,12 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
     }
 
     const image = new Qcow2Image(node, file, backing, header, cacheBytes, context.log);
-    await image.load();
+    try {
+      await image.load();
+    } catch (error) {
+      if (error instanceof Qcow2FormatError) throw genericError(error.message);
+      throw error;
+    }
     if (writable && header.autoclearFeatures & ~KNOWN_AUTOCLEAR_FEATURES) {
       // Unknown autoclear bits must be cleared before the first write (the extensions they vouch for go stale).
       header.autoclearFeatures &= KNOWN_AUTOCLEAR_FEATURES;

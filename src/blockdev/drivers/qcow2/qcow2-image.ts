@@ -15,7 +15,7 @@ import { Mutex } from '../../mutex.js';
 import type { BlockNode } from '../../node.js';
 import { RangeLock } from '../../range-lock.js';
 import { ClusterTables, type MappedCluster } from './cluster-tables.js';
-import { IncompatibleFeature } from './format-constants.js';
+import { IncompatibleFeature, Qcow2FormatError } from './format-constants.js';
 import { serializeHeader, type Qcow2Header } from './header.js';
 import { Refcounts } from './refcounts.js';
 
@@ -36,6 +36,10 @@ export class Qcow2Image {
   readonly metadata = new Mutex();
   readonly barrier: FlushCoalescer;
   private failed: string | undefined;
+  /** Set once load() read the tables: corruption found before that refuses the open instead. */
+  private loaded = false;
+  /** The header write that marks the image corrupt, awaited by close. */
+  private marking: Promise<void> | undefined;
   private readonly inflated = new Map<bigint, Buffer>();
 
   constructor(
@@ -62,6 +66,7 @@ export class Qcow2Image {
   async load(): Promise<void> {
     await this.refcounts.load();
     await this.tables.load();
+    this.loaded = true;
   }
 
   get size(): number {
@@ -79,16 +84,23 @@ export class Qcow2Image {
    * image corrupt on disk, and fail this and every later request.
    */
   corrupt(message: string, offset?: number, size?: number): never {
+    // While opening, nothing is reported or written: the open fails with the reason.
+    if (!this.loaded) throw new Qcow2FormatError(`qcow2 image is corrupt: ${message}`);
     if (this.failed === undefined) {
       this.failed = message;
       const fatal = !this.node.readOnly;
       this.node.reportCorruption({ message, fatal, offset, size });
       if (fatal) {
         this.header.incompatibleFeatures |= IncompatibleFeature.CORRUPT;
-        this.writeHeader().catch((error: unknown) => this.log.error({ err: error }, 'could not mark the image corrupt'));
+        this.marking = this.writeHeader().catch((error: unknown) => this.log.error({ err: error }, 'could not mark the image corrupt'));
       }
     }
     throw new IoError('EIO', `qcow2 image '${this.node.name}' is corrupt: ${message}`);
+  }
+
+  /** Waits for the corrupt mark to reach the file (before it is closed). */
+  async settle(): Promise<void> {
+    await this.marking;
   }
 
   checkUsable(): void {

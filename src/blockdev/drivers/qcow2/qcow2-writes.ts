@@ -33,10 +33,21 @@ async function lookupClusters(image: Qcow2Image, first: number, count: number): 
 
 /** QEMU's overlap check: a data write that would land on metadata means the image is corrupt. */
 function checkNotMetadata(image: Qcow2Image, host: number, length: number): void {
+  checkOverlaps(image, [[host, length]], 'write on');
+}
+
+/** A mapping that points into metadata must not drop a reference on it either: the table would become free space. */
+function checkReleasable(image: Qcow2Image, released: [number, number][]): void {
+  if (released.length) checkOverlaps(image, released, 'free of');
+}
+
+function checkOverlaps(image: Qcow2Image, ranges: [number, number][], action: string): void {
   const clusters = metadataClusters(image);
-  for (let cluster = Math.floor(host / image.clusterSize); cluster * image.clusterSize < host + length; cluster++) {
-    const what = clusters.get(cluster);
-    if (what) image.corrupt(`Preventing invalid write on metadata (overlaps with ${what})`, host, length);
+  for (const [host, length] of ranges) {
+    for (let cluster = Math.floor(host / image.clusterSize); cluster * image.clusterSize < host + length; cluster++) {
+      const what = clusters.get(cluster);
+      if (what) image.corrupt(`Preventing invalid ${action} metadata (overlaps with ${what})`, host, length);
+    }
   }
 }
 
@@ -125,6 +136,7 @@ async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer
       if (owned === undefined) released.push(...referencedClusters(image, mapping));
       if (mapping.entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     }
+    checkReleasable(image, released);
     if (!contents.length) return;
 
     const needHosts = contents.filter((content) => content.host === undefined);
@@ -162,6 +174,7 @@ async function zeroClusters(image: Qcow2Image, first: number, count: number, may
       if (keep === undefined) released.push(...referencedClusters(image, mapping));
       if (entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     });
+    checkReleasable(image, released);
     if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
     await releaseAfterBarrier(image, released);
   } finally {
@@ -205,6 +218,7 @@ export async function discard(image: Qcow2Image, offset: number, length: number)
       released.push(...referencedClusters(image, mapping));
       if (mapping.entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     });
+    checkReleasable(image, released);
     if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
     await releaseAfterBarrier(image, released);
   } finally {
@@ -257,6 +271,7 @@ export async function resize(image: Qcow2Image, size: number): Promise<void> {
           updates.set(first + i, 0n);
           released.push(...referencedClusters(image, mapping));
         });
+        checkReleasable(image, released);
         if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
         await releaseAfterBarrier(image, released);
       }
