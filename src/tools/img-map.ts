@@ -10,7 +10,8 @@ import { hexColumn } from './img-format.js';
 import { withImage } from './img-open.js';
 import { StatusWindow } from './img-status.js';
 
-interface MapEntry {
+/** One entry of `map --output=json`, as qemu-img prints it. */
+export interface MapEntry {
   start: number;
   length: number;
   depth: number;

@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import type { ChildEdge } from '../../src/blockdev/child-edge.js';
+import type { MapEntry } from '../../src/tools/img-map.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -106,15 +107,7 @@ export function assertCheckClean(path: string, context = ''): void {
   assert.equal(report.status, 0, `${context}: qemu-img check ${path} exit ${report.status}: ${report.output}`);
 }
 
-export interface MapExtent {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
+export type MapExtent = Omit<MapEntry, 'filename'>;
 
 export function qemuImgMap(path: string): MapExtent[] {
   return JSON.parse(runQemuImg('map', '--output=json', path)) as MapExtent[];
