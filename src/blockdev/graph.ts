@@ -151,12 +151,14 @@ export class BlockGraph implements NodeObserver {
   async reopenReadOnly(node: BlockNode): Promise<void> {
     const changed: BlockNode[] = [];
     const visit = (current: BlockNode) => {
-      if (current.settings.readOnly) return;
-      current.settings.readOnly = true;
+      if (current.settings.readOnly || changed.includes(current)) return;
       changed.push(current);
       for (const edge of current.children) if (edge.role !== 'cow' && !edge.child.monitorOwned) visit(edge.child);
     };
     visit(node);
+    // Cached metadata (qcow2 tables) must reach the files while they are still writable.
+    for (const current of changed) await current.drained(async () => current.state.flush?.());
+    for (const current of changed) current.settings.readOnly = true;
     try {
       await this.refreshPermissions([node]);
     } catch (error) {

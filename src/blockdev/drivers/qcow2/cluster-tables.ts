@@ -1,10 +1,12 @@
 /*
  * The qcow2 mapping from guest clusters to L2 entries: the active L1 table in
- * memory, an LRU cache of L2 tables, and updates written through in a
- * crash-safe order. A new L2 table is written and flushed before the L1
- * entry that links it; a shared L2 table (snapshots) is copied first and the
- * old one released only after the new link is durable. Callers hold the
- * image's metadata mutex for updates.
+ * memory and an LRU cache of L2 tables that is written back, as QEMU's is:
+ * updates change the cached tables, and writeBack() (on flush, close, or a
+ * cache full of dirty tables) writes them after a barrier has made the data
+ * and refcounts they point to durable. New tables are written before the L1
+ * entries that link them, and a shared table (snapshots) that was copied is
+ * released only once the new link is durable. Callers hold the image's
+ * metadata mutex.
  */
 import { IoError } from '../../io-error.js';
 import { L1_ENTRY_SIZE, L2_ENTRY_SIZE } from './format-constants.js';
@@ -13,6 +15,8 @@ import { decodeL1Entry, decodeL2Entry, encodeL1Entry, type L2Entry, type L2Entry
 
 export interface TablesContext extends RefcountContext {
   refcounts: Refcounts;
+  /** Drops references once the entries that held them are durable (after the next write-back). */
+  releaseLater(offset: number, length: number): void;
 }
 
 export interface MappedCluster {
@@ -27,6 +31,12 @@ export class ClusterTables {
   readonly entriesPerTable: number;
   private l1: bigint[] = [];
   private readonly cache = new Map<number, Buffer>();
+  /** Tables changed in memory, with the range of entries to write. */
+  private readonly dirty = new Map<number, [number, number]>();
+  /** L1 entries to write once the tables they link are durable. */
+  private readonly pendingL1 = new Map<number, bigint>();
+  /** Bumped when metadata moves (new tables, a new L1): readers cache derived data by it. */
+  layoutVersion = 0;
   private readonly maxCachedTables: number;
   private readonly entryContext: L2EntryContext;
 
@@ -72,12 +82,33 @@ export class ClusterTables {
     } else {
       // A table cut off by the end of the file would read as zeros: unallocated clusters instead of data.
       if (offset + this.clusterSize > this.context.file.length()) this.context.corrupt(`L2 table at ${hex(BigInt(offset))} lies past the end of the image file`);
-      table = Buffer.alloc(this.clusterSize);
-      await this.context.file.read(offset, table);
+      const read = Buffer.alloc(this.clusterSize);
+      await this.context.file.read(offset, read);
+      // Another caller may have loaded (and changed) the table meanwhile: its copy wins.
+      table = this.cache.get(offset) ?? read;
+      this.cache.delete(offset);
     }
+    // Make room first: the table the caller is about to change must stay cached.
+    this.evictClean(this.maxCachedTables - 1);
     this.cache.set(offset, table);
-    if (this.cache.size > this.maxCachedTables) this.cache.delete(this.cache.keys().next().value!);
     return table;
+  }
+
+  /** Keeps the cache to its size; dirty tables stay until written back. */
+  private evictClean(limit = this.maxCachedTables): void {
+    for (const offset of this.cache.keys()) {
+      if (this.cache.size <= limit) return;
+      if (!this.dirty.has(offset)) this.cache.delete(offset);
+    }
+  }
+
+  /** Whether so many tables are dirty that they should be written back now. */
+  needsWriteBack(): boolean {
+    return this.dirty.size > this.maxCachedTables;
+  }
+
+  hasPendingWrites(): boolean {
+    return this.dirty.size > 0 || this.pendingL1.size > 0;
   }
 
   /** The L2 entries of `count` clusters from `cluster` on, within one L2 table. */
@@ -104,8 +135,8 @@ export class ClusterTables {
   }
 
   /**
-   * Writes new raw L2 entries. Tables that do not exist are created, shared ones copied;
-   * entries of one table are written with one write.
+   * Sets raw L2 entries in the cached tables (written back later). Tables that do not
+   * exist are created, shared ones copied.
    */
   async setEntries(updates: Map<number, bigint>): Promise<void> {
     const byTable = new Map<number, [number, bigint][]>();
@@ -119,46 +150,60 @@ export class ClusterTables {
       const current = this.l1[l1Index]!;
       const linked = decodeL1Entry(current, this.context.header.clusterBits);
       if (linked.type === 'ALLOCATED' && linked.copied) {
-        await this.writeEntries(linked.l2Offset, await this.table(linked.l2Offset), entries);
+        this.setInTable(linked.l2Offset, await this.table(linked.l2Offset), entries);
       } else {
         await this.replaceTable(l1Index, linked.type === 'ALLOCATED' ? linked.l2Offset : 0, entries);
       }
     }
   }
 
-  private async writeEntries(offset: number, table: Buffer, entries: [number, bigint][]): Promise<void> {
-    let low = Infinity;
-    let high = -1;
+  private setInTable(offset: number, table: Buffer, entries: [number, bigint][]): void {
+    let [low, high] = this.dirty.get(offset) ?? [Infinity, -1];
     for (const [index, raw] of entries) {
       table.writeBigUInt64BE(raw, index * L2_ENTRY_SIZE);
       low = Math.min(low, index);
       high = Math.max(high, index);
     }
-    await this.context.file.write(offset + low * L2_ENTRY_SIZE, table.subarray(low * L2_ENTRY_SIZE, (high + 1) * L2_ENTRY_SIZE));
+    this.dirty.set(offset, [low, high]);
   }
 
-  /** A new table (empty, or a copy of a shared one), durable before the L1 entry links it. */
+  /** A new table (empty, or a copy of a shared one), linked in memory now and on disk after write-back. */
   private async replaceTable(l1Index: number, sharedOffset: number, entries: [number, bigint][]): Promise<void> {
-    const { refcounts, file } = this.context;
     const table = sharedOffset ? Buffer.from(await this.table(sharedOffset)) : Buffer.alloc(this.clusterSize);
-    for (const [index, raw] of entries) table.writeBigUInt64BE(raw, index * L2_ENTRY_SIZE);
-    const [offset] = await refcounts.allocate(1, true);
-    await file.write(offset!, table);
-    await this.context.flush();
+    const [offset] = await this.context.refcounts.allocate(1);
     this.cache.set(offset!, table);
-    await this.writeL1Entry(l1Index, encodeL1Entry(offset!, true));
-    if (sharedOffset) {
-      await this.context.flush(); // the new link is durable before the old table loses its reference
-      this.cache.delete(sharedOffset);
-      await refcounts.update(sharedOffset / this.clusterSize, -1);
-    }
+    this.setInTable(offset!, table, entries);
+    this.dirty.set(offset!, [0, this.entriesPerTable - 1]); // the whole table goes to disk
+    const raw = encodeL1Entry(offset!, true);
+    this.l1[l1Index] = raw;
+    this.pendingL1.set(l1Index, raw);
+    this.layoutVersion++;
+    if (sharedOffset) this.context.releaseLater(sharedOffset, this.clusterSize);
   }
 
-  private async writeL1Entry(l1Index: number, raw: bigint): Promise<void> {
-    const bytes = Buffer.alloc(L1_ENTRY_SIZE);
-    bytes.writeBigUInt64BE(raw);
-    await this.context.file.write(this.context.header.l1TableOffset + l1Index * L1_ENTRY_SIZE, bytes);
-    this.l1[l1Index] = raw;
+  /**
+   * Writes the refcounts, a barrier (data and refcounts durable before anything points
+   * at them), the dirty tables, then (after another barrier) the L1 entries that link new ones.
+   */
+  async writeBack(): Promise<void> {
+    const { file, refcounts } = this.context;
+    await refcounts.writeBack();
+    await this.context.flush();
+    for (const [offset, [low, high]] of this.dirty) {
+      const table = this.cache.get(offset)!;
+      await file.write(offset + low * L2_ENTRY_SIZE, table.subarray(low * L2_ENTRY_SIZE, (high + 1) * L2_ENTRY_SIZE));
+    }
+    this.dirty.clear();
+    if (this.pendingL1.size) {
+      await this.context.flush(); // tables durable before anything links them
+      const bytes = Buffer.alloc(L1_ENTRY_SIZE);
+      for (const [l1Index, raw] of this.pendingL1) {
+        bytes.writeBigUInt64BE(raw);
+        await file.write(this.context.header.l1TableOffset + l1Index * L1_ENTRY_SIZE, bytes);
+      }
+      this.pendingL1.clear();
+    }
+    this.evictClean();
   }
 
   /** Makes room in L1 for a disk of `size` bytes: a new, larger table, switched to in the header. */
@@ -166,19 +211,26 @@ export class ClusterTables {
     const { header, refcounts, file } = this.context;
     const needed = Math.ceil(size / (this.clusterSize * this.entriesPerTable));
     if (needed <= this.l1.length) return;
+    // The new L1 copies the in-memory one, whose links must all point at tables already on disk.
+    if (this.hasPendingWrites()) {
+      await this.writeBack();
+      await this.context.flush();
+    }
     if (needed * L1_ENTRY_SIZE > 32 * 1024 * 1024) throw new IoError('EFBIG', 'Active L1 table too large');
     const entries = [...this.l1, ...new Array<bigint>(needed - this.l1.length).fill(0n)];
     const bytes = Buffer.alloc(Math.ceil((needed * L1_ENTRY_SIZE) / this.clusterSize) * this.clusterSize);
     entries.forEach((raw, i) => bytes.writeBigUInt64BE(raw, i * L1_ENTRY_SIZE));
     const clusters = bytes.length / this.clusterSize;
-    const offsets = await refcounts.allocate(clusters, true);
+    const offsets = await refcounts.allocate(clusters, { contiguous: true });
     await file.write(offsets[0]!, bytes);
+    await refcounts.writeBack(); // the new table's clusters are counted before the header points at them
     await this.context.flush();
     const old = { offset: header.l1TableOffset, size: header.l1Size };
     header.l1TableOffset = offsets[0]!;
     header.l1Size = needed;
     await this.context.writeHeader();
     this.l1 = entries;
+    this.layoutVersion++;
     if (old.size > 0) await refcounts.release(old.offset, old.size * L1_ENTRY_SIZE);
   }
 }

@@ -2,8 +2,8 @@
  * The `qcow2` format driver: opens the image (header checks with QEMU's
  * texts, refusing what blockd cannot handle safely yet), opens the backing
  * chain from the header or from the options, and answers I/O through
- * Qcow2Image and qcow2-writes. Metadata is written through, so a flush is the
- * file's flush and close has nothing left to write.
+ * Qcow2Image and qcow2-writes. Table updates are cached: a flush writes them
+ * back before the node flushes the file, and close writes back what is left.
  */
 import { genericError } from '../../../qmp/errors.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
@@ -52,8 +52,9 @@ class Qcow2State implements DriverState {
     return discard(this.image, offset, length);
   }
 
-  async flush(): Promise<void> {
-    // Metadata is written through; the node flushes the file after this.
+  flush(): Promise<void> {
+    // The node flushes the file after this.
+    return this.image.flushMetadata();
   }
 
   async blockStatus(offset: number, length: number): Promise<DriverExtent> {
@@ -106,6 +107,10 @@ class Qcow2State implements DriverState {
   }
 
   async close(): Promise<void> {
+    // Even with cache.no-flush, the cached tables reach the file (QEMU writes its caches back too).
+    if (!this.image.node.readOnly && this.image.usable()) {
+      await this.image.flushMetadata().catch((error: unknown) => this.image.log.error({ err: error }, 'writing back qcow2 metadata on close failed'));
+    }
     await this.image.settle();
   }
 }

@@ -41,6 +41,9 @@ export class Qcow2Image {
   /** The header write that marks the image corrupt, awaited by close. */
   private marking: Promise<void> | undefined;
   private readonly inflated = new Map<bigint, Buffer>();
+  /** References to drop once the entries that held them are durable. */
+  private pendingReleases: [number, number][] = [];
+  private metadataMap: { version: string; clusters: Map<number, string> } | undefined;
 
   constructor(
     readonly node: BlockNode,
@@ -60,7 +63,57 @@ export class Qcow2Image {
       corrupt: (message: string): never => this.corrupt(message),
     };
     this.refcounts = new Refcounts(context);
-    this.tables = new ClusterTables({ ...context, refcounts: this.refcounts }, cacheBytes);
+    this.tables = new ClusterTables({ ...context, refcounts: this.refcounts, releaseLater: (offset, length) => this.releaseLater(offset, length) }, cacheBytes);
+  }
+
+  releaseLater(offset: number, length: number): void {
+    this.pendingReleases.push([offset, length]);
+  }
+
+  /**
+   * Makes the metadata on disk match memory, in QEMU's dependency order: refcounts,
+   * a barrier (data and refcounts durable), the dirty L2 tables and new L1 links,
+   * another barrier, then the references that entries dropped are released (a crash
+   * before they reach the disk only leaks) and the space of clusters nobody references
+   * is given back to the host. Holds the metadata mutex.
+   */
+  async writeBackMetadata(): Promise<void> {
+    if (!this.tables.hasPendingWrites() && !this.refcounts.hasPendingWrites() && !this.pendingReleases.length) return;
+    await this.tables.writeBack();
+    if (!this.pendingReleases.length) return;
+    await this.barrier.flush();
+    const releases = this.pendingReleases;
+    this.pendingReleases = [];
+    for (const [offset, length] of releases) {
+      await this.refcounts.release(offset, length);
+      if (length === this.clusterSize && (await this.refcounts.get(offset / this.clusterSize)) === 0) {
+        await this.file.discard(offset, length).catch(() => {});
+      }
+    }
+    await this.refcounts.writeBack();
+  }
+
+  /** Guest flush: everything written so far becomes durable (the node flushes the file after this). */
+  flushMetadata(): Promise<void> {
+    return this.metadata.run(() => this.writeBackMetadata());
+  }
+
+  /** Clusters holding metadata, by what they hold (QEMU's overlap check); cached until metadata moves. */
+  metadataClusters(): Map<number, string> {
+    const [l1Offset, l1Length] = this.tables.l1Span();
+    const version = `${this.tables.layoutVersion}/${this.refcounts.layoutVersion}/${l1Offset}`;
+    if (this.metadataMap?.version === version) return this.metadataMap.clusters;
+    const clusters = new Map<number, string>([[0, 'qcow2_header']]);
+    const mark = (offset: number, length: number, what: string) => {
+      for (let c = Math.floor(offset / this.clusterSize); c * this.clusterSize < offset + length; c++) clusters.set(c, what);
+    };
+    mark(l1Offset, l1Length, 'active L1 table');
+    for (const l2 of this.tables.activeTables()) mark(l2, this.clusterSize, 'active L2 table');
+    const { blocks, table } = this.refcounts.metadataClusters();
+    mark(table[0], table[1], 'refcount table');
+    for (const block of blocks) mark(block, this.clusterSize, 'refcount block');
+    this.metadataMap = { version, clusters };
+    return clusters;
   }
 
   async load(): Promise<void> {
@@ -101,6 +154,11 @@ export class Qcow2Image {
   /** Waits for the corrupt mark to reach the file (before it is closed). */
   async settle(): Promise<void> {
     await this.marking;
+  }
+
+  /** False once the image was found corrupt while writable: nothing more is written to it. */
+  usable(): boolean {
+    return this.failed === undefined || this.node.readOnly;
   }
 
   checkUsable(): void {

@@ -1,10 +1,11 @@
 /*
  * Everything that changes a qcow2 image, in the crash-safe order of the
- * format: new clusters are counted and their data written and flushed before
- * an L2 entry points at them; an entry that drops a reference is durable
- * before the refcount goes down. Writes into clusters the image owns go
- * straight to the file under a shared lock; anything that changes a mapping
- * holds the clusters exclusively. Concurrent allocations share flushes.
+ * format: new clusters are counted and their data written before an L2 entry
+ * points at them. Like QEMU, new entries stay in the table cache until a
+ * write-back (a flush, a full cache, close), which puts a barrier first; an
+ * entry that drops a reference is durable before the refcount goes down.
+ * Writes into clusters the image owns go straight to the file under a shared
+ * lock; anything that changes a mapping holds the clusters exclusively.
  */
 import type { WriteFlags, ZeroFlags } from '../../block-driver.js';
 import { IoError } from '../../io-error.js';
@@ -42,7 +43,7 @@ function checkReleasable(image: Qcow2Image, released: [number, number][]): void 
 }
 
 function checkOverlaps(image: Qcow2Image, ranges: [number, number][], action: string): void {
-  const clusters = metadataClusters(image);
+  const clusters = image.metadataClusters();
   for (const [host, length] of ranges) {
     for (let cluster = Math.floor(host / image.clusterSize); cluster * image.clusterSize < host + length; cluster++) {
       const what = clusters.get(cluster);
@@ -51,32 +52,22 @@ function checkOverlaps(image: Qcow2Image, ranges: [number, number][], action: st
   }
 }
 
-function metadataClusters(image: Qcow2Image): Map<number, string> {
-  const map = new Map<number, string>([[0, 'qcow2_header']]);
-  const mark = (offset: number, length: number, what: string) => {
-    for (let c = Math.floor(offset / image.clusterSize); c * image.clusterSize < offset + length; c++) map.set(c, what);
-  };
-  const [l1Offset, l1Length] = image.tables.l1Span();
-  mark(l1Offset, l1Length, 'active L1 table');
-  for (const l2 of image.tables.activeTables()) mark(l2, image.clusterSize, 'active L2 table');
-  const { blocks, table } = image.refcounts.metadataClusters();
-  mark(table[0], table[1], 'refcount table');
-  for (const block of blocks) mark(block, image.clusterSize, 'refcount block');
-  return map;
+/** A FUA write is durable with everything that makes it readable: metadata written back, then a barrier. */
+async function fuaBarrier(image: Qcow2Image): Promise<void> {
+  await image.flushMetadata();
+  await image.barrier.flush();
 }
 
-/** Releases references once the entries that dropped them are durable. */
-async function releaseAfterBarrier(image: Qcow2Image, released: [number, number][]): Promise<void> {
-  if (!released.length) return;
-  await image.barrier.flush();
+/**
+ * Updates cached L2 entries and queues the references they drop (released after the next
+ * write-back made the new entries durable). Writes back now if too many tables are dirty.
+ */
+async function setEntries(image: Qcow2Image, updates: Map<number, bigint>, released: [number, number][]): Promise<void> {
+  if (!updates.size && !released.length) return;
   await image.metadata.run(async () => {
-    for (const [offset, length] of released) {
-      await image.refcounts.release(offset, length);
-      // A cluster nobody references any more gives its space back to the host.
-      if (length === image.clusterSize && (await image.refcounts.get(offset / image.clusterSize)) === 0) {
-        await image.file.discard(offset, length).catch(() => {});
-      }
-    }
+    if (updates.size) await image.tables.setEntries(updates);
+    for (const [offset, length] of released) image.releaseLater(offset, length);
+    if (image.tables.needsWriteBack()) await image.writeBackMetadata();
   });
 }
 
@@ -100,7 +91,7 @@ export async function writeData(image: Qcow2Image, offset: number, buffer: Buffe
     release();
   }
   if (!inPlace) await allocatingWrite(image, offset, buffer);
-  if (flags.fua) await image.barrier.flush();
+  if (flags.fua) await fuaBarrier(image);
 }
 
 async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer): Promise<void> {
@@ -141,16 +132,15 @@ async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer
 
     const needHosts = contents.filter((content) => content.host === undefined);
     if (needHosts.length) {
-      const hosts = await image.metadata.run(() => image.refcounts.allocate(needHosts.length, true));
+      const hosts = await image.metadata.run(() => image.refcounts.allocate(needHosts.length));
       needHosts.forEach((content, i) => (content.host = hosts[i]));
     }
     await Promise.all(contents.map((content) => {
       checkNotMetadata(image, content.host!, cs);
       return image.file.write(content.host!, content.data);
     }));
-    await image.barrier.flush(); // data and refcounts durable before anything points at them
-    await image.metadata.run(() => image.tables.setEntries(new Map(contents.map((content) => [content.cluster, BigInt(content.host!) | OFLAG_COPIED]))));
-    await releaseAfterBarrier(image, released);
+    // The new entries stay in memory until a write-back, which first makes this data durable.
+    await setEntries(image, new Map(contents.map((content) => [content.cluster, BigInt(content.host!) | OFLAG_COPIED])), released);
   } finally {
     release();
   }
@@ -175,8 +165,7 @@ async function zeroClusters(image: Qcow2Image, first: number, count: number, may
       if (entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     });
     checkReleasable(image, released);
-    if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
-    await releaseAfterBarrier(image, released);
+    await setEntries(image, updates, released);
   } finally {
     release();
   }
@@ -196,7 +185,7 @@ export async function writeZeroes(image: Qcow2Image, offset: number, length: num
   if (offset < alignedStart) await writeData(image, offset, Buffer.alloc(alignedStart - offset), {});
   await zeroClusters(image, alignedStart / cs, (wholeEnd - alignedStart) / cs, flags.mayUnmap === true);
   if (wholeEnd < end) await writeData(image, wholeEnd, Buffer.alloc(end - wholeEnd), {});
-  if (flags.fua) await image.barrier.flush();
+  if (flags.fua) await fuaBarrier(image);
 }
 
 /** Discard (only whole clusters): the clusters read as zeros afterwards and their space is freed. */
@@ -219,8 +208,7 @@ export async function discard(image: Qcow2Image, offset: number, length: number)
       if (mapping.entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     });
     checkReleasable(image, released);
-    if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
-    await releaseAfterBarrier(image, released);
+    await setEntries(image, updates, released);
   } finally {
     release();
   }
@@ -272,12 +260,15 @@ export async function resize(image: Qcow2Image, size: number): Promise<void> {
           released.push(...referencedClusters(image, mapping));
         });
         checkReleasable(image, released);
-        if (updates.size) await image.metadata.run(() => image.tables.setEntries(updates));
-        await releaseAfterBarrier(image, released);
+        await setEntries(image, updates, released);
       }
     }
     image.header.size = size;
-    await image.metadata.run(() => image.writeHeader());
+    // The entries that hide old data past the end are durable before the header shows the new size.
+    await image.metadata.run(async () => {
+      await image.writeBackMetadata();
+      await image.writeHeader();
+    });
   } finally {
     release();
   }

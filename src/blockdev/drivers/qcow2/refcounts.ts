@@ -1,10 +1,12 @@
 /*
- * qcow2 reference counts: the refcount table and blocks, kept in memory and
- * written through on every change, and the cluster allocator built on them.
- * Order on disk follows the crash-safety rules: a new refcount block is
- * written and flushed before the table entry that points to it; a grown
- * table is complete and flushed before the header switches to it. The
- * caller serialises calls (the image's metadata mutex).
+ * qcow2 reference counts: the refcount table and blocks, kept in memory, and
+ * the cluster allocator built on them. Changed entries are written back in a
+ * batch (writeBack), before anything that points at the clusters they count
+ * is written: the L2 tables' write-back starts with it. Structure changes are
+ * written through in the crash-safe order: a new refcount block is written and
+ * flushed before the table entry that points to it; a grown table is complete
+ * and flushed before the header switches to it. The caller serialises calls
+ * (the image's metadata mutex).
  */
 import type { ChildEdge } from '../../child-edge.js';
 import { IoError } from '../../io-error.js';
@@ -28,8 +30,12 @@ export class Refcounts {
   readonly entriesPerBlock: number;
   private table: number[] = [];
   private readonly blocks = new Map<number, Buffer>();
+  /** Blocks changed in memory (by table index), with the byte range to write. */
+  private readonly dirty = new Map<number, [number, number]>();
   /** Lowest cluster index that may be free. */
   private freeHint = 0;
+  /** Bumped when refcount structures move (new blocks, a new table). */
+  layoutVersion = 0;
 
   constructor(private readonly context: RefcountContext) {
     const { header } = context;
@@ -73,7 +79,7 @@ export class Refcounts {
     return block ? getRefcount(block, cluster % this.entriesPerBlock, this.bits) : 0;
   }
 
-  /** Adds `delta` to a cluster's refcount and writes the change through. */
+  /** Adds `delta` to a cluster's refcount (on disk at the next write-back). */
   async update(cluster: number, delta: number): Promise<void> {
     const tableIndex = Math.floor(cluster / this.entriesPerBlock);
     const block = (await this.block(tableIndex)) ?? (await this.createBlock(tableIndex));
@@ -82,22 +88,38 @@ export class Refcounts {
     if (value < 0) this.context.corrupt(`Invalid refcount: cluster ${cluster} would drop below zero`);
     if (value > maxSafeRefcount(this.bits)) throw new IoError('EINVAL', `refcount of cluster ${cluster} would exceed the ${this.bits}-bit maximum`);
     setRefcount(block, index, this.bits, value);
-    await this.writeBlockEntries(tableIndex, block, index, index);
+    this.markDirty(tableIndex, index, index);
     if (value === 0 && cluster < this.freeHint) this.freeHint = cluster;
   }
 
-  /** Writes the bytes of a block that hold entries low..high (whole bytes; sub-byte widths share them). */
-  private async writeBlockEntries(tableIndex: number, block: Buffer, low: number, high: number): Promise<void> {
+  /** Notes that entries low..high of a block changed (whole bytes: sub-byte widths share them). */
+  private markDirty(tableIndex: number, low: number, high: number): void {
     const first = Math.floor((low * this.bits) / 8);
     const last = Math.floor(((high + 1) * this.bits - 1) / 8);
-    await this.context.file.write(this.table[tableIndex]! + first, block.subarray(first, last + 1));
+    const span = this.dirty.get(tableIndex);
+    this.dirty.set(tableIndex, span ? [Math.min(span[0], first), Math.max(span[1], last)] : [first, last]);
+  }
+
+  hasPendingWrites(): boolean {
+    return this.dirty.size > 0;
+  }
+
+  /** Writes the changed parts of the blocks (the caller puts a barrier after it). */
+  async writeBack(): Promise<void> {
+    const writes = [...this.dirty].map(([tableIndex, [first, last]]) => {
+      const offset = this.table[tableIndex]!;
+      return this.context.file.write(offset + first, this.blocks.get(offset)!.subarray(first, last + 1));
+    });
+    this.dirty.clear();
+    await Promise.all(writes);
   }
 
   /**
-   * Allocates `count` clusters (refcount 0 -> 1), contiguous when `contiguous`; returns their offsets.
-   * Freed clusters in the middle of the file are reused before the file grows.
+   * Allocates `count` clusters (refcount 0 -> 1) and returns their offsets: the first
+   * free ones, reusing freed clusters in the middle of the file before it grows, or
+   * with `contiguous` a run of consecutive clusters (tables that must be contiguous).
    */
-  async allocate(count: number, contiguous: boolean): Promise<number[]> {
+  async allocate(count: number, { contiguous = false }: { contiguous?: boolean } = {}): Promise<number[]> {
     const found: number[] = [];
     let cluster = this.freeHint;
     while (found.length < count) {
@@ -113,22 +135,20 @@ export class Refcounts {
       cluster++;
     }
     await this.setAllocated(found);
-    if (found[0] === this.freeHint) this.freeHint = found[found.length - 1]! + 1;
+    // Everything between the hint and the last cluster taken is in use now (unless a contiguous run skipped some).
+    if (!contiguous || found[0] === this.freeHint) this.freeHint = found[found.length - 1]! + 1;
     return found.map((index) => index * this.clusterSize);
   }
 
-  /** Sets free clusters to refcount 1, with one write per refcount block touched. */
+  /** Sets free clusters to refcount 1. */
   private async setAllocated(clusters: number[]): Promise<void> {
-    const spans = new Map<number, [number, number]>();
     for (const cluster of clusters) {
       const tableIndex = Math.floor(cluster / this.entriesPerBlock);
       const block = (await this.block(tableIndex))!;
       const index = cluster % this.entriesPerBlock;
       setRefcount(block, index, this.bits, 1);
-      const span = spans.get(tableIndex);
-      spans.set(tableIndex, span ? [Math.min(span[0], index), Math.max(span[1], index)] : [index, index]);
+      this.markDirty(tableIndex, index, index);
     }
-    for (const [tableIndex, [low, high]] of spans) await this.writeBlockEntries(tableIndex, (await this.block(tableIndex))!, low, high);
   }
 
   /** Drops one reference from each cluster of [offset, offset + length). */
@@ -151,6 +171,7 @@ export class Refcounts {
     await this.context.flush();
     this.table[tableIndex] = offset;
     this.blocks.set(offset, block);
+    this.layoutVersion++;
     const entry = Buffer.alloc(REFCOUNT_TABLE_ENTRY_SIZE);
     entry.writeBigUInt64BE(encodeRefcountTableEntry(offset));
     await file.write(header.refcountTableOffset + tableIndex * REFCOUNT_TABLE_ENTRY_SIZE, entry);
@@ -187,6 +208,7 @@ export class Refcounts {
     await this.context.writeHeader();
     this.table = newTable;
     this.blocks.set(blockOffset, block);
+    this.layoutVersion++;
     await this.release(old.offset, old.clusters * this.clusterSize);
   }
 
@@ -205,6 +227,7 @@ export class Refcounts {
   /** Drops cached blocks (after a refcount rebuild rewrote them on disk). */
   async reload(): Promise<void> {
     this.blocks.clear();
+    this.dirty.clear();
     this.freeHint = 0;
     await this.load();
   }
