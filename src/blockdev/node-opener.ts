@@ -105,7 +105,7 @@ export class NodeOpener {
         const target = typeof reference === 'string'
           ? this.lookup(reference)
           : await this.openTree({ options: reference, monitorOwned: false, parent: settings, asBacking: child.role === 'cow' }, created);
-        return this.graph.linkChild(node, target, child.name, child.role);
+        return this.attach(node, target, child);
       },
       openBackingFromImage: async (filename: string, format: string | undefined, child: ChildRequest): Promise<ChildEdge> => {
         const driverName = format ?? (await probeFormat(filename, log));
@@ -115,7 +115,7 @@ export class NodeOpener {
         } as unknown as BlockdevOptions;
         try {
           const target = await this.openTree({ options: backingOptions, monitorOwned: false, parent: settings, asBacking: true }, created);
-          return this.graph.linkChild(node, target, child.name, child.role);
+          return await this.attach(node, target, child);
         } catch (error) {
           throw genericError(`Could not open backing file: ${(error as Error).message}`);
         }
@@ -126,12 +126,28 @@ export class NodeOpener {
       node.state = await driver.open(context, options as unknown as Record<string, unknown>);
     } catch (error) {
       // The node never existed: take its edges off its children (some may be nodes that existed before).
-      for (const edge of [...node.children]) this.graph.unlink(edge);
+      for (const edge of [...node.children]) await this.graph.detach(edge);
       throw error;
     }
     this.graph.register(node);
     created.push(node);
     return node;
+  }
+
+  /**
+   * Links a child and takes the permissions the node needs on it now, as QEMU does when it
+   * attaches a child during open: the image lock is checked before the driver reads the
+   * image, and a driver may update its image (header, repairs) while it opens it.
+   */
+  private async attach(node: BlockNode, target: BlockNode, child: ChildRequest): Promise<ChildEdge> {
+    const edge = this.graph.linkChild(node, target, child.name, child.role);
+    try {
+      await this.graph.refreshPermissions([node]);
+    } catch (error) {
+      this.graph.unlink(edge);
+      throw error;
+    }
+    return edge;
   }
 
   private lookup(name: string): BlockNode {
@@ -143,7 +159,7 @@ export class NodeOpener {
   /** Undoes a failed open: unlinks and closes what this open created, newest first. */
   private async discard(created: BlockNode[]): Promise<void> {
     for (const node of created.reverse()) {
-      for (const edge of [...node.children]) this.graph.unlink(edge);
+      for (const edge of [...node.children]) await this.graph.detach(edge);
       this.graph.unregister(node);
       await node.state.close().catch((error: unknown) => this.log.warn({ err: error, node: node.name }, 'close after failed open'));
     }

@@ -224,7 +224,8 @@ class Checker {
     corruptions: 0, leaks: 0, checkErrors: 0, imageEndOffset: 0, allocatedClusters: 0,
     totalClusters: 0, fragmentedClusters: 0, compressedClusters: 0, messages: [],
   };
-  private references: Uint32Array;
+  /** How many times each host cluster is referenced: what its refcount should be. */
+  references: Uint32Array;
   private clusterCount: number;
   private readonly clusterSize: number;
   private readonly bits: RefcountBits;
@@ -510,6 +511,11 @@ class Checker {
  * cannot be opened (qemu-img: "Could not open"); anything found later is in the result.
  */
 export async function checkQcow2(source: Qcow2Source): Promise<Qcow2CheckResult> {
+  return (await countReferences(source)).result;
+}
+
+/** The check, with the reference count it computed for every host cluster (what a repair writes). */
+export async function countReferences(source: Qcow2Source): Promise<{ result: Qcow2CheckResult; references: Uint32Array }> {
   const file = await ImageReader.open(source);
   try {
     const checker = new Checker(file, await readHeader(file));
@@ -518,7 +524,7 @@ export async function checkQcow2(source: Qcow2Source): Promise<Qcow2CheckResult>
     } catch (error) {
       if (!(error instanceof CheckAborted)) throw error;
     }
-    return checker.result;
+    return { result: checker.result, references: checker.references };
   } finally {
     await file.close();
   }

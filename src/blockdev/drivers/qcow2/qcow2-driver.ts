@@ -10,6 +10,7 @@ import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } fr
 import type { ChildEdge } from '../../child-edge.js';
 import { AutoclearFeature, CompatibleFeature, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
 import { parseHeader } from './header.js';
+import { repairDirtyImage } from './dirty-repair.js';
 import { nodeFilename } from '../../node-filename.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { discard, resize, writeData, writeZeroes } from './qcow2-writes.js';
@@ -168,12 +169,12 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
     if (header.incompatibleFeatures & IncompatibleFeature.EXTENDED_L2) throw genericError('qcow2 extended L2 entries are not supported by blockd');
     if (header.compressionType !== 0) throw genericError('qcow2 compression type zstd is not supported by blockd');
     if (writable && header.incompatibleFeatures & IncompatibleFeature.CORRUPT) throw genericError('qcow2: Image is corrupt; cannot be opened read/write');
-    if (writable && header.incompatibleFeatures & IncompatibleFeature.DIRTY) {
-      throw genericError("qcow2: the image's refcounts are stale (dirty bit set by lazy refcounts); repair it with 'qemu-img check -r all' first");
-    }
     if (writable && header.bitmaps && header.autoclearFeatures & AutoclearFeature.BITMAPS) {
       throw genericError('qcow2 images with persistent dirty bitmaps cannot be opened read-write by this version of blockd');
     }
+
+    // Like QEMU: a writer with lazy refcounts did not close the image; its refcounts are rebuilt before use.
+    if (writable && header.incompatibleFeatures & IncompatibleFeature.DIRTY) await repairDirtyImage(file, header);
 
     const cacheBytes = options['l2-cache-size'] ?? options['cache-size'] ?? DEFAULT_L2_CACHE;
     let backing: ChildEdge | undefined;
