@@ -39,8 +39,6 @@ const OPTIONS: OptionSpec[] = [
   { name: 'log-level', takesValue: true },
 ];
 
-const NOT_YET = ['export', 'nbd-server'];
-
 export const DEFAULT_SOCKET = 'blockd-qmp.sock';
 
 /** An option value in keyval or JSON form ("{...}"), as the arguments of a QMP command. */
@@ -144,14 +142,24 @@ export async function main(argv: string[]): Promise<void> {
         case 'blockdev':
           await daemon.runCommand('blockdev-add', optionArguments(option.value!, 'driver', commandArgumentTypes['blockdev-add']!));
           break;
+        case 'nbd-server': {
+          // NbdServerOptions has the flat address form; the QMP command takes the legacy nested one.
+          const options = optionArguments(option.value!, 'addr', 'NbdServerOptions');
+          daemon.registry.validator.checkType('NbdServerOptions', options);
+          const { addr, ...rest } = options as { addr: JsonObject };
+          const { type, ...address } = addr;
+          await daemon.runCommand('nbd-server-start', { ...rest, addr: { type, data: address } });
+          break;
+        }
+        case 'export':
+          await daemon.runCommand('block-export-add', optionArguments(option.value!, 'type', commandArgumentTypes['block-export-add']!));
+          break;
         case 'object':
           await daemon.runCommand('object-add', optionArguments(option.value!, 'qom-type', commandArgumentTypes['object-add']!));
           break;
         case 'trace':
           log.warn({ pattern: option.value }, 'QEMU trace events do not exist in blockd; use --log-level debug or trace');
           break;
-        default:
-          if (NOT_YET.includes(option.name)) throw new CliError(`--${option.name} is not supported by this version of blockd yet`);
       }
     }
     current = undefined;

@@ -8,6 +8,8 @@ import { BlockGraph } from './blockdev/graph.js';
 import { registerBlockCommands } from './blockdev/commands.js';
 import { NodeOpener } from './blockdev/node-opener.js';
 import { EventBus } from './event-bus.js';
+import { NbdService, registerExportCommands } from './exports/commands.js';
+import { ExportRegistry } from './exports/export-registry.js';
 import { registerObjectCommands } from './objects/commands.js';
 import { ObjectRegistry } from './objects/object-registry.js';
 import { CommandRegistry } from './qmp/command-registry.js';
@@ -24,17 +26,23 @@ export class Daemon {
   readonly graph: BlockGraph;
   readonly opener: NodeOpener;
   readonly objects = new ObjectRegistry();
+  readonly exports: ExportRegistry;
+  readonly nbd: NbdService;
   private readonly shutdownHooks: (() => void | Promise<void>)[] = [];
   private stopping: Promise<void> | undefined;
   /** A daemon runs until told to stop, even when no socket or client keeps the event loop busy (stdio after EOF). */
   private readonly keepAlive = setInterval(() => {}, 1 << 30);
 
   constructor(readonly log: Logger) {
-    registerControlCommands(this.registry, { shutdown: (reason) => void this.shutdown(reason) });
+    registerControlCommands(this.registry, { stopServices: () => this.stopServices(), shutdown: (reason) => void this.shutdown(reason) });
     this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
     this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }), this.objects);
     registerBlockCommands(this.registry, { graph: this.graph, opener: this.opener });
     registerObjectCommands(this.registry, this.objects);
+    this.exports = new ExportRegistry(this.graph, this.bus, log.child({ component: 'exports' }));
+    const exportLayer = { graph: this.graph, opener: this.opener, exports: this.exports, log };
+    this.nbd = new NbdService(exportLayer);
+    registerExportCommands(this.registry, exportLayer, this.nbd);
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();
@@ -71,10 +79,17 @@ export class Daemon {
     }
   }
 
+  /** Ends the exports (their BLOCK_EXPORT_DELETED events still reach the clients) and stops the NBD server. */
+  private async stopServices(): Promise<void> {
+    await this.exports.closeAll();
+    if (this.nbd.server) await this.nbd.stop();
+  }
+
   shutdown(reason: string): Promise<void> {
     this.stopping ??= (async () => {
       this.log.info({ reason }, 'shutting down');
       clearInterval(this.keepAlive);
+      await this.stopServices();
       await this.qmp.close();
       await this.closeAllNodes();
       for (const hook of this.shutdownHooks) await hook();

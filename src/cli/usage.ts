@@ -27,9 +27,27 @@ blockd, a block-storage daemon speaking QMP (compatible with qemu-storage-daemon
   --log-level <level>    fatal, error, warn, info (default), debug, trace or
                          silent; also BLOCKD_LOG_LEVEL. Logs are JSON on stderr
 
-  --blockdev, --export, --nbd-server, --object
-                         qemu-storage-daemon options that this version of
-                         blockd does not support yet (refused with a message)
+  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
+             [,cache.direct=on|off][,cache.no-flush=on|off]
+             [,read-only=on|off][,auto-read-only=on|off]
+             [,force-share=on|off][,detect-zeroes=on|off|unmap]
+             [,<driver specific parameters>...]
+                         configure a block backend (blockdev-add; JSON accepted)
+
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,description=<description>]
+           [,allocation-depth=on|off][,writethrough=on|off]
+                         export the specified block node over NBD
+                         (block-export-add; needs --nbd-server before it)
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
+                         start an NBD server for exporting block nodes
+                         (nbd-server-start)
+
+  --object throttle-group,id=<id>[,limits.<limit>=<value>...]
+                         create a QOM object (object-add)
 
 Without --monitor or --qmp, blockd serves QMP on ./blockd-qmp.sock.
 `;

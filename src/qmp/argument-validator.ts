@@ -128,9 +128,10 @@ export function describeValidationError(error: ErrorObject, args: JsonObject): Q
 
 export class ArgumentValidator {
   private readonly validators = new Map<string, ValidateFunction>();
+  private readonly ajv: Ajv;
 
   constructor(defs: Record<string, unknown>, commandRefs: Record<string, string>) {
-    const ajv = new Ajv({ allErrors: false, verbose: true, strict: true, strictTypes: false, strictRequired: false, validateSchema: false, addUsedSchema: false });
+    const ajv = (this.ajv = new Ajv({ allErrors: false, verbose: true, strict: true, strictTypes: false, strictRequired: false, validateSchema: false, addUsedSchema: false }));
     ajv.addKeyword({ keyword: 'qapi', schemaType: ['string', 'object'], errors: true, validate: qapiKeyword });
     ajv.addSchema(defs);
     for (const [command, ref] of Object.entries(commandRefs)) {
@@ -142,6 +143,18 @@ export class ArgumentValidator {
   check(command: string, args: JsonObject): void {
     const validate = this.validators.get(command);
     if (!validate) throw new Error(`no validator for command ${command}`);
+    this.report(validate, args);
+  }
+
+  /** The same check for a value of a named schema type (command-line options that are not command arguments). */
+  checkType(typeName: string, value: JsonObject): void {
+    const key = `type:${typeName}`;
+    let validate = this.validators.get(key);
+    if (!validate) this.validators.set(key, (validate = this.ajv.compile({ $ref: `qapi#/$defs/${typeName}` })));
+    this.report(validate, value);
+  }
+
+  private report(validate: ValidateFunction, args: JsonObject): void {
     if (validate(args)) return;
     const first = validate.errors?.find((error) => error.keyword !== 'if');
     if (!first) throw genericError('Invalid arguments');

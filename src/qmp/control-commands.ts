@@ -8,6 +8,8 @@ import { versionInfo } from '../version.js';
 import type { CommandRegistry } from './command-registry.js';
 
 export interface ControlHooks {
+  /** Stops what clients would hear about (exports, later jobs): QEMU sends those events before the quit reply. */
+  stopServices(): Promise<void>;
   /** Starts an orderly shutdown once the quit reply has been sent. */
   shutdown(reason: string): void;
 }
@@ -19,7 +21,8 @@ export function registerControlCommands(registry: CommandRegistry, hooks: Contro
   registry.register('query-version', () => versionInfo());
   registry.register('query-commands', () => registry.names().map((name) => ({ name })));
   registry.register('query-qmp-schema', () => schemaInfo as unknown as SchemaInfo[]);
-  registry.register('quit', () => {
+  registry.register('quit', async () => {
+    await hooks.stopServices();
     setImmediate(() => hooks.shutdown('quit command'));
   });
 }

@@ -130,10 +130,7 @@ const STEPS: object[] = [
 ];
 
 async function run(socket: string, dir: string): Promise<string[]> {
-  const connection = await RawConnection.open(socket);
-  await connection.readLine();
-  connection.send('{"execute":"qmp_capabilities"}');
-  await connection.readLine();
+  const connection = await RawConnection.negotiated(socket);
   const replies: string[] = [];
   for (const step of STEPS) {
     connection.send(JSON.stringify(step).replaceAll('$DIR', dir));

@@ -48,7 +48,12 @@ test('bad command lines: exact messages, exit status 1', () => {
     [['--chardev', 'stdio,id=a', '--chardev', 'stdio,id=a'], "blockd: --chardev stdio,id=a: Duplicate ID 'a' for chardev"],
     [['--chardev', 'stdio,id=a', '--monitor', 'a', '--monitor', 'a'], "blockd: --monitor a: Device 'a' is in use"],
     [['--qmp', 'http:x'], 'blockd: --qmp http:x: expected unix:PATH, tcp:HOST:PORT or ws:HOST:PORT'],
-    [['--nbd-server', 'addr.type=unix,addr.path=/tmp/x'], 'blockd: --nbd-server addr.type=unix,addr.path=/tmp/x: --nbd-server is not supported by this version of blockd yet'],
+    [['--export', 'type=nbd,id=e,node-name=x'], "blockd: --export type=nbd,id=e,node-name=x: Cannot find device='' nor node-name='x'"],
+    [['--blockdev', 'null-co,node-name=x', '--export', 'type=nbd,id=e,node-name=x'], 'blockd: --export type=nbd,id=e,node-name=x: NBD server not running'],
+    [['--nbd-server', 'addr.type=unix'], "blockd: --nbd-server addr.type=unix: Parameter 'addr.path' is missing"],
+    [['--nbd-server', 'addr.type=unix,addr.path=/nonexist/x.sock'], 'blockd: --nbd-server addr.type=unix,addr.path=/nonexist/x.sock: Failed to bind socket to /nonexist/x.sock: No such file or directory'],
+    [['--nbd-server', 'addr.type=inet,addr.host=127.0.0.1,addr.port=abc'],
+      'blockd: --nbd-server addr.type=inet,addr.host=127.0.0.1,addr.port=abc: address resolution failed for 127.0.0.1:abc: Servname not supported for ai_socktype'],
     [['--log-level', 'loud'], 'blockd: --log-level loud: unknown log level; use one of fatal, error, warn, info, debug, trace, silent'],
     [['--qmp', 'unix:/nonexistent-dir/x.sock'], 'blockd: --qmp unix:/nonexistent-dir/x.sock: Failed to bind socket to /nonexistent-dir/x.sock: No such file or directory'],
   ];

@@ -36,6 +36,15 @@ export class RawConnection {
     });
   }
 
+  /** Opens a connection and completes capabilities negotiation (greeting and its reply consumed). */
+  static async negotiated(address: string): Promise<RawConnection> {
+    const connection = await RawConnection.open(address);
+    await connection.readLine();
+    connection.send('{"execute":"qmp_capabilities"}');
+    await connection.readLine();
+    return connection;
+  }
+
   private onData(text: string): void {
     this.buffer += text;
     let index;

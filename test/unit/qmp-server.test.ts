@@ -22,7 +22,7 @@ import { RawConnection } from '../helpers/raw-connection.js';
 const temp = makeTempDir();
 const registry = new CommandRegistry();
 let quits = 0;
-registerControlCommands(registry, { shutdown: () => quits++ });
+registerControlCommands(registry, { stopServices: async () => {}, shutdown: () => quits++ });
 const server = new QmpServer({ registry, log: pino({ level: 'silent' }), version: versionInfo });
 const unixAddress = `unix:${join(temp.dir, 'server.sock')}`;
 let wsAddress: string;

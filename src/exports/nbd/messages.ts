@@ -24,6 +24,9 @@ export class ProtocolViolation extends Error {
   }
 }
 
+/** A message longer than its fields: a separate case because QEMU words it differently. */
+export class TrailingBytes extends ProtocolViolation {}
+
 // ---- handshake ------------------------------------------------------------------------------
 
 export const GREETING_LENGTH = 18;
@@ -113,7 +116,8 @@ export function decodeInfoRequest(data: Buffer): { name: string; infos: number[]
   const { text: name, next } = decodeString(data, 0, 'export name');
   if (next + 2 > data.length) throw new ProtocolViolation('information request count missing');
   const count = data.readUInt16BE(next);
-  if (next + 2 + 2 * count !== data.length) throw new ProtocolViolation('information request count does not match the length');
+  if (next + 2 + 2 * count > data.length) throw new ProtocolViolation('information requests missing');
+  if (next + 2 + 2 * count < data.length) throw new TrailingBytes('bytes after the information requests');
   const infos: number[] = [];
   for (let i = 0; i < count; i++) infos.push(data.readUInt16BE(next + 2 + 2 * i));
   return { name, infos };
@@ -176,7 +180,7 @@ export function decodeMetaContextRequest(data: Buffer): { name: string; queries:
     queries.push(query.text);
     offset = query.next;
   }
-  if (offset !== data.length) throw new ProtocolViolation('unexpected bytes after the queries');
+  if (offset !== data.length) throw new TrailingBytes('unexpected bytes after the queries');
   return { name, queries };
 }
 

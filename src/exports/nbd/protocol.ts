@@ -48,7 +48,6 @@ export const OPTION_NAMES: Record<number, string> = {
   8: 'structured reply',
   9: 'list meta context',
   10: 'set meta context',
-  11: 'extended headers',
 };
 
 const ERROR_BIT = 0x80000000;

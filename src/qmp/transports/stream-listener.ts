@@ -65,7 +65,7 @@ async function isLiveSocket(path: string): Promise<boolean> {
   });
 }
 
-async function removeStaleSocket(path: string): Promise<void> {
+export async function removeStaleSocket(path: string): Promise<void> {
   if (!existsSync(dirname(path))) throw new Error(`Failed to bind socket to ${path}: No such file or directory`);
   let stats;
   try {
@@ -117,7 +117,7 @@ export async function listenStream(address: StreamAddress, accept: AcceptConnect
   };
 }
 
-function listenOn(server: net.Server, options: net.ListenOptions): Promise<void> {
+export function listenOn(server: net.Server, options: net.ListenOptions): Promise<void> {
   return new Promise((resolve, reject) => {
     const onError = (error: NodeJS.ErrnoException) => {
       const where = options.path ?? `${options.host}:${options.port}`;

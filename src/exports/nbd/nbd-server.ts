@@ -1,0 +1,121 @@
+/*
+ * The NBD server: one listening socket (UNIX or TCP), the exports by name,
+ * and the connections. With max-connections set, clients beyond the limit
+ * wait before the greeting until a slot frees, as they wait in QEMU's listen
+ * backlog. Each connection runs the handshake, then transmission; whatever a
+ * client does wrong ends that connection only.
+ */
+import net from 'node:net';
+import type { Logger } from 'pino';
+import { listenOn, removeStaleSocket } from '../../qmp/transports/stream-listener.js';
+import { ProtocolViolation } from './messages.js';
+import type { NbdClientHandle, NbdExport } from './nbd-export.js';
+import { HandshakeAborted, negotiate, type ExportLookup } from './server-handshake.js';
+import { ServerTransmission } from './server-transmission.js';
+import { ConnectionClosed, SocketReader } from './socket-reader.js';
+
+export type NbdListenAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+
+export class NbdServer implements ExportLookup {
+  /** Oldest first: the order LIST reports them in. */
+  private readonly exports = new Map<string, NbdExport>();
+  private readonly sockets = new Set<net.Socket>();
+  private readonly waiting: net.Socket[] = [];
+  private active = 0;
+  private nextConnection = 1;
+
+  private constructor(private readonly server: net.Server, readonly address: string, readonly maxConnections: number, private readonly log: Logger) {}
+
+  static async start(address: NbdListenAddress, maxConnections: number, log: Logger): Promise<NbdServer> {
+    const server = net.createServer({ allowHalfOpen: false, noDelay: true });
+    let description: string;
+    if (address.type === 'unix') {
+      await removeStaleSocket(address.path);
+      await listenOn(server, { path: address.path });
+      description = `unix:${address.path}`;
+    } else {
+      await listenOn(server, { host: address.host, port: address.port });
+      const bound = server.address() as net.AddressInfo;
+      description = `inet:${bound.address}:${bound.port}`;
+    }
+    const nbd = new NbdServer(server, description, maxConnections, log);
+    server.on('connection', (socket) => nbd.accept(socket));
+    log.info({ address: description, maxConnections }, 'NBD server listening');
+    return nbd;
+  }
+
+  findExport(name: string): NbdExport | undefined {
+    return this.exports.get(name);
+  }
+
+  listExports(): NbdExport[] {
+    return [...this.exports.values()];
+  }
+
+  addExport(exported: NbdExport): void {
+    this.exports.set(exported.name, exported);
+    exported.onShutdown = () => {
+      if (this.exports.get(exported.name) === exported) this.exports.delete(exported.name);
+    };
+  }
+
+  private accept(socket: net.Socket): void {
+    this.sockets.add(socket);
+    socket.on('error', () => socket.destroy());
+    socket.on('close', () => {
+      this.sockets.delete(socket);
+      const index = this.waiting.indexOf(socket);
+      if (index >= 0) this.waiting.splice(index, 1);
+    });
+    if (this.maxConnections > 0 && this.active >= this.maxConnections) {
+      this.waiting.push(socket);
+      return;
+    }
+    this.serve(socket);
+  }
+
+  private serve(socket: net.Socket): void {
+    this.active++;
+    void this.runConnection(socket, this.nextConnection++).finally(() => {
+      this.active--;
+      const next = this.waiting.shift();
+      if (next) this.serve(next);
+    });
+  }
+
+  private async runConnection(socket: net.Socket, number: number): Promise<void> {
+    const log = this.log.child({ connection: number });
+    const reader = new SocketReader(socket);
+    let handle: NbdClientHandle | undefined;
+    let exported: NbdExport | undefined;
+    try {
+      const client = await negotiate(socket, reader, this);
+      if (!client) return;
+      exported = client.exported;
+      handle = { disconnect: () => socket.destroy() };
+      exported.addClient(handle);
+      log.debug({ export: exported.name, structured: client.structuredReplies }, 'NBD client connected');
+      await new ServerTransmission(socket, reader, client, log).run();
+    } catch (error) {
+      if (error instanceof ProtocolViolation || error instanceof HandshakeAborted) {
+        log.warn({ reason: error.message }, 'Disconnect client, due to a protocol error');
+      } else if (!(error instanceof ConnectionClosed)) {
+        log.error({ err: error }, 'NBD connection failed');
+      }
+    } finally {
+      if (handle) exported?.removeClient(handle);
+      socket.end();
+      // A peer that stops reading must not keep the socket (and the export) forever.
+      setTimeout(() => socket.destroy(), 1000).unref();
+    }
+  }
+
+  /** Stops listening and disconnects everyone still connected (exports are closed by the caller first). */
+  async stop(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      this.server.close(() => resolve());
+      for (const socket of this.sockets) socket.destroy();
+    });
+    this.log.info({ address: this.address }, 'NBD server stopped');
+  }
+}

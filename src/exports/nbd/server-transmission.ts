@@ -1,0 +1,244 @@
+/*
+ * The transmission phase of one NBD client: reads requests, validates them as
+ * QEMU's server does, runs up to 16 at once on the export's node and writes
+ * their replies (simple or structured) whole, in whatever order they finish.
+ * DISC lets the requests in flight finish, then closes.
+ */
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import { errnoOf, describeErrno } from '../../blockdev/io-error.js';
+import { blockStatusExtents } from './export-block-status.js';
+import {
+  decodeRequestHeader,
+  encodeChunkHeader,
+  encodeErrorPayload,
+  encodeHolePayload,
+  encodeOffsetHeader,
+  encodeSimpleReply,
+  REQUEST_HEADER_LENGTH,
+  type RequestHeader,
+} from './messages.js';
+import { selectedContexts } from './meta-contexts.js';
+import type { NbdExport } from './nbd-export.js';
+import {
+  ChunkType,
+  COMMAND_NAMES,
+  Command,
+  CommandFlag,
+  MAX_PAYLOAD,
+  MAX_REQUESTS_IN_FLIGHT,
+  NbdErrno,
+  nbdErrorFor,
+} from './protocol.js';
+import type { NegotiatedClient } from './server-handshake.js';
+import type { SocketReader } from './socket-reader.js';
+
+/** A request refused before it ran: QEMU answers all of these with EINVAL. */
+class RequestRefused extends Error {}
+
+export class ServerTransmission {
+  private inFlight = 0;
+  private slotWaiter: (() => void) | undefined;
+  private readonly exported: NbdExport;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly reader: SocketReader,
+    private readonly client: NegotiatedClient,
+    private readonly log: Logger,
+  ) {
+    this.exported = client.exported;
+    socket.on('drain', () => this.wake());
+  }
+
+  /** Serves requests until DISC, a broken request stream, or the socket closing. */
+  async run(): Promise<void> {
+    try {
+      for (;;) {
+        await this.waitForSlot();
+        const request = decodeRequestHeader(await this.reader.read(REQUEST_HEADER_LENGTH));
+        if (request.type === Command.DISC) break;
+        let payload: Buffer | undefined;
+        if (request.type === Command.WRITE) {
+          if (request.length > MAX_PAYLOAD) {
+            // The payload cannot be read, so the stream is lost after the error reply.
+            this.sendError(request, NbdErrno.EINVAL, `len (${request.length} ) is larger than max len (${MAX_PAYLOAD})`);
+            break;
+          }
+          payload = await this.reader.read(request.length);
+        }
+        this.inFlight++;
+        void this.serve(request, payload).finally(() => {
+          this.inFlight--;
+          this.wake();
+        });
+      }
+    } finally {
+      await this.settle();
+    }
+  }
+
+  private async waitForSlot(): Promise<void> {
+    while (this.inFlight >= MAX_REQUESTS_IN_FLIGHT || this.socket.writableNeedDrain) {
+      await new Promise<void>((resolve) => (this.slotWaiter = resolve));
+    }
+  }
+
+  private wake(): void {
+    const waiter = this.slotWaiter;
+    this.slotWaiter = undefined;
+    waiter?.();
+  }
+
+  /** Waits for the requests in flight (their replies may still be written). */
+  private async settle(): Promise<void> {
+    while (this.inFlight > 0) await new Promise<void>((resolve) => (this.slotWaiter = resolve));
+  }
+
+  private async serve(request: RequestHeader, payload: Buffer | undefined): Promise<void> {
+    try {
+      this.validate(request);
+    } catch (error) {
+      if (!(error instanceof RequestRefused)) throw error;
+      this.sendError(request, NbdErrno.EINVAL, error.message);
+      return;
+    }
+    let failure = 'request failed';
+    try {
+      const edge = this.exported.edge;
+      const fua = (request.flags & CommandFlag.FUA) !== 0 || this.exported.settings.writethrough;
+      switch (request.type) {
+        case Command.READ:
+          if (request.flags & CommandFlag.FUA) {
+            failure = 'flush failed';
+            await edge.flush();
+          }
+          failure = 'reading from file failed';
+          return await this.read(request);
+        case Command.WRITE:
+          failure = 'writing to file failed';
+          await edge.write(request.offset, payload!, { fua });
+          break;
+        case Command.WRITE_ZEROES:
+          failure = 'writing to file failed';
+          await edge.writeZeroes(request.offset, request.length, {
+            fua,
+            mayUnmap: !(request.flags & CommandFlag.NO_HOLE),
+            noFallback: (request.flags & CommandFlag.FAST_ZERO) !== 0,
+          });
+          break;
+        case Command.FLUSH:
+          failure = 'flush failed';
+          await edge.flush();
+          break;
+        case Command.TRIM:
+          failure = 'discard failed';
+          await edge.discard(request.offset, request.length);
+          if (fua) await edge.flush();
+          break;
+        case Command.CACHE:
+          // A prefetch hint: reading warms the host cache and surfaces errors.
+          failure = 'caching data failed';
+          if (request.length) await edge.read(request.offset, Buffer.allocUnsafe(request.length));
+          break;
+        case Command.BLOCK_STATUS:
+          failure = "can't get block status";
+          return await this.blockStatus(request);
+        default:
+          this.sendError(request, NbdErrno.EINVAL, `invalid request type (${request.type}) received`);
+          return;
+      }
+      this.send(encodeSimpleReply(request.cookie, 0));
+    } catch (error) {
+      const code = errnoOf(error);
+      this.log.debug({ err: error, type: request.type, offset: request.offset, length: request.length }, 'NBD request failed');
+      this.sendError(request, nbdErrorFor(code), failure);
+    }
+  }
+
+  /** QEMU's up-front checks, in its order. */
+  private validate(request: RequestHeader): void {
+    const { type, offset, length, flags } = request;
+    if ((type === Command.READ || type === Command.CACHE) && length > MAX_PAYLOAD) {
+      throw new RequestRefused(`len (${length} ) is larger than max len (${MAX_PAYLOAD})`);
+    }
+    if (this.exported.readOnly && (type === Command.WRITE || type === Command.WRITE_ZEROES || type === Command.TRIM)) {
+      throw new RequestRefused('Export is read-only');
+    }
+    const size = this.exported.size;
+    if (offset > size || length > size - offset) {
+      throw new RequestRefused(`operation past EOF; From: ${offset}, Len: ${length}, Size: ${size}`);
+    }
+    let valid: number = CommandFlag.FUA;
+    if (type === Command.READ && this.client.structuredReplies) valid |= CommandFlag.DF;
+    else if (type === Command.WRITE_ZEROES) valid |= CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO;
+    else if (type === Command.BLOCK_STATUS) valid |= CommandFlag.REQ_ONE;
+    if (flags & ~valid) {
+      throw new RequestRefused(`unsupported flags for command ${COMMAND_NAMES[type] ?? '<unknown>'} (got 0x${flags.toString(16)})`);
+    }
+  }
+
+  private async read(request: RequestHeader): Promise<void> {
+    const { cookie, offset, length } = request;
+    const data = Buffer.allocUnsafe(length);
+    if (!this.client.structuredReplies) {
+      await this.exported.edge.read(offset, data);
+      return this.send(encodeSimpleReply(cookie, 0), data);
+    }
+    if (length === 0) return this.send(encodeChunkHeader(cookie, ChunkType.NONE, true, 0));
+    if (request.flags & CommandFlag.DF) {
+      await this.exported.edge.read(offset, data);
+      return this.send(encodeChunkHeader(cookie, ChunkType.OFFSET_DATA, true, 8 + length), encodeOffsetHeader(offset), data);
+    }
+    // Sparse read: zero ranges become hole chunks, the rest is read; all chunks are prepared before any is sent so an error can still be reported.
+    const chunks: Buffer[][] = [];
+    const node = this.exported.edge.child;
+    for (let done = 0; done < length; ) {
+      let extent;
+      try {
+        extent = await node.blockStatusAbove(offset + done, length - done);
+      } catch (error) {
+        return this.sendError(request, nbdErrorFor(errnoOf(error)), `unable to check for holes: ${describeErrno(errnoOf(error))}`);
+      }
+      const step = Math.min(extent.length, length - done);
+      const final = done + step === length;
+      if (extent.zero) {
+        chunks.push([encodeChunkHeader(cookie, ChunkType.OFFSET_HOLE, final, 12), encodeHolePayload(offset + done, step)]);
+      } else {
+        const part = data.subarray(done, done + step);
+        await this.exported.edge.read(offset + done, part);
+        chunks.push([encodeChunkHeader(cookie, ChunkType.OFFSET_DATA, final, 8 + step), encodeOffsetHeader(offset + done), part]);
+      }
+      done += step;
+    }
+    this.send(...chunks.flat());
+  }
+
+  private async blockStatus(request: RequestHeader): Promise<void> {
+    const { cookie, offset, length } = request;
+    if (length === 0) return this.sendError(request, NbdErrno.EINVAL, 'need non-zero length');
+    const contexts = selectedContexts(this.client.contexts);
+    if (contexts.length === 0) return this.sendError(request, NbdErrno.EINVAL, 'CMD_BLOCK_STATUS not negotiated');
+    const onlyOne = (request.flags & CommandFlag.REQ_ONE) !== 0;
+    const parts: Buffer[] = [];
+    for (const [index, context] of contexts.entries()) {
+      const payload = await blockStatusExtents(this.exported.edge.child, context.id, offset, length, onlyOne);
+      parts.push(encodeChunkHeader(cookie, ChunkType.BLOCK_STATUS, index === contexts.length - 1, payload.length), payload);
+    }
+    this.send(...parts);
+  }
+
+  private sendError(request: RequestHeader, error: number, message: string): void {
+    if (!this.client.structuredReplies) return this.send(encodeSimpleReply(request.cookie, error));
+    const payload = encodeErrorPayload(error, message);
+    this.send(encodeChunkHeader(request.cookie, ChunkType.ERROR, true, payload.length), payload);
+  }
+
+  /** Writes one reply whole, so replies of concurrent requests never interleave. */
+  private send(...buffers: Buffer[]): void {
+    if (this.socket.destroyed) return;
+    this.socket.cork();
+    for (const buffer of buffers) this.socket.write(buffer);
+    this.socket.uncork();
+  }
+}
