@@ -7,6 +7,7 @@
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { errnoOf, describeErrno } from '../../blockdev/io-error.js';
+import { BufferPool, type BufferLease } from './buffer-pool.js';
 import { blockStatusExtents } from './export-block-status.js';
 import {
   decodeRequestHeader,
@@ -36,6 +37,9 @@ import type { SocketReader } from './socket-reader.js';
 /** A request refused before it ran: QEMU answers all of these with EINVAL. */
 class RequestRefused extends Error {}
 
+/** Shared by all connections: buffers freed by one serve the next. */
+const POOL = new BufferPool();
+
 export class ServerTransmission {
   private inFlight = 0;
   private slotWaiter: (() => void) | undefined;
@@ -58,17 +62,24 @@ export class ServerTransmission {
         await this.waitForSlot();
         const request = decodeRequestHeader(await this.reader.read(REQUEST_HEADER_LENGTH));
         if (request.type === Command.DISC) break;
-        let payload: Buffer | undefined;
+        let payload: BufferLease | undefined;
         if (request.type === Command.WRITE) {
           if (request.length > MAX_PAYLOAD) {
             // The payload cannot be read, so the stream is lost after the error reply.
             this.sendError(request, NbdErrno.EINVAL, `len (${request.length} ) is larger than max len (${MAX_PAYLOAD})`);
             break;
           }
-          payload = await this.reader.read(request.length);
+          payload = POOL.acquire(request.length);
+          try {
+            await this.reader.readInto(payload.buffer);
+          } catch (error) {
+            payload.release();
+            throw error;
+          }
         }
         this.inFlight++;
-        void this.serve(request, payload).finally(() => {
+        void this.serve(request, payload?.buffer).finally(() => {
+          payload?.release();
           this.inFlight--;
           this.wake();
         });
@@ -148,7 +159,7 @@ export class ServerTransmission {
           this.sendError(request, NbdErrno.EINVAL, `invalid request type (${request.type}) received`);
           return;
       }
-      this.send(encodeSimpleReply(request.cookie, 0));
+      this.send(undefined, encodeSimpleReply(request.cookie, 0));
     } catch (error) {
       const code = errnoOf(error);
       this.log.debug({ err: error, type: request.type, offset: request.offset, length: request.length }, 'NBD request failed');
@@ -179,39 +190,50 @@ export class ServerTransmission {
   }
 
   private async read(request: RequestHeader): Promise<void> {
+    const lease = POOL.acquire(request.length);
+    try {
+      await this.readInto(request, lease.buffer, () => lease.release());
+    } catch (error) {
+      lease.release();
+      throw error;
+    }
+  }
+
+  /** Reads and replies; `done` runs once the reply data has left (or will never be sent). */
+  private async readInto(request: RequestHeader, data: Buffer, done: () => void): Promise<void> {
     const { cookie, offset, length } = request;
-    const data = Buffer.allocUnsafe(length);
     if (!this.client.structuredReplies) {
       await this.exported.edge.read(offset, data);
-      return this.send(encodeSimpleReply(cookie, 0), data);
+      return this.send(done, encodeSimpleReply(cookie, 0), data);
     }
-    if (length === 0) return this.send(encodeChunkHeader(cookie, ChunkType.NONE, true, 0));
+    if (length === 0) return this.send(done, encodeChunkHeader(cookie, ChunkType.NONE, true, 0));
     if (request.flags & CommandFlag.DF) {
       await this.exported.edge.read(offset, data);
-      return this.send(encodeChunkHeader(cookie, ChunkType.OFFSET_DATA, true, 8 + length), encodeOffsetHeader(offset), data);
+      return this.send(done, encodeChunkHeader(cookie, ChunkType.OFFSET_DATA, true, 8 + length), encodeOffsetHeader(offset), data);
     }
     // Sparse read: zero ranges become hole chunks, the rest is read; all chunks are prepared before any is sent so an error can still be reported.
     const chunks: Buffer[][] = [];
     const node = this.exported.edge.child;
-    for (let done = 0; done < length; ) {
+    for (let covered = 0; covered < length; ) {
       let extent;
       try {
-        extent = await node.blockStatusAbove(offset + done, length - done);
+        extent = await node.blockStatusAbove(offset + covered, length - covered);
       } catch (error) {
+        done();
         return this.sendError(request, nbdErrorFor(errnoOf(error)), `unable to check for holes: ${describeErrno(errnoOf(error))}`);
       }
-      const step = Math.min(extent.length, length - done);
-      const final = done + step === length;
+      const step = Math.min(extent.length, length - covered);
+      const final = covered + step === length;
       if (extent.zero) {
-        chunks.push([encodeChunkHeader(cookie, ChunkType.OFFSET_HOLE, final, 12), encodeHolePayload(offset + done, step)]);
+        chunks.push([encodeChunkHeader(cookie, ChunkType.OFFSET_HOLE, final, 12), encodeHolePayload(offset + covered, step)]);
       } else {
-        const part = data.subarray(done, done + step);
-        await this.exported.edge.read(offset + done, part);
-        chunks.push([encodeChunkHeader(cookie, ChunkType.OFFSET_DATA, final, 8 + step), encodeOffsetHeader(offset + done), part]);
+        const part = data.subarray(covered, covered + step);
+        await this.exported.edge.read(offset + covered, part);
+        chunks.push([encodeChunkHeader(cookie, ChunkType.OFFSET_DATA, final, 8 + step), encodeOffsetHeader(offset + covered), part]);
       }
-      done += step;
+      covered += step;
     }
-    this.send(...chunks.flat());
+    this.send(done, ...chunks.flat());
   }
 
   private async blockStatus(request: RequestHeader): Promise<void> {
@@ -225,20 +247,20 @@ export class ServerTransmission {
       const payload = await blockStatusExtents(this.exported.edge.child, context.id, offset, length, onlyOne);
       parts.push(encodeChunkHeader(cookie, ChunkType.BLOCK_STATUS, index === contexts.length - 1, payload.length), payload);
     }
-    this.send(...parts);
+    this.send(undefined, ...parts);
   }
 
   private sendError(request: RequestHeader, error: number, message: string): void {
-    if (!this.client.structuredReplies) return this.send(encodeSimpleReply(request.cookie, error));
+    if (!this.client.structuredReplies) return this.send(undefined, encodeSimpleReply(request.cookie, error));
     const payload = encodeErrorPayload(error, message);
-    this.send(encodeChunkHeader(request.cookie, ChunkType.ERROR, true, payload.length), payload);
+    this.send(undefined, encodeChunkHeader(request.cookie, ChunkType.ERROR, true, payload.length), payload);
   }
 
-  /** Writes one reply whole, so replies of concurrent requests never interleave. */
-  private send(...buffers: Buffer[]): void {
-    if (this.socket.destroyed) return;
+  /** Writes one reply whole, so replies of concurrent requests never interleave; `written` runs once the socket is done with the buffers. */
+  private send(written: (() => void) | undefined, ...buffers: Buffer[]): void {
+    if (this.socket.destroyed) return written?.();
     this.socket.cork();
-    for (const buffer of buffers) this.socket.write(buffer);
+    buffers.forEach((buffer, index) => this.socket.write(buffer, index === buffers.length - 1 ? () => written?.() : undefined));
     this.socket.uncork();
   }
 }

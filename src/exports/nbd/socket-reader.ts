@@ -50,6 +50,25 @@ export class SocketReader {
     });
   }
 
+  /** Fills `target` with the next bytes (a copy into a buffer the caller owns, e.g. a pooled one). */
+  async readInto(target: Buffer): Promise<Buffer> {
+    let filled = 0;
+    while (filled < target.length) {
+      if (this.buffered === 0) await this.read(1).then((byte) => (target[filled++] = byte[0]!));
+      while (filled < target.length && this.chunks.length) {
+        const chunk = this.chunks[0]!;
+        const step = Math.min(chunk.length, target.length - filled);
+        chunk.copy(target, filled, 0, step);
+        filled += step;
+        this.buffered -= step;
+        if (step === chunk.length) this.chunks.shift();
+        else this.chunks[0] = chunk.subarray(step);
+      }
+      if (this.buffered <= HIGH_WATER && this.socket.isPaused()) this.socket.resume();
+    }
+    return target;
+  }
+
   /** Reads and drops `length` bytes (a payload that is refused). */
   async skip(length: number): Promise<void> {
     for (let left = length; left > 0; ) {

@@ -1,0 +1,39 @@
+/*
+ * Reusable I/O buffers for the NBD data path. Allocating a fresh Buffer for
+ * every READ reply or WRITE payload makes V8 run full garbage collections on
+ * external-memory pressure, which dominated the server's CPU time; leased
+ * buffers go back to the pool once the socket has written them.
+ */
+
+const MIN_CLASS = 12; // 4 KiB
+const MAX_CLASS = 25; // 32 MiB
+/** Bytes kept idle per size class at most. */
+const IDLE_BYTES_PER_CLASS = 16 << 20;
+
+export interface BufferLease {
+  /** Exactly the length asked for. */
+  readonly buffer: Buffer;
+  release(): void;
+}
+
+export class BufferPool {
+  private readonly idle = new Map<number, Buffer[]>();
+
+  acquire(length: number): BufferLease {
+    const sizeClass = Math.max(MIN_CLASS, Math.ceil(Math.log2(Math.max(length, 1))));
+    if (sizeClass > MAX_CLASS) return { buffer: Buffer.allocUnsafe(length), release: () => {} };
+    const free = this.idle.get(sizeClass);
+    const backing = free?.pop() ?? Buffer.allocUnsafeSlow(1 << sizeClass);
+    let released = false;
+    return {
+      buffer: backing.subarray(0, length),
+      release: () => {
+        if (released) return;
+        released = true;
+        const list = this.idle.get(sizeClass) ?? [];
+        if ((list.length + 1) << sizeClass <= Math.max(IDLE_BYTES_PER_CLASS, 1 << sizeClass)) list.push(backing);
+        this.idle.set(sizeClass, list);
+      },
+    };
+  }
+}
