@@ -195,9 +195,17 @@ const SCENARIOS: Record<string, Scenario> = {
   },
 };
 
+/**
+ * blockd's one intended difference: writes, zeroes and trims on a read-only export fail with
+ * EPERM (1), as the NBD spec asks, where QEMU 7.2 sends EINVAL (22).
+ */
+function withIntendedDeviations(transcript: string[]): string[] {
+  return transcript.map((line, index) => (/^(1|4|6) 0\+512 f0$/.test(transcript[index - 1] ?? '') ? line.replace('simple error 22', 'simple error 1') : line));
+}
+
 for (const [name, scenario] of Object.entries(SCENARIOS)) {
   test(`NBD wire: ${name}`, async () => {
-    const theirs = await scenario(join(temp.dir, 'qsd', 'nbd.sock'));
+    const theirs = withIntendedDeviations(await scenario(join(temp.dir, 'qsd', 'nbd.sock')));
     const ours = await scenario(join(temp.dir, 'blockd', 'nbd.sock'));
     assert.deepEqual(ours, theirs);
   });

@@ -35,7 +35,11 @@ import type { NegotiatedClient } from './server-handshake.js';
 import type { SocketReader } from './socket-reader.js';
 
 /** A request refused before it ran: QEMU answers all of these with EINVAL. */
-class RequestRefused extends Error {}
+class RequestRefused extends Error {
+  constructor(message: string, readonly error: number = NbdErrno.EINVAL) {
+    super(message);
+  }
+}
 
 /** Shared by all connections: buffers freed by one serve the next. */
 const POOL = new BufferPool();
@@ -111,7 +115,7 @@ export class ServerTransmission {
       this.validate(request);
     } catch (error) {
       if (!(error instanceof RequestRefused)) throw error;
-      this.sendError(request, NbdErrno.EINVAL, error.message);
+      this.sendError(request, error.error, error.message);
       return;
     }
     let failure = 'request failed';
@@ -174,7 +178,8 @@ export class ServerTransmission {
       throw new RequestRefused(`len (${length} ) is larger than max len (${MAX_PAYLOAD})`);
     }
     if (this.exported.readOnly && (type === Command.WRITE || type === Command.WRITE_ZEROES || type === Command.TRIM)) {
-      throw new RequestRefused('Export is read-only');
+      // The NBD spec's EPERM; QEMU 7.2 sends EINVAL here, which tells a client less.
+      throw new RequestRefused('Export is read-only', NbdErrno.EPERM);
     }
     const size = this.exported.size;
     if (offset > size || length > size - offset) {
