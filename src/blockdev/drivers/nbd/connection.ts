@@ -109,7 +109,7 @@ export class NbdConnection {
     return new NbdConnection(session, target, check, log);
   }
 
-  /** A method, not a comparison, so that TypeScript does not narrow `state` across awaits. */
+  /** A getter, not an inline comparison, so that TypeScript does not narrow `state` across awaits. */
   private get closed(): boolean {
     return this.state === 'closed';
   }
@@ -142,7 +142,12 @@ export class NbdConnection {
 
   private async liveSession(): Promise<NbdSession> {
     for (;;) {
-      if (this.state === 'connected' && this.session.alive) return this.session;
+      if (this.state === 'connected') {
+        const { failure } = this.session;
+        if (!failure) return this.session;
+        this.lost(this.session, failure); // seen before the session's end was announced
+        continue;
+      }
       if (this.state === 'closed') throw new IoError('EIO', this.lastFailure?.message ?? 'NBD connection closed');
       this.reconnectInBackground();
       if (this.state !== 'waiting') throw new IoError('EIO', 'NBD server not connected');

@@ -64,8 +64,9 @@ export class NbdSession {
     this.ended = this.receiveLoop();
   }
 
-  get alive(): boolean {
-    return this.lost === undefined;
+  /** Why the session ended, once it has. */
+  get failure(): SessionLost | undefined {
+    return this.lost;
   }
 
   /** Sends one request and resolves when its reply is complete (BLOCK_STATUS: with the first extent). */
@@ -91,7 +92,7 @@ export class NbdSession {
 
   /** DISC, then close; requests must have finished (the node drains before closing). */
   disconnect(): Promise<SessionLost> {
-    if (this.alive && this.socket.writable) {
+    if (!this.lost && this.socket.writable) {
       const header = encodeRequestHeader({ type: Command.DISC, flags: 0, cookie: this.nextCookie++, offset: 0, length: 0 });
       this.socket.end(header, () => this.socket.destroy());
     }
