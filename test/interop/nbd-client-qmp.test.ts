@@ -71,6 +71,8 @@ function beforeTheLoss(): object[] {
     nbd('n9', { type: 'fd', str: '3' }),
     nbd('n10', rw, { 'reconnect-delay': 2, 'open-timeout': 5 }), // its flush at blockdev-del waits 2 s for the killed server, in both daemons
     nbd('n11', { type: 'inet', host: '127.0.0.1', port: String(port), ipv4: true }),
+    nbd('n12', { type: 'inet', host: 'nosuchhost.invalid', port: '10809' }),
+    nbd('n13', { type: 'inet', host: '127.0.0.1', port: 'nbd' }),
     { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'ov', file: { driver: 'file', filename: '$DIR/ov.qcow2' }, backing: 'n0' } },
     { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'r1', file: 'n5', size: 1048576, 'read-only': true } },
     { execute: 'query-named-block-nodes', arguments: { flat: true } },

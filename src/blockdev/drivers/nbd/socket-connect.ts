@@ -4,6 +4,7 @@
  * Node has no vsock sockets, and blockd has no monitor to pass descriptors.
  */
 import { lookup } from 'node:dns/promises';
+import { readFile } from 'node:fs/promises';
 import net, { type Socket } from 'node:net';
 import type { InetSocketAddress, SocketAddress, UnixSocketAddress } from '../../../generated/qapi-types.js';
 import { genericError } from '../../../qmp/errors.js';
@@ -42,8 +43,8 @@ function connectUnix(address: UnixSocketAddress, signal?: AbortSignal): Promise<
 async function connectInet(address: InetSocketAddress, signal?: AbortSignal): Promise<Socket> {
   const { host, port } = address;
   if (address.mptcp) throw genericError('mptcp is not supported by blockd');
-  const portNumber = /^[0-9]+$/.test(port) ? Number(port) : NaN;
-  if (!(portNumber <= 65535)) throw genericError(`address resolution failed for ${host}:${port}: Servname not supported for ai_socktype`);
+  const portNumber = await tcpPort(port);
+  if (portNumber === undefined) throw genericError(`address resolution failed for ${host}:${port}: Servname not supported for ai_socktype`);
   const family = address.ipv4 && !address.ipv6 ? 4 : address.ipv6 && !address.ipv4 ? 6 : 0;
   let addresses: { address: string }[];
   try {
@@ -65,6 +66,18 @@ async function connectInet(address: InetSocketAddress, signal?: AbortSignal): Pr
     }
   }
   throw failure;
+}
+
+/** A port number, or a service name looked up in /etc/services as getaddrinfo does ("nbd" is 10809). */
+async function tcpPort(port: string): Promise<number | undefined> {
+  if (/^[0-9]+$/.test(port)) return Number(port) <= 65535 ? Number(port) : undefined;
+  const services = await readFile('/etc/services', 'utf8').catch(() => '');
+  for (const line of services.split('\n')) {
+    const [name, portAndProtocol, ...aliases] = line.replace(/#.*/, '').trim().split(/\s+/);
+    const match = /^([0-9]+)\/tcp$/.exec(portAndProtocol ?? '');
+    if (match && (name === port || aliases.includes(port))) return Number(match[1]);
+  }
+  return undefined;
 }
 
 function openStream(options: net.NetConnectOpts, described: string, signal?: AbortSignal): Promise<Socket> {
