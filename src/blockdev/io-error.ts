@@ -25,6 +25,18 @@ const DESCRIPTIONS: Record<string, string> = {
   EEXIST: 'File exists',
   EBADF: 'Bad file descriptor',
   ENXIO: 'No such device or address',
+  ENODEV: 'No such device',
+  ECONNREFUSED: 'Connection refused',
+  ECONNRESET: 'Connection reset by peer',
+  ETIMEDOUT: 'Connection timed out',
+  EHOSTUNREACH: 'No route to host',
+  ENETUNREACH: 'Network is unreachable',
+  EADDRNOTAVAIL: 'Cannot assign requested address',
+  EPIPE: 'Broken pipe',
+  ENOTSOCK: 'Socket operation on non-socket',
+  ESHUTDOWN: 'Cannot send after transport endpoint shutdown',
+  EOVERFLOW: 'Value too large for defined data type',
+  ENOMEM: 'Cannot allocate memory',
 };
 
 export class IoError extends Error {

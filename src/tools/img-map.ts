@@ -93,6 +93,26 @@ function humanEntry(entry: MapEntry, next: MapEntry | undefined): string {
   return line;
 }
 
+/** The merged map of [start, end) of a node's chain, entry by entry, as qemu-img map lists it. */
+export async function* mapEntries(node: BlockNode, start: number, end: number): AsyncGenerator<MapEntry> {
+  const cache: PreallocationCache = new Map();
+  const window = new StatusWindow();
+  let current: MapEntry = { start, length: 0, depth: 0, present: false, zero: false, data: false };
+  while (current.start + current.length < end) {
+    const offset = current.start + current.length;
+    const requested = window.request(end - offset);
+    const next = await blockStatus(node, offset, requested, cache);
+    window.answered(next.length, requested);
+    if (mergeable(current, next)) {
+      current.length += next.length;
+      continue;
+    }
+    if (current.length > 0) yield current;
+    current = next;
+  }
+  if (current.length > 0) yield current;
+}
+
 export async function mapCommand(argv: string[]): Promise<number> {
   const args = getopt(argv, [
     FORMAT_OPTION, OUTPUT_OPTION, FORCE_SHARE_OPTION,
@@ -110,23 +130,13 @@ export async function mapCommand(argv: string[]): Promise<number> {
     write(output === 'json' ? '[' : `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`);
     let length = session.node.length();
     if (maxLength !== undefined) length = Math.min(start + maxLength, length);
-    const cache: PreallocationCache = new Map();
-    let current: MapEntry = { start, length: 0, depth: 0, present: false, zero: false, data: false };
-    const dump = (entry: MapEntry, next: MapEntry | undefined) => write(output === 'json' ? jsonEntry(entry, !next) : humanEntry(entry, next));
-    const window = new StatusWindow();
-    while (current.start + current.length < length) {
-      const offset = current.start + current.length;
-      const requested = window.request(length - offset);
-      const next = await blockStatus(session.node, offset, requested, cache);
-      window.answered(next.length, requested);
-      if (mergeable(current, next)) {
-        current.length += next.length;
-        continue;
-      }
-      if (current.length > 0) dump(current, next);
-      current = next;
+    let previous: MapEntry | undefined;
+    for await (const entry of mapEntries(session.node, start, length)) {
+      if (previous) write(output === 'json' ? jsonEntry(previous, false) : humanEntry(previous, entry));
+      previous = entry;
     }
-    dump(current, undefined);
+    const current = previous ?? { start, length: 0, depth: 0, present: false, zero: false, data: false };
+    write(output === 'json' ? jsonEntry(current, true) : humanEntry(current, undefined));
     if (output === 'json') write(']\n');
     return 0;
   });

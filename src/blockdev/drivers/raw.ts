@@ -57,7 +57,9 @@ class RawState implements DriverState {
   }
 
   info() {
-    return { filename: this.filename(), image: { 'dirty-flag': false } };
+    // QEMU answers raw's driver info with its file's: the dirty flag is the file's, and absent over nbd.
+    const below = this.file.child.state.info().image ?? {};
+    return { filename: this.filename(), image: 'dirty-flag' in below ? { 'dirty-flag': below['dirty-flag'] } : {} };
   }
 
   async close(): Promise<void> {}

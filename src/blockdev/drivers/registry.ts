@@ -8,6 +8,7 @@ import type { BlockDriver } from '../block-driver.js';
 import { blkdebugDriver } from './blkdebug.js';
 import { copyOnReadDriver } from './copy-on-read.js';
 import { fileDriver } from './file.js';
+import { nbdDriver } from './nbd/nbd-driver.js';
 import { nullCoDriver } from './null-co.js';
 import { qcow2Driver } from './qcow2/qcow2-driver.js';
 import { rawDriver } from './raw.js';
@@ -17,6 +18,7 @@ const DRIVERS = new Map<string, BlockDriver<never>>([
   ['blkdebug', blkdebugDriver],
   ['copy-on-read', copyOnReadDriver],
   ['file', fileDriver],
+  ['nbd', nbdDriver],
   ['null-co', nullCoDriver],
   ['qcow2', qcow2Driver],
   ['raw', rawDriver],

@@ -335,3 +335,56 @@ export function decodeBlockStatusPayload(data: Buffer): { contextId: number; ext
   }
   return { contextId: data.readUInt32BE(0), extents };
 }
+
+// ---- decoders the client needs ----------------------------------------------------------------
+
+/** EXPORT_NAME's answer (and INFO_EXPORT's payload after the type): u64 size, u16 transmission flags. */
+export function decodeExportDetails(data: Buffer): { size: bigint; flags: number } {
+  if (data.length < 10) throw new ProtocolViolation('export details too short');
+  return { size: data.readBigUInt64BE(0), flags: data.readUInt16BE(8) };
+}
+
+/** One REP_INFO payload: the info type and what the client understands of it (unknown types are skipped). */
+export type InfoReply =
+  | { type: typeof Info.EXPORT; size: bigint; flags: number }
+  | { type: typeof Info.BLOCK_SIZE; sizes: BlockSizes }
+  | { type: number };
+
+export function decodeInfoReply(data: Buffer): InfoReply {
+  if (data.length < 2) throw new ProtocolViolation(`NBD_REP_INFO length ${data.length} is too short`);
+  const type = data.readUInt16BE(0);
+  const rest = data.length - 2;
+  if (type === Info.EXPORT) {
+    if (rest !== 10) throw new ProtocolViolation(`remaining export info len ${rest} is unexpected size`);
+    return { type, ...decodeExportDetails(data.subarray(2)) };
+  }
+  if (type === Info.BLOCK_SIZE) {
+    if (rest !== 12) throw new ProtocolViolation(`remaining export info len ${rest} is unexpected size`);
+    return { type, sizes: { minimum: data.readUInt32BE(2), preferred: data.readUInt32BE(6), maximum: data.readUInt32BE(10) } };
+  }
+  return { type };
+}
+
+/** A REP_META_CONTEXT payload: u32 context id, then the context name. */
+export function decodeMetaContextReply(data: Buffer): { id: number; name: string } {
+  if (data.length <= 4) throw new ProtocolViolation(`Failed to negotiate meta context, server answered with unexpected length ${data.length}`);
+  return { id: data.readUInt32BE(0), name: data.toString('utf8', 4) };
+}
+
+/** A REP_SERVER payload (LIST): u32 name length, name, then an optional description. */
+export function decodeServerReply(data: Buffer): { name: string; description: string } {
+  const { text: name, next } = decodeString(data, 0, 'export name');
+  return { name, description: data.toString('utf8', next) };
+}
+
+/** An OFFSET_HOLE payload: u64 offset, u32 hole length. */
+export function decodeHolePayload(data: Buffer): { offset: number; length: number } {
+  if (data.length !== 12) throw new ProtocolViolation('Protocol error: invalid payload for NBD_REPLY_TYPE_OFFSET_HOLE');
+  return { offset: decodeOffset(data), length: data.readUInt32BE(8) };
+}
+
+/** The u64 offset that starts OFFSET_DATA and OFFSET_HOLE payloads (beyond 2^53 it can only be out of range). */
+export function decodeOffset(data: Buffer): number {
+  const offset = data.readBigUInt64BE(0);
+  return offset > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(offset);
+}

@@ -67,6 +67,22 @@ export const OptionReply = {
   ERR_TOO_BIG: ERROR_BIT + 9,
 } as const;
 
+/** How QEMU names option reply types in its messages. */
+export const OPTION_REPLY_NAMES: Record<number, string> = {
+  [OptionReply.ACK]: 'ack',
+  [OptionReply.SERVER]: 'server',
+  [OptionReply.INFO]: 'info',
+  [OptionReply.META_CONTEXT]: 'meta context',
+  [OptionReply.ERR_UNSUP]: 'unsupported',
+  [OptionReply.ERR_POLICY]: 'denied by policy',
+  [OptionReply.ERR_INVALID]: 'invalid',
+  [OptionReply.ERR_PLATFORM]: 'platform lacks support',
+  [OptionReply.ERR_TLS_REQD]: 'TLS required',
+  [OptionReply.ERR_UNKNOWN]: 'export unknown',
+  [OptionReply.ERR_SHUTDOWN]: 'server shutting down',
+  [OptionReply.ERR_BLOCK_SIZE_REQD]: 'block size required',
+};
+
 export function isOptionError(type: number): boolean {
   return (type & ERROR_BIT) !== 0;
 }
@@ -127,6 +143,12 @@ export const ChunkType = {
   ERROR: (1 << 15) + 1,
   ERROR_OFFSET: (1 << 15) + 2,
 } as const;
+
+/** How QEMU names structured reply chunk types in its messages. */
+export function chunkTypeName(type: number): string {
+  const names: Record<number, string> = { 0: 'none', 1: 'data', 2: 'hole', 5: 'block status', 32769: 'generic error', 32770: 'error at offset' };
+  return names[type] ?? ((type & (1 << 15)) !== 0 ? '<unknown error>' : '<unknown>');
+}
 
 export const CHUNK_DONE = 1;
 

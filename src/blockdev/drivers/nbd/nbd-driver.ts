@@ -1,0 +1,88 @@
+/*
+ * The `nbd` protocol driver: a disk served by an NBD server (qemu-nbd,
+ * qemu-storage-daemon, nbdkit, blockd) over a unix or TCP socket. This file
+ * reads the options, checks what the export offers against what the node
+ * needs, sets the request limits, and names the node as QEMU does.
+ */
+import type { BlockdevOptionsNbd } from '../../../generated/qapi-types.js';
+import { MAX_PAYLOAD, MAX_STRING, TransmissionFlag } from '../../../exports/nbd/protocol.js';
+import { genericError } from '../../../qmp/errors.js';
+import type { BlockDriver } from '../../block-driver.js';
+import { jsonFilename } from '../../node-filename.js';
+import type { BlockNode } from '../../node.js';
+import { NbdConnection } from './connection.js';
+import type { ExportInfo } from './negotiate.js';
+import { NbdState, type RequestLimits } from './nbd-state.js';
+
+const SECTOR = 512;
+/** QEMU keeps exact filenames in a PATH_MAX buffer; longer ones become json: names. */
+const MAX_FILENAME = 4096;
+const INT_MAX = 0x7fffffff;
+
+/** QEMU's pseudo-filename (nbd_refresh_filename), when the address can be written as a URI. */
+export function nbdUri(options: BlockdevOptionsNbd): string | undefined {
+  const { server, export: name } = options;
+  let uri: string | undefined;
+  if (server.type === 'unix') {
+    uri = name === undefined ? `nbd+unix://?socket=${server.path}` : `nbd+unix:///${name}?socket=${server.path}`;
+  } else if (server.type === 'inet' && server.ipv4 === undefined && server.ipv6 === undefined && server.to === undefined) {
+    uri = `nbd://${server.host}:${server.port}${name === undefined ? '' : `/${name}`}`;
+  }
+  return uri !== undefined && uri.length < MAX_FILENAME ? uri : undefined;
+}
+
+/** QEMU's block limits for an export (nbd_refresh_limits). */
+function requestLimits(info: ExportInfo): RequestLimits {
+  // Without advertised sizes: byte access when block status or an odd size needs it, else whole sectors.
+  const alignment = info.blockSizes?.minimum ?? (info.size % SECTOR !== 0 || info.allocationContext !== undefined ? 1 : SECTOR);
+  const maximum = info.blockSizes?.maximum || MAX_PAYLOAD;
+  return {
+    alignment,
+    maxTransfer: Math.max(alignment, Math.floor(Math.min(MAX_PAYLOAD, maximum) / alignment) * alignment),
+    maxRange: Math.floor(INT_MAX / alignment) * alignment,
+  };
+}
+
+/** Accepts the export at open (a read-only one makes an auto-read-only node read-only) and later only the same export. */
+function exportCheck(node: BlockNode): (info: ExportInfo) => void {
+  let opened: { size: number; alignment: number } | undefined;
+  return (info) => {
+    const readOnlyExport = (info.flags & TransmissionFlag.READ_ONLY) !== 0;
+    if (opened) {
+      // After a reconnection the export must still be the one the node's users see.
+      if (info.size !== opened.size) throw new Error(`export size changed from ${opened.size} to ${info.size}`);
+      if (requestLimits(info).alignment !== opened.alignment) throw new Error('export block size changed');
+      if (readOnlyExport && !node.readOnly) throw new Error('export became read-only');
+      return;
+    }
+    if (readOnlyExport && !node.readOnly) {
+      // QEMU's text: its "NBD export is read-only" message is dropped on this path.
+      if (!node.settings.autoReadOnly) throw genericError('Could not open image: Permission denied');
+      node.settings.readOnly = true;
+    }
+    opened = { size: info.size, alignment: requestLimits(info).alignment };
+  };
+}
+
+export const nbdDriver: BlockDriver<BlockdevOptionsNbd> = {
+  name: 'nbd',
+  kind: 'protocol',
+  strongOptions: ['server', 'export', 'tls-creds', 'tls-hostname'],
+  async open(context, options) {
+    for (const option of ['tls-creds', 'tls-hostname', 'x-dirty-bitmap'] as const) {
+      if (options[option] !== undefined) throw genericError(`nbd option '${option}' is not supported by blockd yet`);
+    }
+    const exportName = options.export ?? '';
+    if (Buffer.byteLength(exportName) > MAX_STRING) throw genericError('export name too long to send to server');
+    const target = {
+      address: options.server,
+      exportName,
+      reconnectDelay: options['reconnect-delay'] ?? 0,
+      openTimeout: options['open-timeout'] ?? 0,
+    };
+    const connection = await NbdConnection.open(target, exportCheck(context.node), context.log);
+    const uri = nbdUri(options);
+    const { info } = connection;
+    return new NbdState(connection, info.size, requestLimits(info), () => uri ?? jsonFilename(context.node));
+  },
+};
