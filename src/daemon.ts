@@ -10,6 +10,9 @@ import { NodeOpener } from './blockdev/node-opener.js';
 import { EventBus } from './event-bus.js';
 import { NbdService, registerExportCommands } from './exports/commands.js';
 import { ExportRegistry } from './exports/export-registry.js';
+import { registerJobCommands } from './jobs/commands.js';
+import { registerCreateCommand } from './jobs/create-job.js';
+import { JobRegistry } from './jobs/job-registry.js';
 import { registerObjectCommands } from './objects/commands.js';
 import { ObjectRegistry } from './objects/object-registry.js';
 import { CommandRegistry } from './qmp/command-registry.js';
@@ -27,6 +30,7 @@ export class Daemon {
   readonly opener: NodeOpener;
   readonly objects = new ObjectRegistry();
   readonly exports: ExportRegistry;
+  readonly jobs: JobRegistry;
   readonly nbd: NbdService;
   private readonly shutdownHooks: (() => void | Promise<void>)[] = [];
   private stopping: Promise<void> | undefined;
@@ -43,6 +47,9 @@ export class Daemon {
     const exportLayer = { graph: this.graph, opener: this.opener, exports: this.exports, log };
     this.nbd = new NbdService(exportLayer);
     registerExportCommands(this.registry, exportLayer, this.nbd);
+    this.jobs = new JobRegistry(this.bus);
+    registerJobCommands(this.registry, this.jobs);
+    registerCreateCommand(this.registry, { graph: this.graph, opener: this.opener }, this.jobs);
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();
@@ -79,8 +86,9 @@ export class Daemon {
     }
   }
 
-  /** Ends the exports (their BLOCK_EXPORT_DELETED events still reach the clients) and stops the NBD server. */
+  /** Cancels running jobs and ends the exports (their events still reach the clients), then stops the NBD server. */
   private async stopServices(): Promise<void> {
+    await this.jobs.cancelAll();
     await this.exports.closeAll();
     if (this.nbd.server) await this.nbd.stop();
   }

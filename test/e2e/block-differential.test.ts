@@ -10,32 +10,14 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
-import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
-import { makeTempDir } from '../helpers/paths.js';
-import { startQsd, type QsdProcess } from '../helpers/qsd-process.js';
-import { RawConnection } from '../helpers/raw-connection.js';
+import { test } from 'node:test';
+import { differentialPeers } from '../helpers/differential-peers.js';
+import { runTranscript, transcriptDifferences } from '../helpers/qmp-transcript.js';
 
-const temp = makeTempDir();
-let qsd: QsdProcess;
-let blockd: BlockdProcess;
-const qsdDir = join(temp.dir, 'qsd');
-const blockdDir = join(temp.dir, 'blockd');
-
-before(async () => {
-  for (const dir of [qsdDir, blockdDir]) {
-    mkdirSync(join(dir, 'sub'), { recursive: true });
-    writeFileSync(join(dir, 'disk.raw'), Buffer.alloc(8192, 1));
-    for (const name of ['base0.qcow2', 'base.qcow2', 'o2.qcow2', 'o3.qcow2']) spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, name), '4M']);
-  }
-  qsd = await startQsd(qsdDir);
-  blockd = await runBlockd(['--qmp', `unix:${join(blockdDir, 'blockd.sock')}`]);
-});
-
-after(async () => {
-  await qsd.stop();
-  await blockd.stop();
-  temp.cleanup();
+const peers = differentialPeers((dir) => {
+  mkdirSync(join(dir, 'sub'), { recursive: true });
+  writeFileSync(join(dir, 'disk.raw'), Buffer.alloc(8192, 1));
+  for (const name of ['base0.qcow2', 'base.qcow2', 'o2.qcow2', 'o3.qcow2']) spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, name), '4M']);
 });
 
 /** The script; "$DIR" is each server's own directory. */
@@ -129,21 +111,8 @@ const STEPS: object[] = [
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
 ];
 
-async function run(socket: string, dir: string): Promise<string[]> {
-  const connection = await RawConnection.negotiated(socket);
-  const replies: string[] = [];
-  for (const step of STEPS) {
-    connection.send(JSON.stringify(step).replaceAll('$DIR', dir));
-    const line = await connection.readLine(10_000);
-    replies.push(line.replaceAll(dir, '$DIR').replace(/#block\d+/g, '#blockN'));
-  }
-  connection.end();
-  return replies;
-}
-
 test('node-graph commands answer exactly as qemu-storage-daemon', async () => {
-  const expected = await run(qsd.socket, qsdDir);
-  const actual = await run(join(blockdDir, 'blockd.sock'), blockdDir);
-  const differences = STEPS.map((step, i) => ({ step, ours: actual[i], theirs: expected[i] })).filter((d) => d.ours !== d.theirs);
-  assert.deepEqual(differences, []);
+  const expected = await runTranscript(peers.qsd.socket, peers.qsd.dir, STEPS);
+  const actual = await runTranscript(peers.blockd.socket, peers.blockd.dir, STEPS);
+  assert.deepEqual(transcriptDifferences(actual, expected), []);
 });

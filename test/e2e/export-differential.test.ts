@@ -7,42 +7,34 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
-import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
+import { test } from 'node:test';
+import { differentialPeers } from '../helpers/differential-peers.js';
 import { NbdRawClient } from '../helpers/nbd-raw-client.js';
-import { makeTempDir } from '../helpers/paths.js';
-import { startQsd, type QsdProcess } from '../helpers/qsd-process.js';
-import { RawConnection } from '../helpers/raw-connection.js';
+import { runTranscript, transcriptDifferences, type TranscriptStep } from '../helpers/qmp-transcript.js';
 
-const temp = makeTempDir();
-let qsd: QsdProcess;
-let blockd: BlockdProcess;
-const qsdDir = join(temp.dir, 'qsd');
-const blockdDir = join(temp.dir, 'blockd');
-
-before(async () => {
-  for (const dir of [qsdDir, blockdDir]) {
-    mkdirSync(dir, { recursive: true });
-    spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, 'disk.qcow2'), '4M']);
-  }
-  qsd = await startQsd(qsdDir);
-  blockd = await runBlockd(['--qmp', `unix:${join(blockdDir, 'blockd.sock')}`]);
+const peers = differentialPeers((dir) => {
+  spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, 'disk.qcow2'), '4M']);
 });
 
-after(async () => {
-  await qsd.stop();
-  await blockd.stop();
-  temp.cleanup();
+let client: NbdRawClient | undefined;
+const connect = (name: string): TranscriptStep => ({
+  action: async (dir) => {
+    client = await NbdRawClient.open(join(dir, 'nbd.sock'), name);
+    return `client connected to ${name}`;
+  },
 });
-
-type Step = object | { client: 'connect'; export: string } | { client: 'disconnect' } | { pause: number };
+const disconnect: TranscriptStep = {
+  action: async () => {
+    client?.close();
+    return 'client closed';
+  },
+};
 
 const exportArgs = (extra: object) => ({ execute: 'block-export-add', arguments: { type: 'nbd', id: 'e0', 'node-name': 'q0', ...extra } });
 
 /** The script; "$DIR" is each server's own directory. */
-const STEPS: Step[] = [
+const STEPS: TranscriptStep[] = [
   exportArgs({}),
   { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'q0', file: { driver: 'file', 'node-name': 'f0', filename: '$DIR/disk.qcow2' } } },
   { execute: 'blockdev-add', arguments: { driver: 'null-co', 'node-name': 'ro', 'read-only': true, size: 1048576 } },
@@ -73,7 +65,7 @@ const STEPS: Step[] = [
   { execute: 'nbd-server-add', arguments: { device: 'ro', writable: true, name: 'legacy' } },
   { execute: 'nbd-server-add', arguments: { device: 'q0' } },
   { execute: 'query-block-exports' },
-  { client: 'connect', export: 'disk' },
+  connect('disk'),
   { execute: 'block-export-del', arguments: { id: 'e0' } },
   { execute: 'block-export-del', arguments: { id: 'nosuch' } },
   { execute: 'block-export-del', arguments: { id: 'e0', mode: 'hard' } },
@@ -82,11 +74,11 @@ const STEPS: Step[] = [
   { execute: 'nbd-server-remove', arguments: { name: 'legacy' } },
   { execute: 'nbd-server-remove', arguments: { name: 'legacy' } },
   { pause: 300 },
-  { client: 'disconnect' },
+  disconnect,
   { execute: 'block-export-add', arguments: { type: 'nbd', id: 'e3', 'node-name': 'q0', name: 'again', writable: true } },
   { execute: 'query-block-exports' },
-  { client: 'connect', export: 'again' },
-  { client: 'disconnect' },
+  connect('again'),
+  disconnect,
   { pause: 300 },
   { execute: 'nbd-server-stop' },
   { pause: 300 },
@@ -103,51 +95,8 @@ const STEPS: Step[] = [
   { execute: 'quit' },
 ];
 
-async function run(socket: string, dir: string): Promise<string[]> {
-  const connection = await RawConnection.negotiated(socket);
-  const transcript: string[] = [];
-  const record = (line: string) => transcript.push(
-    line.replaceAll(dir, '$DIR').replace(/"timestamp": \{[^}]*\}/, '"timestamp": {}').replace(/#block\d+/g, '#blockN'),
-  );
-  const drainEvents = async () => {
-    for (;;) {
-      try {
-        record(await connection.readLine(100));
-      } catch {
-        return;
-      }
-    }
-  };
-  let client: NbdRawClient | undefined;
-  for (const step of STEPS) {
-    if ('pause' in step) {
-      await new Promise((resolve) => setTimeout(resolve, step.pause));
-      await drainEvents();
-    } else if ('client' in step) {
-      if (step.client === 'connect') {
-        client = await NbdRawClient.open(join(dir, 'nbd.sock'), step.export);
-        transcript.push(`client connected to ${step.export}`);
-      } else {
-        client?.close();
-        transcript.push('client closed');
-      }
-    } else {
-      connection.send(JSON.stringify(step).replaceAll('$DIR', dir));
-      for (;;) {
-        const line = await connection.readLine(10_000);
-        record(line);
-        if (!line.startsWith('{"timestamp"')) break;
-      }
-    }
-  }
-  connection.end();
-  return transcript;
-}
-
 test('export commands and their events follow qemu-storage-daemon', async () => {
-  const expected = await run(qsd.socket, qsdDir);
-  const actual = await run(join(blockdDir, 'blockd.sock'), blockdDir);
-  const differences = expected.map((theirs, i) => ({ i, ours: actual[i], theirs })).filter((d) => d.ours !== d.theirs);
-  assert.deepEqual(differences, []);
-  assert.equal(actual.length, expected.length);
+  const expected = await runTranscript(peers.qsd.socket, peers.qsd.dir, STEPS);
+  const actual = await runTranscript(peers.blockd.socket, peers.blockd.dir, STEPS);
+  assert.deepEqual(transcriptDifferences(actual, expected), []);
 });

@@ -1,0 +1,91 @@
+/*
+ * The daemon's jobs by id, newest first as QEMU lists them: id checks for new
+ * jobs, lookups with the job-* and block-job-* commands' error texts, and the
+ * query answers. A job leaves the registry when it reaches 'null'.
+ */
+import type { EventBus } from '../event-bus.js';
+import type { BlockJobInfo, JobInfo } from '../generated/qapi-types.js';
+import { isIdentifier } from '../blockdev/node-names.js';
+import { QmpError, genericError } from '../qmp/errors.js';
+import { Job, type JobKind, type JobOptions } from './job.js';
+
+export class JobRegistry {
+  private jobs: Job[] = [];
+
+  constructor(private readonly bus: EventBus) {}
+
+  /** Creates and starts a job: its 'created' and 'running' events are sent before this returns. */
+  start(kind: JobKind, options: JobOptions): Job {
+    const job = this.create(kind, options);
+    job.start();
+    return job;
+  }
+
+  create(kind: JobKind, options: JobOptions): Job {
+    this.checkNewId(options.id);
+    const job = new Job(options.id, kind, options, this.bus, (ended) => {
+      this.jobs = this.jobs.filter((candidate) => candidate !== ended);
+    });
+    this.jobs.unshift(job);
+    return job;
+  }
+
+  checkNewId(id: string): void {
+    if (!isIdentifier(id)) throw genericError(`Invalid job ID '${id}'`);
+    if (this.jobs.some((job) => job.id === id)) throw genericError(`Job ID '${id}' already in use`);
+  }
+
+  /** job-* commands' lookup. */
+  find(id: string): Job {
+    const job = this.jobs.find((candidate) => candidate.id === id);
+    if (!job) throw genericError('Job not found');
+    return job;
+  }
+
+  /** block-job-* commands' lookup: block jobs only. */
+  findBlockJob(id: string): Job {
+    const job = this.jobs.find((candidate) => candidate.id === id && candidate.kind.blockJob);
+    if (!job) throw new QmpError('DeviceNotActive', `Block job '${id}' not found`);
+    return job;
+  }
+
+  all(): readonly Job[] {
+    return this.jobs;
+  }
+
+  queryJobs(): JobInfo[] {
+    return this.jobs.map((job) => ({
+      id: job.id,
+      type: job.type,
+      status: job.status,
+      'current-progress': job.currentProgress,
+      'total-progress': job.totalProgress,
+      ...(job.error === undefined ? {} : { error: job.error }),
+    }));
+  }
+
+  queryBlockJobs(): BlockJobInfo[] {
+    return this.jobs.filter((job) => job.kind.blockJob).map((job) => ({
+      type: job.type,
+      device: job.id,
+      len: job.totalProgress,
+      offset: job.currentProgress,
+      busy: job.busy,
+      paused: job.paused,
+      speed: job.speed,
+      'io-status': job.ioStatus,
+      ready: job.status === 'ready' || job.status === 'standby',
+      status: job.status,
+      'auto-finalize': job.autoFinalize,
+      'auto-dismiss': job.autoDismiss,
+      ...(job.error === undefined ? {} : { error: job.error }),
+    }));
+  }
+
+  /** Daemon shutdown: cancels what still runs and waits for it to end. */
+  async cancelAll(): Promise<void> {
+    const running = this.jobs.filter((job) => job.status !== 'concluded' && job.status !== 'null');
+    for (const job of running) job.cancel(true);
+    await Promise.all(running.map((job) => job.concluded()));
+  }
+}

@@ -1,0 +1,251 @@
+/*
+ * One job, driven through QEMU's state machine (job-state-table.ts) by the
+ * verbs clients send and by its own run. A job kind supplies run / prepare /
+ * commit / abort / clean (and complete for jobs that reach READY); this class
+ * owns everything else: status changes and their events in QEMU's order,
+ * pause points, cancellation, finalization and dismissal.
+ */
+import type { EventBus } from '../event-bus.js';
+import type { JobStatus, JobType, JobVerb } from '../generated/qapi-types.js';
+import { genericError } from '../qmp/errors.js';
+import { canTransition, verbAllowed } from './job-state-table.js';
+
+export interface JobKind {
+  readonly type: JobType;
+  /** Block jobs send BLOCK_JOB_* events and are listed by query-block-jobs. */
+  readonly blockJob: boolean;
+  /** The work; calls `job.pausePoint()` between steps. A thrown error fails the job. */
+  run(job: Job): Promise<void>;
+  /** Graph changes that may still fail (the job then aborts). */
+  prepare?(job: Job): Promise<void>;
+  commit?(job: Job): Promise<void>;
+  abort?(job: Job): Promise<void>;
+  clean?(job: Job): Promise<void>;
+  /** job-complete on a READY job (mirror, active commit). */
+  complete?(job: Job): void;
+}
+
+export interface JobOptions {
+  id: string;
+  autoFinalize: boolean;
+  autoDismiss: boolean;
+  speed?: number;
+}
+
+/** Thrown at a pause point once the job is cancelled. */
+export class JobCancelled extends Error {
+  constructor() {
+    super('Operation canceled');
+  }
+}
+
+export class Job {
+  status: JobStatus = 'undefined';
+  /** Work done and work known, in the kind's units (bytes for block jobs). */
+  currentProgress = 0;
+  totalProgress = 0;
+  speed: number;
+  error: string | undefined;
+  ioStatus: 'ok' | 'failed' | 'nospace' = 'ok';
+  readonly autoFinalize: boolean;
+  readonly autoDismiss: boolean;
+  /** Busy: the run is executing rather than parked at a pause point. */
+  busy = false;
+  private userPaused = false;
+  private pauseCount = 0;
+  private cancelRequested = false;
+  private forceCancel = false;
+  private resumeWaiters: (() => void)[] = [];
+  private readonly endedWaiters: (() => void)[] = [];
+  private startupDone!: () => void;
+  /**
+   * Resolves where QEMU's job coroutine would first yield (its first real I/O), or when the
+   * job ends before that. The command that starts a job replies after this, so a job failing
+   * in its synchronous part sends its events before the reply, as in QEMU.
+   */
+  readonly startup = new Promise<void>((resolve) => (this.startupDone = resolve));
+
+  constructor(readonly id: string, readonly kind: JobKind, options: JobOptions, private readonly bus: EventBus, private readonly onNull: (job: Job) => void) {
+    this.autoFinalize = options.autoFinalize;
+    this.autoDismiss = options.autoDismiss;
+    this.speed = options.speed ?? 0;
+  }
+
+  get type(): JobType {
+    return this.kind.type;
+  }
+
+  get paused(): boolean {
+    return this.pauseCount > 0;
+  }
+
+  get cancelled(): boolean {
+    return this.cancelRequested && this.forceCancel;
+  }
+
+  // ---- status -------------------------------------------------------------------------------
+
+  private transition(to: JobStatus): void {
+    if (!canTransition(this.status, to)) throw new Error(`job '${this.id}': illegal transition ${this.status} -> ${to}`);
+    const changed = this.status !== to;
+    this.status = to;
+    if (changed) this.bus.emit('JOB_STATUS_CHANGE', { id: this.id, status: to });
+  }
+
+  /** Refuses a verb the current status does not accept, in QEMU's words. */
+  checkVerb(verb: JobVerb): void {
+    if (!verbAllowed(verb, this.status)) {
+      throw genericError(`Job '${this.id}' in state '${this.status}' cannot accept command verb '${verb}'`);
+    }
+  }
+
+  private blockEvent(): { type: JobType; device: string; len: number; offset: number; speed: number } {
+    return { type: this.type, device: this.id, len: this.totalProgress, offset: this.currentProgress, speed: this.speed };
+  }
+
+  // ---- life cycle ----------------------------------------------------------------------------
+
+  /** Announces the job (created) and starts it (running); both events precede the command's reply, as in QEMU. */
+  start(): void {
+    this.transition('created');
+    this.transition('running');
+    this.busy = true;
+    void this.execute();
+  }
+
+  private async execute(): Promise<void> {
+    let failure: unknown;
+    try {
+      await this.pausePoint();
+      await this.kind.run(this);
+      if (this.cancelled) throw new JobCancelled();
+    } catch (error) {
+      failure = error;
+    }
+    this.busy = false;
+    if (failure !== undefined || this.cancelled) return this.fail(this.cancelled ? new JobCancelled() : failure);
+    this.startupDone();
+    this.transition('waiting');
+    this.transition('pending');
+    if (!this.autoFinalize) {
+      if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+      return;
+    }
+    await this.finalize();
+  }
+
+  /** Applies the job's result (prepare, commit, clean) and concludes it. */
+  async finalize(): Promise<void> {
+    try {
+      await this.kind.prepare?.(this);
+    } catch (error) {
+      return this.fail(error);
+    }
+    await this.kind.commit?.(this);
+    await this.kind.clean?.(this);
+    if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_COMPLETED', this.blockEvent());
+    this.conclude();
+  }
+
+  private async fail(error: unknown): Promise<void> {
+    this.error = (error as Error)?.message ?? String(error);
+    this.transition('aborting');
+    await this.kind.abort?.(this);
+    await this.kind.clean?.(this);
+    if (this.kind.blockJob) {
+      if (this.cancelled) this.bus.emit('BLOCK_JOB_CANCELLED', this.blockEvent());
+      else this.bus.emit('BLOCK_JOB_COMPLETED', { ...this.blockEvent(), error: this.error });
+    }
+    this.conclude();
+  }
+
+  private conclude(): void {
+    this.transition('concluded');
+    this.startupDone();
+    for (const wake of this.endedWaiters.splice(0)) wake();
+    if (this.autoDismiss) this.dismiss();
+  }
+
+  dismiss(): void {
+    this.transition('null');
+    this.onNull(this);
+  }
+
+  /** The kind's run reached its first real I/O (see `startup`). */
+  startupReached(): void {
+    this.startupDone();
+  }
+
+  /** Resolves once the job has concluded. */
+  concluded(): Promise<void> {
+    if (this.status === 'concluded' || this.status === 'null') return Promise.resolve();
+    return new Promise((resolve) => this.endedWaiters.push(resolve));
+  }
+
+  // ---- pausing and cancelling ------------------------------------------------------------------
+
+  /** Where the run may stop: parks while paused, throws JobCancelled once cancelled. */
+  async pausePoint(): Promise<void> {
+    if (this.cancelled) throw new JobCancelled();
+    if (this.pauseCount === 0) return;
+    const resumeTo = this.status === 'ready' ? 'ready' : 'running';
+    this.transition(resumeTo === 'ready' ? 'standby' : 'paused');
+    this.busy = false;
+    while (this.pauseCount > 0 && !this.cancelled) await new Promise<void>((resolve) => this.resumeWaiters.push(resolve));
+    this.busy = true;
+    this.transition(resumeTo);
+    if (this.cancelled) throw new JobCancelled();
+  }
+
+  private wake(): void {
+    for (const wake of this.resumeWaiters.splice(0)) wake();
+  }
+
+  userPause(): void {
+    this.checkVerb('pause');
+    if (this.userPaused) throw genericError('Job is already paused');
+    this.userPaused = true;
+    this.pauseCount++;
+  }
+
+  userResume(): void {
+    if (!this.userPaused || this.pauseCount <= 0) throw genericError("Can't resume a job that was not paused");
+    this.checkVerb('resume');
+    this.userPaused = false;
+    this.ioStatus = 'ok';
+    this.pauseCount--;
+    this.wake();
+  }
+
+  get isUserPaused(): boolean {
+    return this.userPaused;
+  }
+
+  /** Cancels the job; jobs without a soft cancel (all but mirror and active commit) are always force-cancelled. */
+  cancel(force: boolean): void {
+    if (this.status === 'concluded') return this.dismiss();
+    this.cancelRequested = true;
+    this.forceCancel = this.forceCancel || force || !this.kind.complete;
+    if (this.userPaused) {
+      this.userPaused = false;
+      this.pauseCount--;
+    }
+    if (this.status === 'pending') {
+      void this.fail(new JobCancelled());
+      return;
+    }
+    this.wake();
+  }
+
+  setSpeed(speed: number): void {
+    this.checkVerb('set-speed');
+    if (speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
+    this.speed = speed;
+  }
+
+  complete(): void {
+    this.checkVerb('complete');
+    if (this.cancelRequested || !this.kind.complete) throw genericError(`The active block job '${this.id}' cannot be completed`);
+    this.kind.complete(this);
+  }
+}

@@ -1,0 +1,47 @@
+/*
+ * Runs a QMP script and records what comes back (replies and events, in wire
+ * order) with directories, timestamps and generated node names normalised, so
+ * differential tests can compare blockd's transcript with qemu-storage-daemon's.
+ * Steps are commands, pauses (then the events that arrived are recorded), or
+ * actions of the test's own (an NBD client connecting, say) that log a line.
+ */
+import { RawConnection } from './raw-connection.js';
+
+export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> };
+
+export async function runTranscript(socket: string, dir: string, steps: readonly TranscriptStep[]): Promise<string[]> {
+  const connection = await RawConnection.negotiated(socket);
+  const transcript: string[] = [];
+  const record = (line: string) => transcript.push(
+    line.replaceAll(dir, '$DIR').replace(/"timestamp": \{[^}]*\}/, '"timestamp": {}').replace(/#block\d+/g, '#blockN'),
+  );
+  for (const step of steps) {
+    if ('pause' in step) {
+      await new Promise((resolve) => setTimeout(resolve, step.pause));
+      for (;;) {
+        try {
+          record(await connection.readLine(100));
+        } catch {
+          break;
+        }
+      }
+    } else if ('action' in step) {
+      transcript.push(await step.action(dir));
+    } else {
+      connection.send(JSON.stringify(step).replaceAll('$DIR', dir));
+      for (;;) {
+        const line = await connection.readLine(10_000);
+        record(line);
+        if (!line.startsWith('{"timestamp"')) break;
+      }
+    }
+  }
+  connection.end();
+  return transcript;
+}
+
+/** The steps where two transcripts differ (empty when they agree). */
+export function transcriptDifferences(ours: string[], theirs: string[]): { i: number; ours?: string; theirs?: string }[] {
+  const length = Math.max(ours.length, theirs.length);
+  return Array.from({ length }, (_, i) => ({ i, ours: ours[i], theirs: theirs[i] })).filter((d) => d.ours !== d.theirs);
+}
