@@ -13,6 +13,8 @@ import { ExportRegistry } from './exports/export-registry.js';
 import { registerJobCommands } from './jobs/commands.js';
 import { registerCreateCommand } from './jobs/create-job.js';
 import { JobRegistry } from './jobs/job-registry.js';
+import { registerStreamCommand } from './jobs/stream-job.js';
+import { OpBlockers } from './opblockers/op-blockers.js';
 import { registerObjectCommands } from './objects/commands.js';
 import { ObjectRegistry } from './objects/object-registry.js';
 import { CommandRegistry } from './qmp/command-registry.js';
@@ -31,6 +33,7 @@ export class Daemon {
   readonly objects = new ObjectRegistry();
   readonly exports: ExportRegistry;
   readonly jobs: JobRegistry;
+  readonly blockers = new OpBlockers();
   readonly nbd: NbdService;
   private readonly shutdownHooks: (() => void | Promise<void>)[] = [];
   private stopping: Promise<void> | undefined;
@@ -41,7 +44,7 @@ export class Daemon {
     registerControlCommands(this.registry, { stopServices: () => this.stopServices(), shutdown: (reason) => void this.shutdown(reason) });
     this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
     this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }), this.objects);
-    registerBlockCommands(this.registry, { graph: this.graph, opener: this.opener });
+    registerBlockCommands(this.registry, { graph: this.graph, opener: this.opener }, this.blockers);
     registerObjectCommands(this.registry, this.objects);
     this.exports = new ExportRegistry(this.graph, this.bus, log.child({ component: 'exports' }));
     const exportLayer = { graph: this.graph, opener: this.opener, exports: this.exports, log };
@@ -50,6 +53,7 @@ export class Daemon {
     this.jobs = new JobRegistry(this.bus);
     registerJobCommands(this.registry, this.jobs);
     registerCreateCommand(this.registry, { graph: this.graph, opener: this.opener }, this.jobs);
+    registerStreamCommand(this.registry, { graph: this.graph, opener: this.opener }, this.jobs, this.blockers);
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();

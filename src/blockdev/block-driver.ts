@@ -74,6 +74,8 @@ export interface DriverState {
   setPermissions?(needed: PermissionPair): Promise<void>;
   /** The backing file the image header names, as QEMU keeps it (auto_backing_file); formats with backing files only. */
   autoBackingFile?: string;
+  /** Rewrites the backing file name (and format) the image header records; formats with backing files only. */
+  changeBackingFile?(name: string | undefined, format: string | undefined): Promise<void>;
   /** Told that the node's backing child changed (a snapshot put a node under it); formats with backing files only. */
   setBacking?(backing: ChildEdge | undefined): void;
   info(): DriverInfo;

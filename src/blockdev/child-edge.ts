@@ -14,6 +14,8 @@ import { PERM_ALL, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type ChildRole
 export interface BlockUser {
   /** e.g. "an unnamed block device", "stream job 'j0'". */
   describe(): string;
+  /** A job's own hold on a node (QEMU: a BdrvChild of the job, not a BlockBackend). */
+  readonly job?: boolean;
 }
 
 export type EdgeParent = { node: BlockNode } | { user: BlockUser };

@@ -10,8 +10,9 @@ import { COMMAND_USER, asQmpError, backingParentOf, lookupDeviceOrNode, type Blo
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
 import { blockdevSnapshot, blockdevSnapshotSync } from './snapshot.js';
 import { blockDeviceInfo } from './node-info.js';
+import type { OpBlockers } from '../opblockers/op-blockers.js';
 
-export function registerBlockCommands(registry: CommandRegistry, { graph, opener }: BlockLayer): void {
+export function registerBlockCommands(registry: CommandRegistry, { graph, opener }: BlockLayer, blockers: OpBlockers): void {
   registry.register('blockdev-add', async (options) => {
     if (options['node-name'] === undefined) throw genericError("'node-name' must be specified for the root node");
     await opener.open({ options, monitorOwned: true });
@@ -20,9 +21,9 @@ export function registerBlockCommands(registry: CommandRegistry, { graph, opener
   registry.register('blockdev-del', async ({ 'node-name': name }) => {
     const node = graph.find(name);
     if (!node) throw genericError(`Failed to find node with node-name='${name}'`);
-    if (node.parents.some((edge) => 'user' in edge.parent)) throw genericError(`Node ${name} is in use`);
-    const backingOf = backingParentOf(node);
-    if (backingOf) throw genericError(`Node '${name}' is busy: node is used as backing hd of '${backingOf.name}'`);
+    if (node.parents.some((edge) => 'user' in edge.parent && !edge.parent.user.job)) throw genericError(`Node ${name} is in use`);
+    const blocked = blockers.reason(node, 'drive-del');
+    if (blocked) throw genericError(`Node '${name}' is busy: ${blocked}`);
     if (!node.monitorOwned) throw genericError(`Node ${name} is not owned by the monitor`);
     if (node.parents.length > 0) throw genericError(`Block device ${name} is in use`);
     await graph.close(node);

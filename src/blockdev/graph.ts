@@ -147,6 +147,67 @@ export class BlockGraph implements NodeObserver {
     });
   }
 
+  /** Moves the given parent edges of one node onto another (graph changes made by jobs); undone by moving them back. */
+  private moveParents(edges: ChildEdge[], to: BlockNode): void {
+    for (const edge of edges) {
+      const from = edge.child;
+      from.parents.splice(from.parents.indexOf(edge), 1);
+      edge.child = to;
+      to.parents.unshift(edge);
+    }
+  }
+
+  /**
+   * Puts `filter` (already opened over `node`) between `node` and its other parents, as
+   * QEMU's bdrv_insert_node does; on a permission conflict the graph is left as it was.
+   */
+  async insertFilter(filter: BlockNode, node: BlockNode): Promise<void> {
+    await node.drained(async () => {
+      const moved = node.parents.filter((edge) => !('node' in edge.parent && edge.parent.node === filter));
+      this.moveParents(moved, filter);
+      try {
+        await this.refreshPermissions([filter, node]);
+      } catch (error) {
+        this.moveParents(moved, node);
+        throw error;
+      }
+    });
+  }
+
+  /** Takes a filter out again: its parents use its child, and the filter closes. */
+  async removeFilter(filter: BlockNode): Promise<void> {
+    const below = filter.primaryChild()?.child;
+    if (!below) return;
+    await filter.drained(async () => {
+      this.moveParents(filter.parents.slice(), below);
+      await this.refreshPermissions([below]);
+    });
+    await this.close(filter);
+  }
+
+  /**
+   * Points `node`'s backing edge at `backing` (or removes it), QEMU's bdrv_set_backing_hd.
+   * Nodes left without users that the monitor does not own are closed.
+   */
+  async changeBacking(node: BlockNode, backing: BlockNode | undefined): Promise<void> {
+    const edge = node.backing();
+    const old = edge?.child;
+    if (old === backing) return;
+    await node.drained(async () => {
+      if (edge && backing) {
+        this.moveParents([edge], backing);
+        node.state.setBacking?.(edge);
+      } else if (edge) {
+        this.unlink(edge);
+        node.state.setBacking?.(undefined);
+      } else if (backing) {
+        node.state.setBacking?.(this.linkChild(node, backing, 'backing', 'cow'));
+      }
+      await this.refreshPermissions([node, ...(old ? [old] : [])]);
+    });
+    if (old && old.parents.length === 0 && !old.monitorOwned) await this.close(old);
+  }
+
   /** Makes a node (and the children that inherited its mode) read-only, dropping the write permissions below. */
   async reopenReadOnly(node: BlockNode): Promise<void> {
     const changed: BlockNode[] = [];

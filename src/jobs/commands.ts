@@ -13,36 +13,36 @@ function finalize(job: Job): Promise<void> {
   return job.finalize();
 }
 
-function dismiss(job: Job): void {
+function dismiss(job: Job): Promise<void> {
   job.checkVerb('dismiss');
-  job.dismiss();
+  return job.dismiss();
 }
 
 export function registerJobCommands(registry: CommandRegistry, jobs: JobRegistry): void {
   registry.register('query-jobs', () => jobs.queryJobs());
   registry.register('query-block-jobs', () => jobs.queryBlockJobs());
 
-  registry.register('job-pause', ({ id }) => jobs.find(id).userPause());
+  registry.register('job-pause', async ({ id }) => jobs.find(id).userPause());
   registry.register('job-resume', ({ id }) => jobs.find(id).userResume());
   registry.register('job-cancel', ({ id }) => {
     const job = jobs.find(id);
     job.checkVerb('cancel');
-    job.cancel(true);
+    return job.cancel(true);
   });
   registry.register('job-complete', ({ id }) => jobs.find(id).complete());
   registry.register('job-finalize', async ({ id }) => finalize(jobs.find(id)));
-  registry.register('job-dismiss', ({ id }) => dismiss(jobs.find(id)));
+  registry.register('job-dismiss', async ({ id }) => dismiss(jobs.find(id)));
 
   registry.register('block-job-set-speed', ({ device, speed }) => jobs.findBlockJob(device).setSpeed(speed));
-  registry.register('block-job-pause', ({ device }) => jobs.findBlockJob(device).userPause());
+  registry.register('block-job-pause', async ({ device }) => jobs.findBlockJob(device).userPause());
   registry.register('block-job-resume', ({ device }) => jobs.findBlockJob(device).userResume());
   registry.register('block-job-cancel', ({ device, force }) => {
     const job = jobs.findBlockJob(device);
     if (job.isUserPaused && !force) throw genericError(`The block job for device '${device}' is currently paused`);
     job.checkVerb('cancel');
-    job.cancel(force ?? false);
+    return job.cancel(force ?? false);
   });
   registry.register('block-job-complete', ({ device }) => jobs.findBlockJob(device).complete());
   registry.register('block-job-finalize', async ({ id }) => finalize(jobs.findBlockJob(id)));
-  registry.register('block-job-dismiss', ({ id }) => dismiss(jobs.findBlockJob(id)));
+  registry.register('block-job-dismiss', async ({ id }) => dismiss(jobs.findBlockJob(id)));
 }

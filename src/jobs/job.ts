@@ -23,7 +23,12 @@ export interface JobKind {
   clean?(job: Job): Promise<void>;
   /** job-complete on a READY job (mirror, active commit). */
   complete?(job: Job): void;
+  /** When the job object goes away (dismissed): what it holds until then (stream's node blockers, as in QEMU). */
+  release?(job: Job): Promise<void>;
 }
+
+/** What a job does with an I/O error, by its on-error policy (QEMU's block_job_error_action). */
+export type ErrorPolicy = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
 
 export interface JobOptions {
   id: string;
@@ -56,6 +61,15 @@ export class Job {
   private cancelRequested = false;
   private forceCancel = false;
   private resumeWaiters: (() => void)[] = [];
+  private parked = 0;
+  private resumeStatus: JobStatus = 'running';
+  /** Workers of the run (the copy engine sets this) and how many sleep (rate limit) right now. */
+  workers = 1;
+  private sleepers = 0;
+  private sleepKicks: (() => void)[] = [];
+  /** Counts parkings, so a sleeper can tell that the job was paused while it slept. */
+  pauseGeneration = 0;
+  private statusWaiters: { test: () => boolean; resolve: () => void }[] = [];
   private readonly endedWaiters: (() => void)[] = [];
   private startupDone!: () => void;
   /**
@@ -90,6 +104,7 @@ export class Job {
     const changed = this.status !== to;
     this.status = to;
     if (changed) this.bus.emit('JOB_STATUS_CHANGE', { id: this.id, status: to });
+    this.statusWaiters = this.statusWaiters.filter((waiter) => (waiter.test() ? (waiter.resolve(), false) : true));
   }
 
   /** Refuses a verb the current status does not accept, in QEMU's words. */
@@ -107,10 +122,29 @@ export class Job {
 
   /** Announces the job (created) and starts it (running); both events precede the command's reply, as in QEMU. */
   start(): void {
+    this.announce();
+    this.begin();
+  }
+
+  /** The job exists (created); set-up that may still fail comes next. */
+  announce(): void {
     this.transition('created');
+  }
+
+  /** Set-up failed: the job goes (created -> null), as in QEMU's job_early_fail. */
+  abandon(): void {
+    this.transition('null');
+    this.onNull(this);
+  }
+
+  begin(): void {
     this.transition('running');
     this.busy = true;
-    void this.execute();
+    void this.execute().catch((error: unknown) => {
+      // A bug in the job machinery must not take the daemon down; the job stays where it is.
+      this.error = `internal error: ${(error as Error).message}`;
+      process.emitWarning(`job '${this.id}': ${(error as Error).stack ?? String(error)}`);
+    });
   }
 
   private async execute(): Promise<void> {
@@ -163,12 +197,30 @@ export class Job {
     this.transition('concluded');
     this.startupDone();
     for (const wake of this.endedWaiters.splice(0)) wake();
-    if (this.autoDismiss) this.dismiss();
+    if (this.autoDismiss) void this.dismiss();
   }
 
-  dismiss(): void {
+  /** The job goes ('null'), then lets go of what it held; resolves once it has. */
+  async dismiss(): Promise<void> {
     this.transition('null');
     this.onNull(this);
+    await this.kind.release?.(this);
+  }
+
+  /**
+   * Applies the on-error policy to an I/O error: sends BLOCK_JOB_ERROR, then 'retry' after a
+   * stop (the job pauses as if the user paused it, and retries once resumed), 'ignore', or 'report'.
+   */
+  async ioError(code: string, operation: 'read' | 'write', policy: ErrorPolicy): Promise<'retry' | 'ignore' | 'report'> {
+    const nospace = code === 'ENOSPC';
+    const action = policy === 'ignore' ? 'ignore' : policy === 'stop' || ((policy === 'enospc' || policy === 'auto') && nospace) ? 'stop' : 'report';
+    this.bus.emit('BLOCK_JOB_ERROR', { device: this.id, operation, action });
+    if (action !== 'stop') return action;
+    this.ioStatus = nospace ? 'nospace' : 'failed';
+    this.userPaused = true;
+    this.pauseCount++;
+    await this.pausePoint();
+    return 'retry';
   }
 
   /** The kind's run reached its first real I/O (see `startup`). */
@@ -184,28 +236,73 @@ export class Job {
 
   // ---- pausing and cancelling ------------------------------------------------------------------
 
-  /** Where the run may stop: parks while paused, throws JobCancelled once cancelled. */
+  /**
+   * Where the run may stop: parks while paused, throws JobCancelled once cancelled. Several
+   * workers of one job may park at once; the first changes the status, the last restores it.
+   */
   async pausePoint(): Promise<void> {
     if (this.cancelled) throw new JobCancelled();
     if (this.pauseCount === 0) return;
-    const resumeTo = this.status === 'ready' ? 'ready' : 'running';
-    this.transition(resumeTo === 'ready' ? 'standby' : 'paused');
-    this.busy = false;
+    if (this.parked++ === 0) {
+      this.pauseGeneration++;
+      this.resumeStatus = this.status === 'ready' ? 'ready' : 'running';
+      this.transition(this.resumeStatus === 'ready' ? 'standby' : 'paused');
+      this.busy = false;
+    }
     while (this.pauseCount > 0 && !this.cancelled) await new Promise<void>((resolve) => this.resumeWaiters.push(resolve));
-    this.busy = true;
-    this.transition(resumeTo);
+    if (--this.parked === 0) {
+      this.busy = true;
+      this.transition(this.resumeStatus);
+    }
     if (this.cancelled) throw new JobCancelled();
+  }
+
+  /**
+   * Sleeps (the rate limit's wait) as QEMU's job_sleep_ns does: a pause or cancel ends the
+   * sleep at once, so the job reacts before the command that asked replies.
+   */
+  async sleep(ms: number): Promise<void> {
+    this.sleepers++;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.sleepKicks.push(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    this.sleepers--;
+    await this.pausePoint();
+  }
+
+  /** Every worker sleeps or is parked: the job can act on a verb before the reply, as QEMU's does. */
+  private get quiescent(): boolean {
+    const started = ['running', 'paused', 'ready', 'standby'].includes(this.status);
+    return started && this.workers > 0 && this.sleepers + this.parked >= this.workers;
+  }
+
+  /** Resolves once `test` holds (checked at each status change). */
+  private until(test: () => boolean): Promise<void> {
+    if (test()) return Promise.resolve();
+    return new Promise((resolve) => this.statusWaiters.push({ test, resolve }));
+  }
+
+  private kickSleepers(): void {
+    for (const kick of this.sleepKicks.splice(0)) kick();
   }
 
   private wake(): void {
     for (const wake of this.resumeWaiters.splice(0)) wake();
   }
 
-  userPause(): void {
+  /** Resolves when a sleeping job has parked (its 'paused' event then precedes the reply); at once otherwise. */
+  userPause(): Promise<void> {
     this.checkVerb('pause');
     if (this.userPaused) throw genericError('Job is already paused');
     this.userPaused = true;
     this.pauseCount++;
+    if (!this.quiescent || this.parked > 0) return Promise.resolve();
+    this.kickSleepers();
+    return this.until(() => this.status === 'paused' || this.status === 'standby' || this.parked > 0);
   }
 
   userResume(): void {
@@ -221,20 +318,23 @@ export class Job {
     return this.userPaused;
   }
 
-  /** Cancels the job; jobs without a soft cancel (all but mirror and active commit) are always force-cancelled. */
-  cancel(force: boolean): void {
+  /**
+   * Cancels the job; jobs without a soft cancel (all but mirror and active commit) are always
+   * force-cancelled. Resolves when a sleeping or paused job has ended (its events then precede the reply).
+   */
+  cancel(force: boolean): Promise<void> {
     if (this.status === 'concluded') return this.dismiss();
+    const idle = this.quiescent;
     this.cancelRequested = true;
     this.forceCancel = this.forceCancel || force || !this.kind.complete;
     if (this.userPaused) {
       this.userPaused = false;
       this.pauseCount--;
     }
-    if (this.status === 'pending') {
-      void this.fail(new JobCancelled());
-      return;
-    }
+    if (this.status === 'pending') return this.fail(new JobCancelled());
+    this.kickSleepers();
     this.wake();
+    return idle ? this.concluded() : Promise.resolve();
   }
 
   setSpeed(speed: number): void {

@@ -79,6 +79,22 @@ class Qcow2State implements DriverState {
     this.image.backing = backing;
   }
 
+  /** Rewrites the backing file name and format in the header (QEMU's bdrv_change_backing_file); the data must be flushed first. */
+  async changeBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
+    const { header } = this.image;
+    const previous = { backingFile: header.backingFile, backingFormat: header.backingFormat };
+    header.backingFile = name;
+    header.backingFormat = name === undefined ? undefined : format;
+    try {
+      await this.image.writeHeader();
+      await this.image.flushMetadata();
+    } catch (error) {
+      Object.assign(header, previous);
+      throw error;
+    }
+    this.autoBackingFile = name ?? '';
+  }
+
   info() {
     const { header } = this.image;
     const v3 = header.version === 3;

@@ -1,0 +1,127 @@
+/*
+ * The copy loop every data-moving job shares: walks a range in large chunks,
+ * asks the job's plan which parts need copying (holes, zeroes and data
+ * already in place are skipped without reading), keeps several copies in
+ * flight, honours the job's speed limit, reports progress, stops at pause
+ * points and applies the on-error policy to each failed chunk.
+ */
+import { errnoOf } from '../blockdev/io-error.js';
+import type { ErrorPolicy, Job } from './job.js';
+
+export interface CopyPlan {
+  /** Bytes to walk. */
+  length: number;
+  /** How the run starting at `offset` is handled (its length may be shorter than `maxLength`). */
+  decide(offset: number, maxLength: number): Promise<{ length: number; copy: boolean }>;
+  /** Copies one run; errors carry the side that failed. */
+  copy(offset: number, length: number): Promise<void>;
+}
+
+/** An error of a copy, with the side (read or write) the on-error policy reports. */
+export class CopyError extends Error {
+  constructor(readonly operation: 'read' | 'write', override readonly cause: unknown) {
+    super((cause as Error)?.message ?? String(cause));
+  }
+}
+
+export interface CopyOptions {
+  chunkSize: number;
+  inFlight: number;
+  onError: ErrorPolicy;
+}
+
+/** Token bucket over 100 ms slices, like QEMU's ratelimit: bytes beyond the speed wait for later slices. */
+class RateLimit {
+  private sliceStart = Date.now();
+  private sliceBytes = 0;
+
+  async take(job: Job, bytes: number): Promise<void> {
+    if (job.speed <= 0) return;
+    const perSlice = job.speed / 10;
+    this.sliceBytes += bytes;
+    while (this.sliceBytes > perSlice && job.speed > 0) {
+      const sliceEnd = this.sliceStart + 100;
+      const generation = job.pauseGeneration;
+      await job.sleep(Math.max(0, sliceEnd - Date.now()));
+      if (job.pauseGeneration !== generation) {
+        // Paused while waiting: as in QEMU, the job goes on at once after the resume.
+        this.sliceBytes = 0;
+        this.sliceStart = Date.now();
+        return;
+      }
+      this.sliceStart = Math.max(sliceEnd, Date.now() - 100);
+      this.sliceBytes -= perSlice;
+    }
+  }
+}
+
+export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): Promise<void> {
+  job.totalProgress = plan.length;
+  const limit = new RateLimit();
+  let cursor = 0;
+  let failure: unknown;
+  let deciding = Promise.resolve();
+
+  /** Claims the next run, deciding in order so runs never overlap. */
+  const next = async (): Promise<{ offset: number; length: number; copy: boolean } | undefined> => {
+    const turn = deciding.then(async () => {
+      if (cursor >= plan.length || failure !== undefined) return undefined;
+      const offset = cursor;
+      const run = await plan.decide(offset, Math.min(options.chunkSize, plan.length - offset));
+      const length = Math.max(1, Math.min(run.length, plan.length - offset));
+      cursor = offset + length;
+      return { offset, length, copy: run.copy };
+    });
+    deciding = turn.then(() => undefined, () => undefined);
+    return turn;
+  };
+
+  const worker = async (index: number) => {
+    try {
+      await work(index);
+    } finally {
+      job.workers--;
+    }
+  };
+  const work = async (index: number) => {
+    for (;;) {
+      await job.pausePoint();
+      if (cursor >= plan.length || failure !== undefined) return;
+      // Under a speed limit one copy at a time, as QEMU's jobs copy: progress then moves chunk by chunk.
+      if (index > 0 && job.speed > 0) {
+        await job.sleep(50);
+        continue;
+      }
+      const run = await next();
+      if (!run) return;
+      if (run.copy) {
+        for (;;) {
+          try {
+            await plan.copy(run.offset, run.length);
+            break;
+          } catch (error) {
+            const operation = error instanceof CopyError ? error.operation : 'read';
+            const cause = error instanceof CopyError ? error.cause : error;
+            const action = await job.ioError(errnoOf(cause), operation, options.onError);
+            if (action === 'retry') continue;
+            if (action === 'ignore') break;
+            failure ??= cause;
+            return;
+          }
+        }
+        job.currentProgress += run.length;
+        await limit.take(job, run.length);
+      } else {
+        job.currentProgress += run.length;
+        // Even skipping yields now and then, so QMP stays responsive on huge sparse images.
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+    }
+  };
+  job.workers = options.inFlight;
+  // Every worker ends before the job goes on (none may still be parked at a pause point).
+  const results = await Promise.allSettled(Array.from({ length: options.inFlight }, (_, index) => worker(index)));
+  const rejected = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
+  if (rejected) throw rejected.reason;
+  if (failure !== undefined) throw failure;
+}

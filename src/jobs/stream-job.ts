@@ -1,0 +1,217 @@
+/*
+ * block-stream: copies into the top node the data its backing chain holds
+ * above the base, then makes the base its backing file (header rewritten
+ * after the copied data is flushed, so a crash at any moment leaves a chain
+ * that reads the same) and lets the streamed layers go. As in QEMU a
+ * copy-on-read filter sits above the top node while the job runs, and the
+ * job blocks other operations on every node it holds until it is dismissed.
+ */
+import type { BlockLayer } from '../blockdev/block-layer.js';
+import type { ChildEdge } from '../blockdev/child-edge.js';
+import { describeErrno, errnoOf } from '../blockdev/io-error.js';
+import { nodeFilename } from '../blockdev/node-filename.js';
+import type { BlockNode } from '../blockdev/node.js';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
+import { isAllZero } from '../blockdev/node.js';
+import type { QmpCommandMap } from '../generated/qapi-types.js';
+import type { CommandRegistry } from '../qmp/command-registry.js';
+import { QmpError, genericError } from '../qmp/errors.js';
+import type { OpBlockers } from '../opblockers/op-blockers.js';
+import { CopyError, runCopy } from './copy-engine.js';
+import type { JobRegistry } from './job-registry.js';
+import type { Job, JobKind } from './job.js';
+
+type StreamArguments = QmpCommandMap['block-stream']['args'];
+
+const STREAM_CHUNK = 512 * 1024;
+const COPIES_IN_FLIGHT = 4;
+const SHARED_BY_JOB = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED;
+
+/** The next node down the chain: a filter's child, or a format's backing file (QEMU's bdrv_filter_or_cow_bs). */
+function below(node: BlockNode): BlockNode | undefined {
+  return node.driver.kind === 'filter' ? node.primaryChild()?.child : node.backing()?.child;
+}
+
+/** The chain below `node`, filters included, top first. */
+function chainBelow(node: BlockNode): BlockNode[] {
+  const chain: BlockNode[] = [];
+  for (let layer = below(node); layer; layer = below(layer)) chain.push(layer);
+  return chain;
+}
+
+/** Whether the run at `offset` is allocated in some layer from `top` down to `bottom` (inclusive). */
+async function allocatedBetween(top: BlockNode, bottom: BlockNode, offset: number, length: number): Promise<{ length: number; allocated: boolean }> {
+  let run = length;
+  for (let layer: BlockNode | undefined = top; layer; layer = layer.backing()?.child) {
+    if (offset < layer.length()) {
+      const status = await layer.blockStatus(offset, Math.min(run, layer.length() - offset));
+      if (status.allocated) return { length: status.length, allocated: true };
+      run = Math.min(run, status.length);
+    }
+    if (layer === bottom) break;
+  }
+  return { length: run, allocated: false };
+}
+
+interface StreamPlan {
+  top: BlockNode;
+  /** The lowest layer whose data is copied. */
+  bottom: BlockNode;
+  /** The new backing file once the job completes (undefined: the whole chain is streamed). */
+  base: BlockNode | undefined;
+  backingFile: string | undefined;
+}
+
+class StreamJob implements JobKind {
+  readonly type = 'stream' as const;
+  readonly blockJob = true;
+  private filter: BlockNode | undefined;
+  private readonly edges: ChildEdge[] = [];
+  private readonly unblock: (() => void)[] = [];
+
+  constructor(private readonly layer: BlockLayer, private readonly blockers: OpBlockers, private readonly plan: StreamPlan,
+    private readonly onError: NonNullable<StreamArguments['on-error']>) {}
+
+  /** Inserts the copy-on-read filter and takes the job's nodes: permissions and op blockers. */
+  async setUp(job: Job, filterNodeName: string | undefined): Promise<void> {
+    const { graph, opener } = this.layer;
+    const { top, bottom } = this.plan;
+    const user = { describe: () => `stream job '${job.id}'`, job: true };
+    const filter = await opener.open({
+      options: { driver: 'copy-on-read', file: top.name, bottom: bottom.name, ...(filterNodeName === undefined ? {} : { 'node-name': filterNodeName }) },
+      monitorOwned: false,
+    });
+    this.filter = filter;
+    await graph.insertFilter(filter, top);
+    this.edges.push(await graph.attachUser(user, filter, 'main node', { perm: PERM_CONSISTENT_READ, shared: PERM_ALL & ~PERM_RESIZE }));
+    this.edges.push(await graph.attachUser(user, top, 'active node', { perm: PERM_WRITE_UNCHANGED, shared: SHARED_BY_JOB | PERM_WRITE }));
+    for (const node of [filter, top]) this.unblock.push(this.blockers.add(node, 'block-job', 'stream'));
+    for (const node of chainBelow(top)) {
+      if (node === this.plan.base) break;
+      this.edges.push(await graph.attachUser(user, node, 'intermediate node', { perm: 0, shared: SHARED_BY_JOB }));
+      this.unblock.push(this.blockers.add(node, 'block-job', 'stream'));
+    }
+  }
+
+  async run(job: Job): Promise<void> {
+    const { top, bottom } = this.plan;
+    const active = this.edges[1]!;
+    job.startupReached();
+    if (top === bottom) return; // nothing between top and base
+    const backing = top.backing()?.child;
+    await runCopy(job, {
+      length: top.length(),
+      decide: async (offset, maxLength) => {
+        const here = await top.blockStatus(offset, maxLength);
+        if (here.allocated || !backing) return { length: here.length, copy: false };
+        const below = await allocatedBetween(backing, bottom, offset, here.length);
+        return { length: below.length, copy: below.allocated };
+      },
+      copy: async (offset, length) => {
+        const data = Buffer.allocUnsafe(length);
+        await active.read(offset, data).catch((error: unknown) => {
+          throw new CopyError('read', error);
+        });
+        const write = isAllZero(data) ? active.writeZeroes(offset, length) : active.write(offset, data);
+        await write.catch((error: unknown) => {
+          throw new CopyError('write', error);
+        });
+      },
+    }, { chunkSize: STREAM_CHUNK, inFlight: COPIES_IN_FLIGHT, onError: this.onError }).catch((error: unknown) => {
+      throw new Error(describeErrno(errnoOf(error)));
+    });
+  }
+
+  /** Flushes what was copied, then records the new backing file and drops the streamed layers. */
+  async prepare(): Promise<void> {
+    const { graph } = this.layer;
+    const { top, base } = this.plan;
+    await this.dropFilter();
+    await top.flush();
+    if (top.backing()) {
+      const name = base ? this.plan.backingFile ?? nodeFilename(base) : undefined;
+      await top.state.changeBackingFile?.(name, base?.driver.name);
+      await graph.changeBacking(top, base);
+    }
+  }
+
+  async clean(): Promise<void> {
+    await this.dropFilter();
+  }
+
+  /** At dismiss, as in QEMU: the job lets go of its nodes; streamed layers nobody else holds close. */
+  async release(): Promise<void> {
+    for (const unblock of this.unblock.splice(0)) unblock();
+    const { graph } = this.layer;
+    for (const edge of this.edges.splice(0)) {
+      await graph.detach(edge);
+      if (edge.child.parents.length === 0 && !edge.child.monitorOwned) await graph.close(edge.child);
+    }
+  }
+
+  private async dropFilter(): Promise<void> {
+    const filter = this.filter;
+    this.filter = undefined;
+    if (!filter) return;
+    const main = this.edges.findIndex((edge) => edge.child === filter);
+    if (main >= 0) await this.layer.graph.detach(this.edges.splice(main, 1)[0]!);
+    await this.layer.graph.removeFilter(filter);
+  }
+}
+
+/** block-stream's checks, in QEMU's order and words, then the job. */
+export function registerStreamCommand(registry: CommandRegistry, layer: BlockLayer, jobs: JobRegistry, blockers: OpBlockers): void {
+  registry.register('block-stream', async (args) => {
+    const { device, base, 'base-node': baseNode, bottom } = args;
+    if (base !== undefined && baseNode !== undefined) throw genericError("'base' and 'base-node' cannot be specified at the same time");
+    if (base !== undefined && bottom !== undefined) throw genericError("'base' and 'bottom' cannot be specified at the same time");
+    if (bottom !== undefined && baseNode !== undefined) throw genericError("'bottom' and 'base-node' cannot be specified at the same time");
+    const { graph } = layer;
+    const top = graph.find(device);
+    if (!top) throw genericError(`Cannot find device='${device}' nor node-name='${device}'`);
+    const chain = chainBelow(top);
+    let baseBs: BlockNode | undefined;
+    if (base !== undefined) {
+      baseBs = chain.find((node) => nodeFilename(node) === base || node.state.info().filename === base);
+      if (!baseBs) throw genericError(`Can't find '${base}' in the backing chain`);
+    }
+    if (baseNode !== undefined) {
+      baseBs = graph.find(baseNode);
+      if (!baseBs) throw genericError(`Cannot find device='' nor node-name='${baseNode}'`);
+      if (!chain.includes(baseBs)) throw genericError(`Node '${baseNode}' is not a backing image of '${device}'`);
+    }
+    let bottomBs: BlockNode | undefined;
+    if (bottom !== undefined) {
+      bottomBs = graph.find(bottom);
+      if (!bottomBs) throw genericError(`Cannot find device='' nor node-name='${bottom}'`);
+      if (bottomBs.driver.kind === 'filter') throw genericError(`Node '${bottom}' is a filter, use a non-filter node as 'bottom'`);
+      if (bottomBs !== top && !chain.includes(bottomBs)) throw genericError(`Node '${bottom}' is not in a chain starting from '${device}'`);
+    }
+    // Op blockers on the chain from the top down to the base (exclusive) or bottom (inclusive).
+    const end = bottomBs ? below(bottomBs) : baseBs;
+    for (const node of [top, ...chain]) {
+      if (node === end) break;
+      const reason = blockers.reason(node, 'stream');
+      if (reason) throw genericError(`Node '${node.name}' is busy: ${reason}`);
+    }
+    if (baseBs === undefined && args['backing-file'] !== undefined) throw genericError('backing file specified, but streaming the entire chain');
+    if (top.readOnly) throw genericError(`blockd cannot stream into the read-only node '${top.name}' yet`);
+    if ((args.speed ?? 0) < 0) throw genericError("Parameter 'speed' expects a non-negative value");
+
+    const finalBase = bottomBs ? below(bottomBs) : baseBs;
+    const overlayOfBase = bottomBs ?? ([top, ...chain].find((node) => below(node) === baseBs) ?? top);
+    const plan: StreamPlan = { top, bottom: overlayOfBase, base: finalBase, backingFile: args['backing-file'] };
+    const kind = new StreamJob(layer, blockers, plan, args['on-error'] ?? 'report');
+    const job = jobs.create(kind, { id: args['job-id'] ?? '', autoFinalize: args['auto-finalize'] ?? true, autoDismiss: args['auto-dismiss'] ?? true, speed: args.speed ?? 0 });
+    try {
+      job.announce();
+      await kind.setUp(job, args['filter-node-name']);
+    } catch (error) {
+      await kind.clean();
+      await kind.release();
+      job.abandon();
+      throw error instanceof QmpError ? error : genericError((error as Error).message);
+    }
+    job.begin();
+  });
+}
