@@ -15,6 +15,8 @@ import type { ChildRole, PermissionPair } from './permissions.js';
 export interface WriteFlags {
   /** Force unit access: durable before the request completes. */
   fua?: boolean;
+  /** The write of a job's serialised copy, which already holds its range (BlockNode.serialisedCopy). */
+  serialisedCopy?: boolean;
 }
 
 export interface ZeroFlags extends WriteFlags {

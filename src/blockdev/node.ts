@@ -9,6 +9,7 @@ import type { BlockdevOptions } from '../generated/qapi-types.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
 import { IoError } from './io-error.js';
+import { RangeLock } from './range-lock.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, type PermissionPair } from './permissions.js';
 
 /** Block status as the layers above a driver see it. */
@@ -60,6 +61,8 @@ export class BlockNode {
   private quiesce = 0;
   private idleWaiters: (() => void)[] = [];
   private resumeWaiters: (() => void)[] = [];
+  /** While a job copies into this node: its copies and other writes to the same bytes never overlap (QEMU's serialising requests). */
+  private serialising: { lock: RangeLock; users: number } | undefined;
 
   constructor(
     readonly name: string,
@@ -148,6 +151,42 @@ export class BlockNode {
     }
   }
 
+  // ---- serialised copies ----------------------------------------------------------------------
+
+  /** A job starts copying into this node; returns the function that ends it. */
+  beginSerialising(): () => void {
+    this.serialising ??= { lock: new RangeLock(), users: 0 };
+    this.serialising.users++;
+    let ended = false;
+    return () => {
+      if (ended || !this.serialising) return;
+      ended = true;
+      if (--this.serialising.users === 0) this.serialising = undefined;
+    };
+  }
+
+  /** Runs a job's read-then-write copy of a range with no other write to it in between. */
+  async serialisedCopy<T>(offset: number, length: number, copy: () => Promise<T>): Promise<T> {
+    if (!this.serialising) return copy();
+    const release = await this.serialising.lock.acquire(offset, offset + length, true);
+    try {
+      return await copy();
+    } finally {
+      release();
+    }
+  }
+
+  /** Other writes wait for overlapping copies (and copies for them) while serialising is on. */
+  private async guarded<T>(offset: number, length: number, request: () => Promise<T>, flags: WriteFlags = {}): Promise<T> {
+    if (!this.serialising || flags.serialisedCopy) return request();
+    const release = await this.serialising.lock.acquire(offset, offset + length, false);
+    try {
+      return await request();
+    } finally {
+      release();
+    }
+  }
+
   // ---- I/O ---------------------------------------------------------------------------------
 
   async read(offset: number, buffer: Buffer): Promise<void> {
@@ -171,7 +210,7 @@ export class BlockNode {
     const write = this.state.write;
     if (!write) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
     this.noteWrite(offset, buffer.length);
-    return this.track(() => write.call(this.state, offset, buffer, flags));
+    return this.guarded(offset, buffer.length, () => this.track(() => write.call(this.state, offset, buffer, flags)), flags);
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
@@ -179,7 +218,7 @@ export class BlockNode {
     if (length === 0) return;
     this.noteWrite(offset, length);
     const zeroFlags = { ...flags, mayUnmap: flags.mayUnmap === true && this.settings.discard === 'unmap' };
-    return this.track(async () => {
+    return this.guarded(offset, length, () => this.track(async () => {
       if (this.state.writeZeroes) {
         try {
           return await this.state.writeZeroes(offset, length, zeroFlags);
@@ -196,7 +235,7 @@ export class BlockNode {
       for (let done = 0; done < length; done += zeros.length) {
         await write.call(this.state, offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)), flags);
       }
-    });
+    }), flags);
   }
 
   async discard(offset: number, length: number): Promise<void> {
@@ -204,7 +243,7 @@ export class BlockNode {
     // QEMU drops discards on nodes opened with discard=ignore (the default for blockdev-add).
     if (this.settings.discard === 'ignore' || !this.state.discard || length === 0) return;
     const discard = this.state.discard;
-    return this.track(() => discard.call(this.state, offset, length));
+    return this.guarded(offset, length, () => this.track(() => discard.call(this.state, offset, length)));
   }
 
   /** Flushes this node, then every child it may have written to. */

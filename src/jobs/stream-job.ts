@@ -6,6 +6,7 @@
  * copy-on-read filter sits above the top node while the job runs, and the
  * job blocks other operations on every node it holds until it is dismissed.
  */
+import { resolve } from 'node:path';
 import type { BlockLayer } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
@@ -99,6 +100,15 @@ class StreamJob implements JobKind {
     job.startupReached();
     if (top === bottom) return; // nothing between top and base
     const backing = top.backing()?.child;
+    const endSerialising = top.beginSerialising();
+    try {
+      await this.copy(job, top, bottom, backing, active);
+    } finally {
+      endSerialising();
+    }
+  }
+
+  private async copy(job: Job, top: BlockNode, bottom: BlockNode, backing: BlockNode | undefined, active: ChildEdge): Promise<void> {
     await runCopy(job, {
       length: top.length(),
       decide: async (offset, maxLength) => {
@@ -107,16 +117,18 @@ class StreamJob implements JobKind {
         const below = await allocatedBetween(backing, bottom, offset, here.length);
         return { length: below.length, copy: below.allocated };
       },
-      copy: async (offset, length) => {
+      // Read what the top shows and write it back into the top, with no client write to the range in between.
+      copy: (offset, length) => top.serialisedCopy(offset, length, async () => {
         const data = Buffer.allocUnsafe(length);
         await active.read(offset, data).catch((error: unknown) => {
           throw new CopyError('read', error);
         });
-        const write = isAllZero(data) ? active.writeZeroes(offset, length) : active.write(offset, data);
+        const flags = { serialisedCopy: true };
+        const write = isAllZero(data) ? active.writeZeroes(offset, length, flags) : active.write(offset, data, flags);
         await write.catch((error: unknown) => {
           throw new CopyError('write', error);
         });
-      },
+      }),
     }, { chunkSize: STREAM_CHUNK, inFlight: COPIES_IN_FLIGHT, onError: this.onError }).catch((error: unknown) => {
       throw new Error(describeErrno(errnoOf(error)));
     });
@@ -172,7 +184,9 @@ export function registerStreamCommand(registry: CommandRegistry, layer: BlockLay
     const chain = chainBelow(top);
     let baseBs: BlockNode | undefined;
     if (base !== undefined) {
-      baseBs = chain.find((node) => nodeFilename(node) === base || node.state.info().filename === base);
+      // By the name the chain records, or the same file by its absolute path (QEMU's bdrv_find_backing_image).
+      const names = (node: BlockNode) => [nodeFilename(node), node.state.info().filename];
+      baseBs = chain.find((node) => names(node).some((name) => name === base || resolve(name) === resolve(base)));
       if (!baseBs) throw genericError(`Can't find '${base}' in the backing chain`);
     }
     if (baseNode !== undefined) {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Pulling a backing chain into the top image with block-stream: base <- mid <- top, made and
+# written by qemu-img/qemu-io; blockd streams mid's data into top and makes base the backing
+# file. The result reads exactly as before and passes qemu-img check.
+# Needs: npm run build, socat, qemu-utils.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+qemu-img create -q -f qcow2 base.qcow2 64M && qemu-io -c 'write -P 1 0 16M' base.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 && qemu-io -c 'write -P 2 8M 16M' mid.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && qemu-io -c 'write -P 3 12M 1M' top.qcow2 >/dev/null
+qemu-img convert -O raw top.qcow2 before.raw
+
+"$here/../bin/blockd" --blockdev driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2 \
+  --qmp "unix:$work/qmp.sock" --pidfile "$work/blockd.pid" 2>"$work/blockd.log" &
+for _ in $(seq 100); do [ -e "$work/blockd.pid" ] && break; sleep 0.05; done
+
+# The base node's generated name, then the job; wait for its events, then quit.
+{
+  echo '{"execute": "qmp_capabilities"}'
+  echo "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": \"pull\", \"device\": \"top\", \"base\": \"$work/base.qcow2\"}}"
+  sleep 1
+  echo '{"execute": "quit"}'
+} | socat - "UNIX-CONNECT:$work/qmp.sock" | tr -d '\r' > replies
+wait
+grep -o '"status": "[a-z]*", "id": "pull"\|BLOCK_JOB_COMPLETED' replies
+qemu-img info top.qcow2 | grep '^backing file:'
+qemu-img compare -q before.raw top.qcow2 && echo "top reads as before"
+qemu-img check -q top.qcow2 && echo "qemu-img check: clean"
