@@ -24,6 +24,9 @@ export class CopyError extends Error {
   }
 }
 
+/** How far one decision may look ahead over data that needs no copy. */
+const SKIP_PROBE = 2 << 20;
+
 export interface CopyOptions {
   chunkSize: number;
   inFlight: number;
@@ -60,6 +63,7 @@ export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): P
   const limit = new RateLimit();
   let cursor = 0;
   let failure: unknown;
+  let lastYield = Date.now();
   let deciding = Promise.resolve();
 
   /** Claims the next run, deciding in order so runs never overlap. */
@@ -67,8 +71,9 @@ export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): P
     const turn = deciding.then(async () => {
       if (cursor >= plan.length || failure !== undefined) return undefined;
       const offset = cursor;
-      const run = await plan.decide(offset, Math.min(options.chunkSize, plan.length - offset));
-      const length = Math.max(1, Math.min(run.length, plan.length - offset));
+      // Ranges to skip may be long (one block-status call covers them); copies go chunk by chunk.
+      const run = await plan.decide(offset, Math.min(SKIP_PROBE, plan.length - offset));
+      const length = Math.max(1, Math.min(run.length, run.copy ? options.chunkSize : SKIP_PROBE, plan.length - offset));
       cursor = offset + length;
       return { offset, length, copy: run.copy };
     });
@@ -114,7 +119,10 @@ export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): P
       } else {
         job.currentProgress += run.length;
         // Even skipping yields now and then, so QMP stays responsive on huge sparse images.
-        await new Promise((resolve) => setImmediate(resolve));
+        if (Date.now() - lastYield > 10) {
+          await new Promise((resolve) => setImmediate(resolve));
+          lastYield = Date.now();
+        }
       }
     }
   };
