@@ -4,6 +4,7 @@
  */
 import { QmpError, genericError } from '../qmp/errors.js';
 import type { BlockGraph } from './graph.js';
+import type { BlockOperation, OpBlockers } from '../opblockers/op-blockers.js';
 import type { NodeOpener } from './node-opener.js';
 import type { BlockNode } from './node.js';
 
@@ -18,12 +19,14 @@ export function asQmpError(error: unknown): QmpError {
 export interface BlockLayer {
   graph: BlockGraph;
   opener: NodeOpener;
+  /** QEMU's op blockers: which operations each node refuses, and why. */
+  blockers: OpBlockers;
 }
 
-/** The parent that holds `node` as its backing file, if any (QEMU blocks most operations on such nodes). */
-export function backingParentOf(node: BlockNode): BlockNode | undefined {
-  const edge = node.parents.find((candidate) => candidate.role === 'cow' && 'node' in candidate.parent);
-  return edge && 'node' in edge.parent ? edge.parent.node : undefined;
+/** Refuses `operation` on a blocked node with QEMU's text. */
+export function checkNotBlocked(blockers: OpBlockers, node: BlockNode, operation: BlockOperation): void {
+  const reason = blockers.reason(node, operation);
+  if (reason) throw genericError(`Node '${node.name}' is busy: ${reason}`);
 }
 
 /** Looks a node up the way commands with separate device/node-name arguments do (no named devices in a storage daemon). */

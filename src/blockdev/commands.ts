@@ -6,13 +6,13 @@
  */
 import type { CommandRegistry } from '../qmp/command-registry.js';
 import { genericError } from '../qmp/errors.js';
-import { COMMAND_USER, asQmpError, backingParentOf, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
+import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
 import { blockdevSnapshot, blockdevSnapshotSync } from './snapshot.js';
 import { blockDeviceInfo } from './node-info.js';
-import type { OpBlockers } from '../opblockers/op-blockers.js';
 
-export function registerBlockCommands(registry: CommandRegistry, { graph, opener }: BlockLayer, blockers: OpBlockers): void {
+export function registerBlockCommands(registry: CommandRegistry, layer: BlockLayer): void {
+  const { graph, opener, blockers } = layer;
   registry.register('blockdev-add', async (options) => {
     if (options['node-name'] === undefined) throw genericError("'node-name' must be specified for the root node");
     await opener.open({ options, monitorOwned: true });
@@ -22,8 +22,7 @@ export function registerBlockCommands(registry: CommandRegistry, { graph, opener
     const node = graph.find(name);
     if (!node) throw genericError(`Failed to find node with node-name='${name}'`);
     if (node.parents.some((edge) => 'user' in edge.parent && !edge.parent.user.job)) throw genericError(`Node ${name} is in use`);
-    const blocked = blockers.reason(node, 'drive-del');
-    if (blocked) throw genericError(`Node '${name}' is busy: ${blocked}`);
+    checkNotBlocked(blockers, node, 'drive-del');
     if (!node.monitorOwned) throw genericError(`Node ${name} is not owned by the monitor`);
     if (node.parents.length > 0) throw genericError(`Block device ${name} is in use`);
     await graph.close(node);
@@ -37,7 +36,8 @@ export function registerBlockCommands(registry: CommandRegistry, { graph, opener
   registry.register('block_resize', async ({ device, 'node-name': nodeName, size }) => {
     const node = lookupDeviceOrNode(graph, device, nodeName);
     if (size < 0) throw genericError("Parameter 'size' expects a >0 size");
-    if (backingParentOf(node)) throw genericError(`Device '${device ?? '(null)'}' is in use`);
+    // QEMU's resize check words an op blocker its own way, whatever the blocker.
+    if (blockers.reason(node, 'resize')) throw genericError(`Device '${device ?? '(null)'}' is in use`);
     const user = await graph.attachUser(COMMAND_USER, node, 'root', { perm: PERM_RESIZE, shared: PERM_ALL });
     try {
       if (node.readOnly) throw genericError('Image is read-only');
@@ -49,8 +49,8 @@ export function registerBlockCommands(registry: CommandRegistry, { graph, opener
     }
   });
 
-  registry.register('blockdev-snapshot', (args) => blockdevSnapshot({ graph, opener }, args));
-  registry.register('blockdev-snapshot-sync', (args) => blockdevSnapshotSync({ graph, opener }, args));
+  registry.register('blockdev-snapshot', (args) => blockdevSnapshot(layer, args));
+  registry.register('blockdev-snapshot-sync', (args) => blockdevSnapshotSync(layer, args));
 
   registry.register('block-set-write-threshold', ({ 'node-name': name, 'write-threshold': threshold }) => {
     const node = graph.find(name);

@@ -9,7 +9,7 @@ import type { BlockdevOptions } from '../generated/qapi-types.js';
 import { genericError } from '../qmp/errors.js';
 import { createQcow2 } from './drivers/qcow2/create.js';
 import { describeErrno } from './io-error.js';
-import { asQmpError, backingParentOf, type BlockLayer } from './block-layer.js';
+import { asQmpError, checkNotBlocked, type BlockLayer } from './block-layer.js';
 import type { BlockNode } from './node.js';
 import { PERM_CONSISTENT_READ } from './permissions.js';
 
@@ -23,8 +23,7 @@ export interface PreparedSnapshot {
 /** The node to snapshot: looked up, not blocked, flushed. */
 export async function snapshotSource(layer: BlockLayer, old: BlockNode | undefined, device: string | undefined, nodeName: string | undefined): Promise<BlockNode> {
   if (!old) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
-  const backingOf = backingParentOf(old);
-  if (backingOf) throw genericError(`Node '${old.name}' is busy: node is used as backing hd of '${backingOf.name}'`);
+  checkNotBlocked(layer.blockers, old, 'external-snapshot');
   if (!old.readOnly) await old.flush().catch((error: unknown) => {
     throw genericError(`Input/output error${error instanceof Error ? ` (${error.message})` : ''}`);
   });

@@ -7,7 +7,7 @@
  * job blocks other operations on every node it holds until it is dismissed.
  */
 import { resolve } from 'node:path';
-import type { BlockLayer } from '../blockdev/block-layer.js';
+import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
 import { nodeFilename } from '../blockdev/node-filename.js';
@@ -17,7 +17,6 @@ import { isAllZero } from '../blockdev/node.js';
 import type { QmpCommandMap } from '../generated/qapi-types.js';
 import type { CommandRegistry } from '../qmp/command-registry.js';
 import { QmpError, genericError } from '../qmp/errors.js';
-import type { OpBlockers } from '../opblockers/op-blockers.js';
 import { CopyError, runCopy } from './copy-engine.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job, JobKind } from './job.js';
@@ -70,7 +69,7 @@ class StreamJob implements JobKind {
   private readonly edges: ChildEdge[] = [];
   private readonly unblock: (() => void)[] = [];
 
-  constructor(private readonly layer: BlockLayer, private readonly blockers: OpBlockers, private readonly plan: StreamPlan,
+  constructor(private readonly layer: BlockLayer, private readonly plan: StreamPlan,
     private readonly onError: NonNullable<StreamArguments['on-error']>) {}
 
   /** Inserts the copy-on-read filter and takes the job's nodes: permissions and op blockers. */
@@ -86,11 +85,11 @@ class StreamJob implements JobKind {
     await graph.insertFilter(filter, top);
     this.edges.push(await graph.attachUser(user, filter, 'main node', { perm: PERM_CONSISTENT_READ, shared: PERM_ALL & ~PERM_RESIZE }));
     this.edges.push(await graph.attachUser(user, top, 'active node', { perm: PERM_WRITE_UNCHANGED, shared: SHARED_BY_JOB | PERM_WRITE }));
-    for (const node of [filter, top]) this.unblock.push(this.blockers.add(node, 'block-job', 'stream'));
+    for (const node of [filter, top]) this.unblock.push(this.layer.blockers.add(node, 'block-job', 'stream'));
     for (const node of chainBelow(top)) {
       if (node === this.plan.base) break;
       this.edges.push(await graph.attachUser(user, node, 'intermediate node', { perm: 0, shared: SHARED_BY_JOB }));
-      this.unblock.push(this.blockers.add(node, 'block-job', 'stream'));
+      this.unblock.push(this.layer.blockers.add(node, 'block-job', 'stream'));
     }
   }
 
@@ -172,7 +171,8 @@ class StreamJob implements JobKind {
 }
 
 /** block-stream's checks, in QEMU's order and words, then the job. */
-export function registerStreamCommand(registry: CommandRegistry, layer: BlockLayer, jobs: JobRegistry, blockers: OpBlockers): void {
+export function registerStreamCommand(registry: CommandRegistry, layer: BlockLayer, jobs: JobRegistry): void {
+  const { blockers } = layer;
   registry.register('block-stream', async (args) => {
     const { device, base, 'base-node': baseNode, bottom } = args;
     if (base !== undefined && baseNode !== undefined) throw genericError("'base' and 'base-node' cannot be specified at the same time");
@@ -205,8 +205,7 @@ export function registerStreamCommand(registry: CommandRegistry, layer: BlockLay
     const end = bottomBs ? below(bottomBs) : baseBs;
     for (const node of [top, ...chain]) {
       if (node === end) break;
-      const reason = blockers.reason(node, 'stream');
-      if (reason) throw genericError(`Node '${node.name}' is busy: ${reason}`);
+      checkNotBlocked(blockers, node, 'stream');
     }
     if (baseBs === undefined && args['backing-file'] !== undefined) throw genericError('backing file specified, but streaming the entire chain');
     if (top.readOnly) throw genericError(`blockd cannot stream into the read-only node '${top.name}' yet`);
@@ -215,7 +214,7 @@ export function registerStreamCommand(registry: CommandRegistry, layer: BlockLay
     const finalBase = bottomBs ? below(bottomBs) : baseBs;
     const overlayOfBase = bottomBs ?? ([top, ...chain].find((node) => below(node) === baseBs) ?? top);
     const plan: StreamPlan = { top, bottom: overlayOfBase, base: finalBase, backingFile: args['backing-file'] };
-    const kind = new StreamJob(layer, blockers, plan, args['on-error'] ?? 'report');
+    const kind = new StreamJob(layer, plan, args['on-error'] ?? 'report');
     const job = jobs.create(kind, { id: args['job-id'] ?? '', autoFinalize: args['auto-finalize'] ?? true, autoDismiss: args['auto-dismiss'] ?? true, speed: args.speed ?? 0 });
     try {
       job.announce();

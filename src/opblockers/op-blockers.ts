@@ -24,6 +24,20 @@ export const BLOCKER_SOURCES = {
 
 export type BlockerSource = keyof typeof BLOCKER_SOURCES;
 
+/** Which command checks which operation, on which nodes (QEMU 7.2's checks). */
+export const OPERATION_CHECKS: readonly { command: string; operation: BlockOperation; nodes: string }[] = [
+  { command: 'block-stream', operation: 'stream', nodes: "every node from 'device' down to the base (exclusive) or 'bottom' (inclusive), filters included" },
+  { command: 'blockdev-del', operation: 'drive-del', nodes: 'the node' },
+  { command: 'block_resize', operation: 'resize', nodes: "the node; refused as \"Device '...' is in use\"" },
+  { command: 'blockdev-snapshot', operation: 'external-snapshot', nodes: "'node'" },
+  { command: 'blockdev-snapshot-sync', operation: 'external-snapshot', nodes: "'node-name' or 'device'" },
+];
+
+/** Commands that start an operation but meet only permissions and image locks, no op blocker (as in QEMU). */
+export const PERMISSION_ONLY_COMMANDS: readonly string[] = [
+  'blockdev-add', 'blockdev-create', 'block-export-add', 'nbd-server-add', 'block-set-write-threshold',
+];
+
 interface Blocker {
   source: BlockerSource;
   reason: string;
