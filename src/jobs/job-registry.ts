@@ -49,10 +49,6 @@ export class JobRegistry {
     return job;
   }
 
-  all(): readonly Job[] {
-    return this.jobs;
-  }
-
   queryJobs(): JobInfo[] {
     return this.jobs.map((job) => ({
       id: job.id,

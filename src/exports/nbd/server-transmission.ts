@@ -197,7 +197,7 @@ export class ServerTransmission {
   private async read(request: RequestHeader): Promise<void> {
     const lease = POOL.acquire(request.length);
     try {
-      await this.readInto(request, lease.buffer, () => lease.release());
+      await this.readAndReply(request, lease.buffer, () => lease.release());
     } catch (error) {
       lease.release();
       throw error;
@@ -205,7 +205,7 @@ export class ServerTransmission {
   }
 
   /** Reads and replies; `done` runs once the reply data has left (or will never be sent). */
-  private async readInto(request: RequestHeader, data: Buffer, done: () => void): Promise<void> {
+  private async readAndReply(request: RequestHeader, data: Buffer, done: () => void): Promise<void> {
     const { cookie, offset, length } = request;
     if (!this.client.structuredReplies) {
       await this.exported.edge.read(offset, data);

@@ -69,15 +69,6 @@ export class SocketReader {
     return target;
   }
 
-  /** Reads and drops `length` bytes (a payload that is refused). */
-  async skip(length: number): Promise<void> {
-    for (let left = length; left > 0; ) {
-      const step = Math.min(left, 1 << 20);
-      await this.read(step);
-      left -= step;
-    }
-  }
-
   private serve(): void {
     const waiter = this.waiter;
     if (!waiter || this.buffered < waiter.length) return;
