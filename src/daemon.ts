@@ -13,6 +13,7 @@ import { ExportRegistry } from './exports/export-registry.js';
 import { registerJobCommands } from './jobs/commands.js';
 import { registerCreateCommand } from './jobs/create-job.js';
 import { JobRegistry } from './jobs/job-registry.js';
+import { registerCommitCommand } from './jobs/commit-job.js';
 import { registerStreamCommand } from './jobs/stream-job.js';
 import { OpBlockers } from './opblockers/op-blockers.js';
 import { registerObjectCommands } from './objects/commands.js';
@@ -55,6 +56,7 @@ export class Daemon {
     registerJobCommands(this.registry, this.jobs);
     registerCreateCommand(this.registry, blockLayer, this.jobs);
     registerStreamCommand(this.registry, blockLayer, this.jobs);
+    registerCommitCommand(this.registry, blockLayer, this.jobs);
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();

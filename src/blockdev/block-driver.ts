@@ -76,6 +76,8 @@ export interface DriverState {
   setPermissions?(needed: PermissionPair): Promise<void>;
   /** The backing file the image header names, as QEMU keeps it (auto_backing_file); formats with backing files only. */
   autoBackingFile?: string;
+  /** Switches between read-only and read-write (the node is drained, and its children already switched when becoming writable). */
+  reopen?(writable: boolean): Promise<void>;
   /** Rewrites the backing file name (and format) the image header records; formats with backing files only. */
   changeBackingFile?(name: string | undefined, format: string | undefined): Promise<void>;
   /** Told that the node's backing child changed (a snapshot put a node under it); formats with backing files only. */
@@ -106,9 +108,12 @@ export interface OpenContext {
 }
 
 export interface BlockDriver<Options = Record<string, unknown>> {
-  name: BlockdevDriver;
+  /** The schema's name, or the name of a filter only jobs insert (not in the schema, so blockdev-add cannot). */
+  name: BlockdevDriver | 'commit_top' | 'mirror_top';
   /** Filters pass I/O to one child; formats and protocols own their data. */
   kind: 'protocol' | 'format' | 'filter';
+  /** A filter that takes its child's filename (QEMU's commit_top and mirror_top). */
+  namedAfterChild?: boolean;
   /** May have a backing child (qcow2). */
   supportsBacking?: boolean;
   /** Options that define what the node reads (QEMU's strong runtime options): they name it in json: filenames. */

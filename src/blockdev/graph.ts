@@ -17,9 +17,9 @@ export class BlockGraph implements NodeObserver {
 
   constructor(readonly log: Logger, private readonly bus: EventBus) {}
 
-  /** Nodes newest first, the order QEMU lists them in. */
+  /** Nodes newest first by the time QEMU names them, the order it lists them in. */
   list(): BlockNode[] {
-    return [...this.nodes.values()].reverse();
+    return [...this.nodes.values()].sort((a, b) => b.sequence - a.sequence);
   }
 
   find(name: string): BlockNode | undefined {
@@ -158,6 +158,31 @@ export class BlockGraph implements NodeObserver {
   }
 
   /**
+   * Gives `to` every parent of `from` (QEMU's bdrv_replace_node): a job switching its result
+   * in. Jobs' own holds stay where they are, and no edge moves that would make a cycle.
+   * On a permission conflict the graph is left as it was.
+   */
+  async replaceNode(from: BlockNode, to: BlockNode): Promise<void> {
+    const below = new Set<BlockNode>();
+    const collect = (node: BlockNode) => {
+      if (below.has(node)) return;
+      below.add(node);
+      for (const edge of node.children) collect(edge.child);
+    };
+    collect(to);
+    const moved = from.parents.filter((edge) => ('node' in edge.parent ? !below.has(edge.parent.node) : !edge.parent.user.job));
+    await from.drained(async () => {
+      this.moveParents(moved, to);
+      try {
+        await this.refreshPermissions([to, from]);
+      } catch (error) {
+        this.moveParents(moved, from);
+        throw error;
+      }
+    });
+  }
+
+  /**
    * Puts `filter` (already opened over `node`) between `node` and its other parents, as
    * QEMU's bdrv_insert_node does; on a permission conflict the graph is left as it was.
    */
@@ -208,6 +233,40 @@ export class BlockGraph implements NodeObserver {
     if (old && old.parents.length === 0 && !old.monitorOwned) await this.close(old);
   }
 
+  /**
+   * Makes a read-only node writable (a commit writing into its base), with the children that
+   * inherited its mode or may follow it (auto-read-only), lowest first: a format writes through
+   * its file. On failure every node changed goes back to read-only.
+   */
+  async reopenReadWrite(node: BlockNode): Promise<void> {
+    const changed: BlockNode[] = [];
+    const visit = (current: BlockNode) => {
+      if (!current.settings.readOnly || changed.includes(current)) return;
+      if (current.settings.forceShare) throw genericError('force-share=on can only be used with read-only images');
+      for (const edge of current.children) {
+        if (edge.role !== 'cow' && (!edge.child.monitorOwned || edge.child.settings.autoReadOnly)) visit(edge.child);
+      }
+      changed.push(current);
+    };
+    visit(node);
+    const reopened: BlockNode[] = [];
+    try {
+      for (const current of changed) {
+        current.settings.readOnly = false;
+        reopened.push(current);
+        await current.drained(async () => current.state.reopen?.(true));
+      }
+      await this.refreshPermissions([node]);
+    } catch (error) {
+      for (const current of reopened.reverse()) {
+        current.settings.readOnly = true;
+        await current.drained(async () => current.state.reopen?.(false)).catch(() => {});
+      }
+      await this.refreshPermissions([node]).catch(() => {});
+      throw error;
+    }
+  }
+
   /** Makes a node (and the children that inherited its mode) read-only, dropping the write permissions below. */
   async reopenReadOnly(node: BlockNode): Promise<void> {
     const changed: BlockNode[] = [];
@@ -226,6 +285,8 @@ export class BlockGraph implements NodeObserver {
       for (const current of changed) current.settings.readOnly = false;
       throw error;
     }
+    // Drivers let go of write access (a file reopens its descriptor read-only) once nobody may write.
+    for (const current of changed) await current.drained(async () => current.state.reopen?.(false));
   }
 
   // ---- permissions -----------------------------------------------------------------------

@@ -12,6 +12,8 @@ import type { BlockNode } from './node.js';
 
 /** The driver, its strong options and its children: what QEMU puts in a json: filename. */
 export function nodeDescription(node: BlockNode): Record<string, JsonValue> {
+  const only = node.implicit ? node.primaryChild() : undefined;
+  if (only) return nodeDescription(only.child); // an implicit filter is described as its child
   const description: Record<string, JsonValue> = { driver: node.driver.name };
   const options = node.options as unknown as Record<string, JsonValue>;
   for (const key of node.driver.strongOptions) {
@@ -41,6 +43,8 @@ export function backingOverridden(node: BlockNode): boolean {
 /** The node's filename as query-named-block-nodes reports it. */
 export function nodeFilename(node: BlockNode): string {
   if (node.driver.kind === 'protocol') return node.state.info().filename;
+  const filtered = node.implicit || node.driver.namedAfterChild ? node.primaryChild() : undefined;
+  if (filtered) return nodeFilename(filtered.child);
   const options = node.options as unknown as Record<string, unknown>;
   const json = node.driver.strongOptions.some((key) => options[key] !== undefined) || backingOverridden(node);
   const primary = node.primaryChild()?.child;

@@ -68,6 +68,8 @@ async function probeFormat(filename: string, log: Logger): Promise<string> {
   return format;
 }
 
+let nodeSequence = 0;
+
 export class NodeOpener {
   constructor(private readonly graph: BlockGraph, private readonly log: Logger, private readonly objects?: { find(id: string): unknown }) {}
 
@@ -94,12 +96,17 @@ export class NodeOpener {
     const driver = driverFor(options.driver);
     const node = new BlockNode(name, driver, options, settings, request.monitorOwned, this.graph);
     const log = this.log.child({ node: name });
+    // QEMU names a node once its "file" child is open and before any other child (the backing file above all).
+    const named = () => {
+      if (node.sequence === 0) node.sequence = ++nodeSequence;
+    };
 
     const context: OpenContext = {
       node,
       log,
       findObject: (id) => this.objects?.find(id),
       openChild: async (key: string, child: ChildRequest): Promise<ChildEdge> => {
+        if (key !== 'file') named();
         const reference = (options as unknown as Record<string, BlockdevRef | undefined>)[key];
         if (reference === undefined) throw genericError(`Parameter '${key}' is missing`);
         const target = typeof reference === 'string'
@@ -108,6 +115,7 @@ export class NodeOpener {
         return this.attach(node, target, child);
       },
       openBackingFromImage: async (filename: string, format: string | undefined, child: ChildRequest): Promise<ChildEdge> => {
+        named();
         const driverName = format ?? (await probeFormat(filename, log));
         const backingOptions = {
           driver: driverName,
@@ -129,6 +137,7 @@ export class NodeOpener {
       for (const edge of [...node.children]) await this.graph.detach(edge);
       throw error;
     }
+    named();
     this.graph.register(node);
     created.push(node);
     return node;

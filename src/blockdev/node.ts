@@ -8,6 +8,7 @@
 import type { BlockdevOptions } from '../generated/qapi-types.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
 import { IoError } from './io-error.js';
 import { RangeLock } from './range-lock.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, type PermissionPair } from './permissions.js';
@@ -63,6 +64,12 @@ export class BlockNode {
   private resumeWaiters: (() => void)[] = [];
   /** While a job copies into this node: its copies and other writes to the same bytes never overlap (QEMU's serialising requests). */
   private serialising: { lock: RangeLock; users: number } | undefined;
+  /** Bitmaps that record every range written, zeroed or discarded here (a job's, like active commit's, or a user's). */
+  readonly dirtyBitmaps = new Set<DirtyBitmap>();
+  /** A filter a job inserted without a name from the user: QEMU names it after its child (bs->implicit). */
+  implicit = false;
+  /** When QEMU would have named the node (after its "file" child, before its backing file): the order nodes are listed in. */
+  sequence = 0;
 
   constructor(
     readonly name: string,
@@ -130,6 +137,22 @@ export class BlockNode {
     }
   }
 
+  /**
+   * Drains the node until the returned function is called: a job holds its source still from
+   * the moment it is in sync until it has switched the graph over (QEMU's drained section).
+   */
+  async beginDrain(): Promise<() => void> {
+    let end!: () => void;
+    const ended = new Promise<void>((resolve) => (end = resolve));
+    await new Promise<void>((entered) => {
+      void this.drained(async () => {
+        entered();
+        await ended;
+      });
+    });
+    return end;
+  }
+
   private checkRange(offset: number, length: number): void {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.length()) {
       throw new IoError('EIO', `request [${offset}, +${length}) outside '${this.name}' (size ${this.length()})`);
@@ -140,6 +163,15 @@ export class BlockNode {
     if (this.readOnly) throw new IoError('EPERM', `node '${this.name}' is read-only`);
     if (!this.state.growsOnWrite) return this.checkRange(offset, length);
     if (!Number.isSafeInteger(offset + length) || offset < 0 || length < 0) throw new IoError('EINVAL', 'bad request range');
+  }
+
+  /** Runs a request that changes bytes and marks them dirty once it ends (failed ones too: the bytes may have changed). */
+  private async changing<T>(offset: number, length: number, request: () => Promise<T>): Promise<T> {
+    try {
+      return await request();
+    } finally {
+      for (const bitmap of this.dirtyBitmaps) if (bitmap.recording) bitmap.set(offset, length);
+    }
   }
 
   private noteWrite(offset: number, length: number): void {
@@ -210,7 +242,7 @@ export class BlockNode {
     const write = this.state.write;
     if (!write) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
     this.noteWrite(offset, buffer.length);
-    return this.guarded(offset, buffer.length, () => this.track(() => write.call(this.state, offset, buffer, flags)), flags);
+    return this.guarded(offset, buffer.length, () => this.changing(offset, buffer.length, () => this.track(() => write.call(this.state, offset, buffer, flags))), flags);
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
@@ -218,7 +250,7 @@ export class BlockNode {
     if (length === 0) return;
     this.noteWrite(offset, length);
     const zeroFlags = { ...flags, mayUnmap: flags.mayUnmap === true && this.settings.discard === 'unmap' };
-    return this.guarded(offset, length, () => this.track(async () => {
+    return this.guarded(offset, length, () => this.changing(offset, length, () => this.track(async () => {
       if (this.state.writeZeroes) {
         try {
           return await this.state.writeZeroes(offset, length, zeroFlags);
@@ -235,7 +267,7 @@ export class BlockNode {
       for (let done = 0; done < length; done += zeros.length) {
         await write.call(this.state, offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)), flags);
       }
-    }), flags);
+    })), flags);
   }
 
   async discard(offset: number, length: number): Promise<void> {
@@ -243,7 +275,7 @@ export class BlockNode {
     // QEMU drops discards on nodes opened with discard=ignore (the default for blockdev-add).
     if (this.settings.discard === 'ignore' || !this.state.discard || length === 0) return;
     const discard = this.state.discard;
-    return this.guarded(offset, length, () => this.track(() => discard.call(this.state, offset, length)));
+    return this.guarded(offset, length, () => this.changing(offset, length, () => this.track(() => discard.call(this.state, offset, length))));
   }
 
   /** Flushes this node, then every child it may have written to. */

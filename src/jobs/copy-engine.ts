@@ -7,6 +7,7 @@
  */
 import { errnoOf } from '../blockdev/io-error.js';
 import type { ErrorPolicy, Job } from './job.js';
+import { RateLimit } from './rate-limit.js';
 
 export interface CopyPlan {
   /** Bytes to walk. */
@@ -31,31 +32,6 @@ export interface CopyOptions {
   chunkSize: number;
   inFlight: number;
   onError: ErrorPolicy;
-}
-
-/** Token bucket over 100 ms slices, like QEMU's ratelimit: bytes beyond the speed wait for later slices. */
-class RateLimit {
-  private sliceStart = Date.now();
-  private sliceBytes = 0;
-
-  async take(job: Job, bytes: number): Promise<void> {
-    if (job.speed <= 0) return;
-    const perSlice = job.speed / 10;
-    this.sliceBytes += bytes;
-    while (this.sliceBytes > perSlice && job.speed > 0) {
-      const sliceEnd = this.sliceStart + 100;
-      const generation = job.pauseGeneration;
-      await job.sleep(Math.max(0, sliceEnd - Date.now()));
-      if (job.pauseGeneration !== generation) {
-        // Paused while waiting: as in QEMU, the job goes on at once after the resume.
-        this.sliceBytes = 0;
-        this.sliceStart = Date.now();
-        return;
-      }
-      this.sliceStart = Math.max(sliceEnd, Date.now() - 100);
-      this.sliceBytes -= perSlice;
-    }
-  }
 }
 
 export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): Promise<void> {

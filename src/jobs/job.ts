@@ -54,8 +54,8 @@ export class Job {
   ioStatus: 'ok' | 'failed' | 'nospace' = 'ok';
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
-  /** Busy: the run is executing rather than parked at a pause point. */
-  busy = false;
+  /** The run is under way (between begin and its end). */
+  private executing = false;
   private userPaused = false;
   private pauseCount = 0;
   private cancelRequested = false;
@@ -89,12 +89,22 @@ export class Job {
     return this.kind.type;
   }
 
+  /** Busy: the run is working, not sleeping (rate limit, idle) or parked at a pause point. */
+  get busy(): boolean {
+    return this.executing && this.sleepers + this.parked < this.workers;
+  }
+
   get paused(): boolean {
     return this.pauseCount > 0;
   }
 
   get cancelled(): boolean {
     return this.cancelRequested && this.forceCancel;
+  }
+
+  /** Any cancel was asked for: a READY job's soft cancel ends it without its final switch (QEMU's job_cancel_requested). */
+  get stopRequested(): boolean {
+    return this.cancelRequested;
   }
 
   // ---- status -------------------------------------------------------------------------------
@@ -139,7 +149,7 @@ export class Job {
 
   begin(): void {
     this.transition('running');
-    this.busy = true;
+    this.executing = true;
     void this.execute().catch((error: unknown) => {
       // A bug in the job machinery must not take the daemon down; the job stays where it is.
       this.error = `internal error: ${(error as Error).message}`;
@@ -156,7 +166,7 @@ export class Job {
     } catch (error) {
       failure = error;
     }
-    this.busy = false;
+    this.executing = false;
     if (failure !== undefined || this.cancelled) return this.fail(this.cancelled ? new JobCancelled() : failure);
     this.startupDone();
     this.transition('waiting');
@@ -223,6 +233,12 @@ export class Job {
     return 'retry';
   }
 
+  /** The initial copy is done and the job keeps copying new writes until completed (mirror, active commit). */
+  ready(): void {
+    this.transition('ready');
+    if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_READY', this.blockEvent());
+  }
+
   /** The kind's run reached its first real I/O (see `startup`). */
   startupReached(): void {
     this.startupDone();
@@ -247,11 +263,9 @@ export class Job {
       this.pauseGeneration++;
       this.resumeStatus = this.status === 'ready' ? 'ready' : 'running';
       this.transition(this.resumeStatus === 'ready' ? 'standby' : 'paused');
-      this.busy = false;
     }
     while (this.pauseCount > 0 && !this.cancelled) await new Promise<void>((resolve) => this.resumeWaiters.push(resolve));
     if (--this.parked === 0) {
-      this.busy = true;
       this.transition(this.resumeStatus);
     }
     if (this.cancelled) throw new JobCancelled();
@@ -319,14 +333,16 @@ export class Job {
   }
 
   /**
-   * Cancels the job; jobs without a soft cancel (all but mirror and active commit) are always
-   * force-cancelled. Resolves when a sleeping or paused job has ended (its events then precede the reply).
+   * Cancels the job. Only a READY job that can complete (mirror, active commit) is cancelled
+   * softly unless forced; any other cancel is forced. Resolves when a sleeping or paused job
+   * has ended (its events then precede the reply).
    */
   cancel(force: boolean): Promise<void> {
     if (this.status === 'concluded') return this.dismiss();
     const idle = this.quiescent;
+    const ready = this.status === 'ready' || this.status === 'standby';
     this.cancelRequested = true;
-    this.forceCancel = this.forceCancel || force || !this.kind.complete;
+    this.forceCancel = this.forceCancel || force || !this.kind.complete || !ready;
     if (this.userPaused) {
       this.userPaused = false;
       this.pauseCount--;
@@ -334,7 +350,8 @@ export class Job {
     if (this.status === 'pending') return this.fail(new JobCancelled());
     this.kickSleepers();
     this.wake();
-    return idle ? this.concluded() : Promise.resolve();
+    // Jobs that can complete drain their source on the way out, so like QEMU's their events follow the reply.
+    return idle && this.forceCancel && !this.kind.complete ? this.concluded() : Promise.resolve();
   }
 
   setSpeed(speed: number): void {
@@ -347,5 +364,6 @@ export class Job {
     this.checkVerb('complete');
     if (this.cancelRequested || !this.kind.complete) throw genericError(`The active block job '${this.id}' cannot be completed`);
     this.kind.complete(this);
+    this.kickSleepers(); // a READY job waiting for work goes on to complete now
   }
 }

@@ -6,7 +6,6 @@
  * copy-on-read filter sits above the top node while the job runs, and the
  * job blocks other operations on every node it holds until it is dismissed.
  */
-import { resolve } from 'node:path';
 import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
@@ -17,7 +16,9 @@ import { isAllZero } from '../blockdev/node.js';
 import type { QmpCommandMap } from '../generated/qapi-types.js';
 import type { CommandRegistry } from '../qmp/command-registry.js';
 import { QmpError, genericError } from '../qmp/errors.js';
+import { allocatedBetween, below, chainBelow, findBackingImage } from './backing-chain.js';
 import { CopyError, runCopy } from './copy-engine.js';
+import { JobNodes, insertJobFilter } from './job-nodes.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job, JobKind } from './job.js';
 
@@ -26,32 +27,6 @@ type StreamArguments = QmpCommandMap['block-stream']['args'];
 const STREAM_CHUNK = 512 * 1024;
 const COPIES_IN_FLIGHT = 4;
 const SHARED_BY_JOB = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED;
-
-/** The next node down the chain: a filter's child, or a format's backing file (QEMU's bdrv_filter_or_cow_bs). */
-function below(node: BlockNode): BlockNode | undefined {
-  return node.driver.kind === 'filter' ? node.primaryChild()?.child : node.backing()?.child;
-}
-
-/** The chain below `node`, filters included, top first. */
-function chainBelow(node: BlockNode): BlockNode[] {
-  const chain: BlockNode[] = [];
-  for (let layer = below(node); layer; layer = below(layer)) chain.push(layer);
-  return chain;
-}
-
-/** Whether the run at `offset` is allocated in some layer from `top` down to `bottom` (inclusive). */
-async function allocatedBetween(top: BlockNode, bottom: BlockNode, offset: number, length: number): Promise<{ length: number; allocated: boolean }> {
-  let run = length;
-  for (let layer: BlockNode | undefined = top; layer; layer = layer.backing()?.child) {
-    if (offset < layer.length()) {
-      const status = await layer.blockStatus(offset, Math.min(run, layer.length() - offset));
-      if (status.allocated) return { length: status.length, allocated: true };
-      run = Math.min(run, status.length);
-    }
-    if (layer === bottom) break;
-  }
-  return { length: run, allocated: false };
-}
 
 interface StreamPlan {
   top: BlockNode;
@@ -66,36 +41,31 @@ class StreamJob implements JobKind {
   readonly type = 'stream' as const;
   readonly blockJob = true;
   private filter: BlockNode | undefined;
-  private readonly edges: ChildEdge[] = [];
-  private readonly unblock: (() => void)[] = [];
+  private filterEdge: ChildEdge | undefined;
+  private active: ChildEdge | undefined;
+  private nodes: JobNodes | undefined;
 
   constructor(private readonly layer: BlockLayer, private readonly plan: StreamPlan,
     private readonly onError: NonNullable<StreamArguments['on-error']>) {}
 
   /** Inserts the copy-on-read filter and takes the job's nodes: permissions and op blockers. */
   async setUp(job: Job, filterNodeName: string | undefined): Promise<void> {
-    const { graph, opener } = this.layer;
     const { top, bottom } = this.plan;
-    const user = { describe: () => `stream job '${job.id}'`, job: true };
-    const filter = await opener.open({
-      options: { driver: 'copy-on-read', file: top.name, bottom: bottom.name, ...(filterNodeName === undefined ? {} : { 'node-name': filterNodeName }) },
-      monitorOwned: false,
-    });
+    const filter = await insertJobFilter(this.layer, { driver: 'copy-on-read', file: top.name, bottom: bottom.name }, top, filterNodeName);
     this.filter = filter;
-    await graph.insertFilter(filter, top);
-    this.edges.push(await graph.attachUser(user, filter, 'main node', { perm: PERM_CONSISTENT_READ, shared: PERM_ALL & ~PERM_RESIZE }));
-    this.edges.push(await graph.attachUser(user, top, 'active node', { perm: PERM_WRITE_UNCHANGED, shared: SHARED_BY_JOB | PERM_WRITE }));
-    for (const node of [filter, top]) this.unblock.push(this.layer.blockers.add(node, 'block-job', 'stream'));
+    const nodes = new JobNodes(this.layer, job);
+    this.nodes = nodes;
+    this.filterEdge = await nodes.hold(filter, 'main node', { perm: PERM_CONSISTENT_READ, shared: PERM_ALL & ~PERM_RESIZE });
+    this.active = await nodes.hold(top, 'active node', { perm: PERM_WRITE_UNCHANGED, shared: SHARED_BY_JOB | PERM_WRITE });
     for (const node of chainBelow(top)) {
       if (node === this.plan.base) break;
-      this.edges.push(await graph.attachUser(user, node, 'intermediate node', { perm: 0, shared: SHARED_BY_JOB }));
-      this.unblock.push(this.layer.blockers.add(node, 'block-job', 'stream'));
+      await nodes.hold(node, 'intermediate node', { perm: 0, shared: SHARED_BY_JOB });
     }
   }
 
   async run(job: Job): Promise<void> {
     const { top, bottom } = this.plan;
-    const active = this.edges[1]!;
+    const active = this.active!;
     job.startupReached();
     if (top === bottom) return; // nothing between top and base
     const backing = top.backing()?.child;
@@ -152,20 +122,14 @@ class StreamJob implements JobKind {
 
   /** At dismiss, as in QEMU: the job lets go of its nodes; streamed layers nobody else holds close. */
   async release(): Promise<void> {
-    for (const unblock of this.unblock.splice(0)) unblock();
-    const { graph } = this.layer;
-    for (const edge of this.edges.splice(0)) {
-      await graph.detach(edge);
-      if (edge.child.parents.length === 0 && !edge.child.monitorOwned) await graph.close(edge.child);
-    }
+    await this.nodes?.release();
   }
 
   private async dropFilter(): Promise<void> {
     const filter = this.filter;
     this.filter = undefined;
     if (!filter) return;
-    const main = this.edges.findIndex((edge) => edge.child === filter);
-    if (main >= 0) await this.layer.graph.detach(this.edges.splice(main, 1)[0]!);
+    if (this.filterEdge) await this.nodes?.drop(this.filterEdge);
     await this.layer.graph.removeFilter(filter);
   }
 }
@@ -184,9 +148,7 @@ export function registerStreamCommand(registry: CommandRegistry, layer: BlockLay
     const chain = chainBelow(top);
     let baseBs: BlockNode | undefined;
     if (base !== undefined) {
-      // By the name the chain records, or the same file by its absolute path (QEMU's bdrv_find_backing_image).
-      const names = (node: BlockNode) => [nodeFilename(node), node.state.info().filename];
-      baseBs = chain.find((node) => names(node).some((name) => name === base || resolve(name) === resolve(base)));
+      baseBs = findBackingImage(top, base);
       if (!baseBs) throw genericError(`Can't find '${base}' in the backing chain`);
     }
     if (baseNode !== undefined) {

@@ -27,6 +27,8 @@ export type BlockerSource = keyof typeof BLOCKER_SOURCES;
 /** Which command checks which operation, on which nodes (QEMU 7.2's checks). */
 export const OPERATION_CHECKS: readonly { command: string; operation: BlockOperation; nodes: string }[] = [
   { command: 'block-stream', operation: 'stream', nodes: "every node from 'device' down to the base (exclusive) or 'bottom' (inclusive), filters included" },
+  { command: 'block-commit', operation: 'commit-source', nodes: "'device' (which must be a root node)" },
+  { command: 'block-commit', operation: 'commit-target', nodes: "every node from 'top' down to 'base' (inclusive), and the overlay of 'top' when 'top' is not the active layer" },
   { command: 'blockdev-del', operation: 'drive-del', nodes: 'the node' },
   { command: 'block_resize', operation: 'resize', nodes: "the node; refused as \"Device '...' is in use\"" },
   { command: 'blockdev-snapshot', operation: 'external-snapshot', nodes: "'node'" },

@@ -9,7 +9,7 @@ import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-d
 import type { ChildEdge } from '../child-edge.js';
 import type { BlockNode } from '../node.js';
 import { PERM_WRITE_UNCHANGED, defaultChildPermissions, type PermissionPair } from '../permissions.js';
-import { jsonFilename } from '../node-filename.js';
+import { nodeFilename } from '../node-filename.js';
 
 interface CorOptions {
   bottom?: string;
@@ -72,7 +72,7 @@ class CopyOnReadState implements DriverState {
   }
 
   info() {
-    return { filename: jsonFilename(this.node) };
+    return { filename: nodeFilename(this.node) };
   }
 
   async close(): Promise<void> {}

@@ -47,8 +47,26 @@ class FileState implements DriverState {
   private flushFailed: Error | undefined;
   readonly growsOnWrite = true;
 
-  constructor(private readonly handle: FileHandle, private readonly path: string, size: number, private readonly locking: boolean) {
+  constructor(private handle: FileHandle, private readonly path: string, size: number, private readonly locking: boolean) {
     this.size = size;
+  }
+
+  /**
+   * A new descriptor with the other access mode. OFD locks belong to a descriptor: the
+   * held lock bytes are taken on the new one (all shared, so they coexist with the old
+   * one's) before the old one closes, so another process never sees the image unlocked.
+   */
+  async reopen(writable: boolean): Promise<void> {
+    const handle = await openFile(this.path, writable);
+    try {
+      if (this.locking) for (const byte of this.held) await nativeFileOps.ofdLock(handle.fd, byte, 1, 'shared');
+    } catch (error) {
+      await handle.close();
+      throw error;
+    }
+    const old = this.handle;
+    this.handle = handle;
+    await old.close();
   }
 
   length(): number {

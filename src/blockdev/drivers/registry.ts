@@ -1,13 +1,16 @@
 /*
  * The drivers blockd has, by the name the schema's BlockdevDriver enum gives
  * them. Adding a driver: its schema branch, its file here in drivers/, one
- * line below, and its tests.
+ * line below, and its tests. The filters jobs insert (commit_top,
+ * mirror_top) are here too but not in the schema: blockdev-add refuses them.
  */
 import { genericError } from '../../qmp/errors.js';
 import type { BlockDriver } from '../block-driver.js';
 import { blkdebugDriver } from './blkdebug.js';
+import { commitTopDriver } from './commit-top.js';
 import { copyOnReadDriver } from './copy-on-read.js';
 import { fileDriver } from './file.js';
+import { mirrorTopDriver } from './mirror-top.js';
 import { nbdDriver } from './nbd/nbd-driver.js';
 import { nullCoDriver } from './null-co.js';
 import { qcow2Driver } from './qcow2/qcow2-driver.js';
@@ -16,8 +19,10 @@ import { throttleDriver } from './throttle.js';
 
 const DRIVERS = new Map<string, BlockDriver<never>>([
   ['blkdebug', blkdebugDriver],
+  ['commit_top', commitTopDriver as BlockDriver<never>],
   ['copy-on-read', copyOnReadDriver],
   ['file', fileDriver],
+  ['mirror_top', mirrorTopDriver],
   ['nbd', nbdDriver],
   ['null-co', nullCoDriver],
   ['qcow2', qcow2Driver],

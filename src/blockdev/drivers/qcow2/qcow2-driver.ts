@@ -9,7 +9,7 @@ import { genericError } from '../../../qmp/errors.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import type { ChildEdge } from '../../child-edge.js';
 import { AutoclearFeature, CompatibleFeature, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
-import { parseHeader } from './header.js';
+import { parseHeader, type Qcow2Header } from './header.js';
 import { repairDirtyImage } from './dirty-repair.js';
 import { nodeFilename } from '../../node-filename.js';
 import { Qcow2Image } from './qcow2-image.js';
@@ -75,6 +75,21 @@ class Qcow2State implements DriverState {
     return resize(this.image, size);
   }
 
+  /** Becoming writable: the checks a read-write open makes (the file below is writable already). */
+  async reopen(writable: boolean): Promise<void> {
+    if (!writable) return; // the node flushed its tables before it became read-only
+    const { header } = this.image;
+    const refusal = writeRefusal(header);
+    if (refusal) throw genericError(refusal);
+    if (header.incompatibleFeatures & IncompatibleFeature.DIRTY) {
+      throw genericError('qcow2: the image was not closed cleanly (lazy refcounts); open it read-write once to repair it before reopening it read-write');
+    }
+    if (header.autoclearFeatures & ~KNOWN_AUTOCLEAR_FEATURES) {
+      header.autoclearFeatures &= KNOWN_AUTOCLEAR_FEATURES;
+      await this.image.writeHeader();
+    }
+  }
+
   setBacking(backing: ChildEdge | undefined): void {
     this.image.backing = backing;
   }
@@ -132,6 +147,15 @@ class Qcow2State implements DriverState {
   }
 }
 
+/** Why an image must not be written, in QEMU's words where QEMU refuses too. */
+function writeRefusal(header: Qcow2Header): string | undefined {
+  if (header.incompatibleFeatures & IncompatibleFeature.CORRUPT) return 'qcow2: Image is corrupt; cannot be opened read/write';
+  if (header.bitmaps && header.autoclearFeatures & AutoclearFeature.BITMAPS) {
+    return 'qcow2 images with persistent dirty bitmaps cannot be opened read-write by this version of blockd';
+  }
+  return undefined;
+}
+
 /**
  * A backing name from the header, relative to the image's own directory as QEMU's
  * path_combine makes it: absolute names and names with a protocol prefix stay as
@@ -184,10 +208,8 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
     if (header.incompatibleFeatures & IncompatibleFeature.EXTERNAL_DATA_FILE) throw genericError('qcow2 external data files are not supported by blockd');
     if (header.incompatibleFeatures & IncompatibleFeature.EXTENDED_L2) throw genericError('qcow2 extended L2 entries are not supported by blockd');
     if (header.compressionType !== 0) throw genericError('qcow2 compression type zstd is not supported by blockd');
-    if (writable && header.incompatibleFeatures & IncompatibleFeature.CORRUPT) throw genericError('qcow2: Image is corrupt; cannot be opened read/write');
-    if (writable && header.bitmaps && header.autoclearFeatures & AutoclearFeature.BITMAPS) {
-      throw genericError('qcow2 images with persistent dirty bitmaps cannot be opened read-write by this version of blockd');
-    }
+    const refusal = writable ? writeRefusal(header) : undefined;
+    if (refusal) throw genericError(refusal);
 
     // Like QEMU: a writer with lazy refcounts did not close the image; its refcounts are rebuilt before use.
     if (writable && header.incompatibleFeatures & IncompatibleFeature.DIRTY) await repairDirtyImage(file, header);

@@ -1,0 +1,69 @@
+/*
+ * `mirror_top`: the filter an active block-commit (and later mirror) puts
+ * above its source (QEMU's bdrv_mirror_top). Every request passes through to
+ * the source; the job watches the source's writes to copy them again. For a
+ * commit it takes no consistent read of the chain (only the base may be read
+ * consistently while the job writes into it) and lets others write, as QEMU
+ * does. Named after its child; only jobs create it.
+ */
+import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { ChildEdge } from '../child-edge.js';
+import { nodeFilename } from '../node-filename.js';
+import type { BlockNode } from '../node.js';
+import { PERM_CONSISTENT_READ, PERM_WRITE, defaultChildPermissions, type PermissionPair } from '../permissions.js';
+
+class MirrorTopState implements DriverState {
+  constructor(private readonly source: ChildEdge, private readonly node: BlockNode, private readonly commit: boolean) {}
+
+  length(): number {
+    return this.source.length();
+  }
+
+  read(offset: number, buffer: Buffer): Promise<void> {
+    return this.source.read(offset, buffer);
+  }
+
+  write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+    return this.source.write(offset, buffer, flags);
+  }
+
+  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return this.source.writeZeroes(offset, length, flags);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.source.discard(offset, length);
+  }
+
+  async blockStatus(offset: number, length: number) {
+    return { length, delegate: this.source, offset };
+  }
+
+  childPermissions(edge: ChildEdge, parents: PermissionPair): PermissionPair {
+    const pair = defaultChildPermissions(edge.role, parents, !this.node.readOnly);
+    if (!this.commit) return pair;
+    return { perm: pair.perm & ~PERM_CONSISTENT_READ, shared: pair.shared | PERM_WRITE };
+  }
+
+  info() {
+    return { filename: nodeFilename(this.node) };
+  }
+
+  async close(): Promise<void> {}
+}
+
+interface MirrorTopOptions {
+  /** Commit: the target is in the source's backing chain. */
+  commit?: boolean;
+}
+
+export const mirrorTopDriver: BlockDriver<MirrorTopOptions> = {
+  name: 'mirror_top',
+  kind: 'filter',
+  namedAfterChild: true,
+  strongOptions: [],
+  async open(context, options) {
+    const source = await context.openChild('backing', { name: 'backing', role: 'filtered' });
+    return new MirrorTopState(source, context.node, options.commit === true);
+  },
+};

@@ -1,0 +1,255 @@
+/*
+ * block-commit: QEMU's checks in QEMU's order and words, then one of two
+ * jobs. Committing an intermediate layer (its overlay is not written by
+ * anyone) copies the data between top and base into the base, flushes it,
+ * then points the overlay's header and backing link at the base; the
+ * committed layers leave the graph. Committing the active layer is the
+ * active-commit job (active-commit-job.ts). As in QEMU a read-only base is
+ * reopened read-write for the job.
+ */
+import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
+import type { ChildEdge } from '../blockdev/child-edge.js';
+import { describeErrno, errnoOf } from '../blockdev/io-error.js';
+import { nodeFilename } from '../blockdev/node-filename.js';
+import { isAllZero, type BlockNode } from '../blockdev/node.js';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
+import type { QmpCommandMap } from '../generated/qapi-types.js';
+import type { CommandRegistry } from '../qmp/command-registry.js';
+import { QmpError, genericError } from '../qmp/errors.js';
+import { ActiveCommitJob } from './active-commit-job.js';
+import { allocatedBetween, below, chainBelow, findBackingImage, isRootNode, overlayIn } from './backing-chain.js';
+import { CopyError, runCopy } from './copy-engine.js';
+import { JobNodes, insertJobFilter } from './job-nodes.js';
+import type { JobRegistry } from './job-registry.js';
+import type { ErrorPolicy, Job, JobKind } from './job.js';
+
+type CommitArguments = QmpCommandMap['block-commit']['args'];
+
+const COMMIT_CHUNK = 512 * 1024;
+const COPIES_IN_FLIGHT = 4;
+
+/** The nodes of a commit: the root it is started on, the layers it empties and the one it fills. */
+export interface CommitPlan {
+  device: BlockNode;
+  top: BlockNode;
+  base: BlockNode;
+  /** The lowest node above the base (its data is copied too). */
+  baseOverlay: BlockNode;
+  onError: ErrorPolicy;
+  filterNodeName: string | undefined;
+}
+
+/** Permissions on the nodes a commit empties: others may write (the base is below them), none may rely on what they read. */
+function intermediateShares(node: BlockNode, plan: CommitPlan): number {
+  // From the base's own filters down, reads stay consistent (QEMU's filtered_base).
+  const aboveBase = chainBelow(plan.baseOverlay).indexOf(plan.base);
+  const filtersOfBase = chainBelow(plan.baseOverlay).slice(0, aboveBase);
+  return PERM_WRITE_UNCHANGED | PERM_WRITE | (filtersOfBase.includes(node) ? PERM_CONSISTENT_READ : 0);
+}
+
+/** Holds the layers between `from` (inclusive) and the base (exclusive) for the job. */
+export async function holdIntermediates(nodes: JobNodes, from: BlockNode, plan: CommitPlan): Promise<void> {
+  for (let node: BlockNode | undefined = from; node && node !== plan.base; node = below(node)) {
+    await nodes.hold(node, 'intermediate node', { perm: 0, shared: intermediateShares(node, plan) });
+  }
+}
+
+/** Reopens a read-only base read-write for the job; returns whether it was read-only. */
+export async function makeBaseWritable(layer: BlockLayer, base: BlockNode): Promise<boolean> {
+  if (!base.readOnly) return false;
+  await layer.graph.reopenReadWrite(base);
+  return true;
+}
+
+class IntermediateCommitJob implements JobKind {
+  readonly type = 'commit' as const;
+  readonly blockJob = true;
+  private nodes: JobNodes | undefined;
+  private filter: BlockNode | undefined;
+  private topReader: ChildEdge | undefined;
+  private baseWriter: ChildEdge | undefined;
+  private baseWasReadOnly = false;
+
+  constructor(private readonly layer: BlockLayer, private readonly plan: CommitPlan, private readonly backingFile: string | undefined) {}
+
+  /** QEMU's commit_start: base writable, commit_top above the top, then the job's holds. */
+  async setUp(job: Job): Promise<void> {
+    const { device, top, base } = this.plan;
+    this.baseWasReadOnly = await makeBaseWritable(this.layer, base);
+    this.filter = await insertJobFilter(this.layer, { driver: 'commit_top', backing: top.name, 'read-only': true }, top, this.plan.filterNodeName);
+    const nodes = new JobNodes(this.layer, job);
+    this.nodes = nodes;
+    await nodes.hold(device, 'main node', { perm: 0, shared: PERM_ALL });
+    await holdIntermediates(nodes, top, this.plan);
+    await nodes.hold(base, 'base', { perm: 0, shared: PERM_ALL });
+    const grow = base.length() < top.length() ? PERM_RESIZE : 0;
+    this.baseWriter = await nodes.open(base, { perm: PERM_CONSISTENT_READ | PERM_WRITE | grow, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED });
+    this.topReader = await nodes.open(top, { perm: 0, shared: PERM_ALL });
+  }
+
+  async run(job: Job): Promise<void> {
+    const { top, baseOverlay } = this.plan;
+    const reader = this.topReader!;
+    const writer = this.baseWriter!;
+    job.startupReached();
+    const length = top.length();
+    if (writer.length() < length) await writer.truncate(length);
+    await runCopy(job, {
+      length,
+      decide: async (offset, maxLength) => {
+        const run = await allocatedBetween(top, baseOverlay, offset, maxLength);
+        return { length: run.length, copy: run.allocated };
+      },
+      copy: async (offset, runLength) => {
+        const data = Buffer.allocUnsafe(runLength);
+        await reader.read(offset, data).catch((error: unknown) => {
+          throw new CopyError('read', error);
+        });
+        const write = isAllZero(data) ? writer.writeZeroes(offset, runLength, { mayUnmap: true }) : writer.write(offset, data);
+        await write.catch((error: unknown) => {
+          throw new CopyError('write', error);
+        });
+      },
+    }, { chunkSize: COMMIT_CHUNK, inFlight: COPIES_IN_FLIGHT, onError: this.plan.onError }).catch((error: unknown) => {
+      throw new Error(describeErrno(errnoOf(error)));
+    });
+  }
+
+  /**
+   * The base's data is flushed before any overlay names it, so a crash at any moment leaves
+   * a chain that reads the same; then the overlays' headers and links move to the base.
+   */
+  async prepare(): Promise<void> {
+    const { base } = this.plan;
+    const filter = this.filter!;
+    await this.baseWriter!.flush();
+    await this.nodes!.drop(this.baseWriter!);
+    const name = this.backingFile ?? nodeFilename(base);
+    for (const edge of filter.parents) {
+      if ('node' in edge.parent && edge.parent.node.driver.supportsBacking) {
+        await edge.parent.node.state.changeBackingFile?.(name, base.driver.name);
+      }
+    }
+    await this.layer.graph.replaceNode(filter, base);
+    this.filter = undefined;
+    await this.layer.graph.close(filter);
+  }
+
+  /** As QEMU's commit_abort: the filter goes and the job lets go of the nodes at once. */
+  async abort(): Promise<void> {
+    await this.dropFilter();
+    await this.nodes?.release();
+  }
+
+  /** A base that was read-only becomes read-only again (QEMU's commit_clean). */
+  async clean(): Promise<void> {
+    if (this.baseWasReadOnly && this.layer.graph.find(this.plan.base.name) === this.plan.base) {
+      await this.layer.graph.reopenReadOnly(this.plan.base).catch(() => {});
+    }
+  }
+
+  /** At dismiss the job lets go of the committed layers; those nobody else holds close. */
+  async release(): Promise<void> {
+    await this.nodes?.release();
+  }
+
+  private async dropFilter(): Promise<void> {
+    const filter = this.filter;
+    this.filter = undefined;
+    if (filter) await this.layer.graph.removeFilter(filter);
+  }
+}
+
+/** Whether some user writes the node (QEMU's cumulative WRITE permission). */
+function hasWriter(node: BlockNode): boolean {
+  return node.neededPermissions().perm & PERM_WRITE ? true : false;
+}
+
+function skipFilters(node: BlockNode): BlockNode {
+  let current = node;
+  while (current.driver.kind === 'filter' && current.primaryChild()) current = current.primaryChild()!.child;
+  return current;
+}
+
+function chainContains(top: BlockNode, node: BlockNode): boolean {
+  return top === node || chainBelow(top).includes(node);
+}
+
+export function registerCommitCommand(registry: CommandRegistry, layer: BlockLayer, jobs: JobRegistry): void {
+  const { graph, blockers } = layer;
+  registry.register('block-commit', async (args: CommitArguments) => {
+    const { device, 'top-node': topNode, 'base-node': baseNode } = args;
+    // libvirt probes with DeviceNotFound: the device lookup comes before anything else.
+    const bs = graph.find(device);
+    if (!bs) throw new QmpError('DeviceNotFound', `Device '${device}' not found`);
+    if (!isRootNode(bs)) throw genericError('Need a root block node');
+    checkNotBlocked(blockers, bs, 'commit-source');
+
+    let top: BlockNode | undefined = bs;
+    if (topNode !== undefined && args.top !== undefined) throw genericError("'top-node' and 'top' are mutually exclusive");
+    if (topNode !== undefined) {
+      top = graph.find(topNode);
+      if (!top) throw genericError(`Cannot find device='' nor node-name='${topNode}'`);
+      if (!chainContains(bs, top)) throw genericError(`'${topNode}' is not in this backing file chain`);
+    } else if (args.top !== undefined && args.top !== nodeFilename(bs)) {
+      top = findBackingImage(bs, args.top);
+    }
+    if (!top) throw genericError(`Top image file ${args.top ?? 'NULL'} not found`);
+
+    let base: BlockNode | undefined;
+    if (baseNode !== undefined && args.base !== undefined) throw genericError("'base-node' and 'base' are mutually exclusive");
+    if (baseNode !== undefined) {
+      base = graph.find(baseNode);
+      if (!base) throw genericError(`Cannot find device='' nor node-name='${baseNode}'`);
+      if (!chainContains(top, base)) throw genericError(`'${baseNode}' is not in this backing file chain`);
+    } else if (args.base !== undefined) {
+      base = findBackingImage(top, args.base);
+      if (!base) throw genericError(`Can't find '${args.base}' in the backing chain`);
+    } else {
+      base = [top, ...chainBelow(top)].filter((node) => node.driver.kind !== 'filter').at(-1);
+      if (!base) throw genericError('There is no backimg image');
+    }
+
+    for (let node: BlockNode | undefined = top; node && node !== below(base); node = below(node)) checkNotBlocked(blockers, node, 'commit-target');
+    if (top === base) throw genericError('cannot commit an image into itself');
+    if ((args.speed ?? 0) < 0) throw genericError("Parameter 'speed' expects a non-negative value");
+
+    const plan: CommitPlan = {
+      device: bs, top, base, baseOverlay: overlayIn(top, base) ?? top,
+      onError: args['on-error'] ?? 'report', filterNodeName: args['filter-node-name'],
+    };
+    const options = { autoFinalize: args['auto-finalize'] ?? true, autoDismiss: args['auto-dismiss'] ?? true, speed: args.speed ?? 0 };
+    const active = skipFilters(top) === skipFilters(bs);
+    if (active || hasWriter(top)) {
+      if (args['backing-file'] !== undefined) {
+        throw genericError(active ? "'backing-file' specified, but 'top' is the active layer" : "'backing-file' specified, but 'top' has a writer on it");
+      }
+      // The job is named after the device, which a storage daemon's nodes do not have.
+      const kind = new ActiveCommitJob(layer, plan);
+      return startJob(jobs, kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), () => kind.undo());
+    }
+    const overlay = overlayIn(bs, top);
+    if (overlay) checkNotBlocked(blockers, overlay, 'commit-target');
+    if (skipFilters(top) === skipFilters(base)) throw genericError('Invalid files for merge: top and base are the same');
+    const kind = new IntermediateCommitJob(layer, plan, args['backing-file']);
+    return startJob(jobs, kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), async () => {
+      await kind.abort();
+      await kind.clean();
+    });
+  });
+}
+
+/** Creates the job, sets it up (undoing what was done when that fails, as QEMU's job_early_fail) and starts it. */
+async function startJob(jobs: JobRegistry, kind: JobKind, options: { id: string; autoFinalize: boolean; autoDismiss: boolean; speed: number },
+  setUp: (job: Job) => Promise<void>, undo: () => Promise<void>): Promise<void> {
+  const job = jobs.create(kind, options);
+  try {
+    job.announce();
+    await setUp(job);
+  } catch (error) {
+    await undo();
+    job.abandon();
+    throw error instanceof QmpError ? error : genericError((error as Error).message);
+  }
+  job.begin();
+}

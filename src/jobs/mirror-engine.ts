@@ -1,0 +1,135 @@
+/*
+ * The copy loop of jobs that keep a target in sync with a source that is
+ * being written (active commit now, mirror later; QEMU's mirror_run): copies
+ * what the dirty bitmap marks, several chunks in flight and never two over
+ * the same bytes, reaches READY when nothing is left to copy, then keeps
+ * copying new writes until completed or cancelled. It ends with the source
+ * drained and the target flushed: the caller switches the graph over and
+ * then ends the drain.
+ */
+import type { ChildEdge } from '../blockdev/child-edge.js';
+import type { DirtyBitmap } from '../blockdev/dirty-bitmap.js';
+import { errnoOf } from '../blockdev/io-error.js';
+import { isAllZero } from '../blockdev/node.js';
+import { CopyError } from './copy-engine.js';
+import type { ErrorPolicy, Job } from './job.js';
+import { RateLimit } from './rate-limit.js';
+
+export interface MirrorPlan {
+  source: ChildEdge;
+  target: ChildEdge;
+  /** The source's changed parts: what the initial copy must move, and every write since. */
+  bitmap: DirtyBitmap;
+  /** Holds writes to the source back; returns the function that lets them go. */
+  drainSource(): Promise<() => void>;
+  /** job-complete was received. */
+  shouldComplete(): boolean;
+  onError: ErrorPolicy;
+  chunkSize: number;
+  inFlight: number;
+}
+
+/** The most one iteration copies before the speed limit is applied (QEMU's default mirror buffer). */
+const ITERATION_BYTES = 16 << 20;
+
+/** How long a READY job waits for new writes before it looks again (QEMU's BLOCK_JOB_SLICE_TIME). */
+const IDLE_POLL_MS = 100;
+
+interface Operation {
+  offset: number;
+  length: number;
+  done: Promise<void>;
+}
+
+/** Runs until the target is in sync and completion (or a soft cancel) was asked; returns the source drain's end. */
+export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void> {
+  const { bitmap } = plan;
+  const limit = new RateLimit();
+  const operations = new Set<Operation>();
+  let failure: unknown;
+  let cursor = 0;
+  job.workers = 1;
+
+  const copyRun = async (offset: number, length: number): Promise<void> => {
+    const data = Buffer.allocUnsafe(length);
+    await plan.source.read(offset, data).catch((error: unknown) => {
+      throw new CopyError('read', error);
+    });
+    const write = isAllZero(data) ? plan.target.writeZeroes(offset, length, { mayUnmap: true }) : plan.target.write(offset, data);
+    await write.catch((error: unknown) => {
+      throw new CopyError('write', error);
+    });
+  };
+
+  const start = (offset: number, length: number) => {
+    bitmap.clear(offset, length); // a write from now on marks the range again
+    const operation: Operation = { offset, length, done: Promise.resolve() };
+    operation.done = copyRun(offset, length).then(() => {
+      job.currentProgress += length;
+    }, async (error: unknown) => {
+      bitmap.set(offset, length); // failed: still to copy
+      const cause = error instanceof CopyError ? error.cause : error;
+      const action = await job.ioError(errnoOf(cause), error instanceof CopyError ? error.operation : 'read', plan.onError);
+      if (action === 'report') failure ??= cause;
+    }).finally(() => operations.delete(operation));
+    operations.add(operation);
+  };
+
+  const overlapsInFlight = (offset: number, length: number) =>
+    [...operations].some((operation) => operation.offset < offset + length && offset < operation.offset + operation.length);
+  const anyDone = () => Promise.race([...operations].map((operation) => operation.done));
+  const allDone = () => Promise.allSettled([...operations].map((operation) => operation.done));
+
+  try {
+    for (;;) {
+      await job.pausePoint();
+      if (failure !== undefined) throw failure;
+      const dirty = bitmap.count();
+      const inFlightBytes = [...operations].reduce((sum, operation) => sum + operation.length, 0);
+      job.totalProgress = job.currentProgress + inFlightBytes + dirty;
+
+      if (dirty > 0 && operations.size < plan.inFlight) {
+        // One iteration takes a dirty run of up to ITERATION_BYTES and copies it in chunks, as QEMU's mirror_iteration.
+        const run = bitmap.nextRun(cursor, ITERATION_BYTES)!;
+        if (overlapsInFlight(run.offset, run.length)) {
+          await anyDone(); // never two copies of the same bytes: the later could land first
+          continue;
+        }
+        const end = run.offset + run.length;
+        cursor = end;
+        for (let offset = run.offset; offset < end; offset += plan.chunkSize) {
+          while (operations.size >= plan.inFlight) await anyDone();
+          start(offset, Math.min(plan.chunkSize, end - offset));
+        }
+        await limit.take(job, run.length);
+        continue;
+      }
+      if (operations.size > 0) {
+        await anyDone();
+        continue;
+      }
+      // Nothing dirty, nothing in flight: in sync.
+      if (job.status !== 'ready' && job.status !== 'standby') {
+        await plan.target.flush();
+        job.ready();
+      }
+      if (plan.shouldComplete() || job.stopRequested) {
+        const endDrain = await plan.drainSource();
+        try {
+          if (bitmap.count() === 0) {
+            await plan.target.flush();
+            return endDrain;
+          }
+        } catch (error) {
+          endDrain();
+          throw error;
+        }
+        endDrain(); // written meanwhile: copy that first
+        continue;
+      }
+      await job.sleep(IDLE_POLL_MS);
+    }
+  } finally {
+    await allDone();
+  }
+}
