@@ -212,7 +212,6 @@ export function registerCommitCommand(registry: CommandRegistry, layer: BlockLay
 
     for (let node: BlockNode | undefined = top; node && node !== below(base); node = below(node)) checkNotBlocked(blockers, node, 'commit-target');
     if (top === base) throw genericError('cannot commit an image into itself');
-    if ((args.speed ?? 0) < 0) throw genericError("Parameter 'speed' expects a non-negative value");
 
     const plan: CommitPlan = {
       device: bs, top, base, baseOverlay: overlayIn(top, base) ?? top,
@@ -245,6 +244,8 @@ async function startJob(jobs: JobRegistry, kind: JobKind, options: { id: string;
   const job = jobs.create(kind, options);
   try {
     job.announce();
+    // As QEMU's block_job_create: the job exists (and says so) before its speed is checked.
+    if (options.speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
     await setUp(job);
   } catch (error) {
     await undo();

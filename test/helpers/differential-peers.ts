@@ -20,6 +20,7 @@ export interface DifferentialPeers {
   blockd: Peer;
   /** Stops blockd early (e.g. to release image locks before qemu-img looks at its files). */
   stopBlockd(): Promise<unknown>;
+  stopQsd(): Promise<unknown>;
   /** blockd's stderr so far, for failure messages. */
   blockdLog(): string;
 }
@@ -47,6 +48,7 @@ export function differentialPeers(prepare: (dir: string) => void = () => {}): Di
     qsd: { dir: qsdDir, socket: join(qsdDir, 'qsd-qmp.sock') },
     blockd: { dir: blockdDir, socket: join(blockdDir, 'blockd.sock') },
     stopBlockd: async () => blockd?.stop(),
+    stopQsd: async () => qsd?.stop(),
     blockdLog: () => blockd?.stderr() ?? '',
   };
 }

@@ -9,12 +9,12 @@ import { RawConnection } from './raw-connection.js';
 
 export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> };
 
-export async function runTranscript(socket: string, dir: string, steps: readonly TranscriptStep[]): Promise<string[]> {
+export async function runTranscript(socket: string, dir: string, steps: readonly TranscriptStep[], normalise: (line: string) => string = (line) => line): Promise<string[]> {
   const connection = await RawConnection.negotiated(socket);
   const transcript: string[] = [];
-  const record = (line: string) => transcript.push(
+  const record = (line: string) => transcript.push(normalise(
     line.replaceAll(dir, '$DIR').replace(/"timestamp": \{[^}]*\}/, '"timestamp": {}').replace(/#block\d+/g, '#blockN'),
-  );
+  ));
   for (const step of steps) {
     if ('pause' in step) {
       await new Promise((resolve) => setTimeout(resolve, step.pause));
@@ -44,4 +44,14 @@ export async function runTranscript(socket: string, dir: string, steps: readonly
 export function transcriptDifferences(ours: string[], theirs: string[]): { i: number; ours?: string; theirs?: string }[] {
   const length = Math.max(ours.length, theirs.length);
   return Array.from({ length }, (_, i) => ({ i, ours: ours[i], theirs: theirs[i] })).filter((d) => d.ours !== d.theirs);
+}
+
+/** A readable account of where two transcripts part: for the first few differing steps, the text around the first differing character. */
+export function describeDifferences(ours: string[], theirs: string[], limit = 4): string {
+  return transcriptDifferences(ours, theirs).slice(0, limit).map(({ i, ours: a = '(none)', theirs: b = '(none)' }) => {
+    let at = 0;
+    while (at < a.length && a[at] === b[at]) at++;
+    const window = (text: string) => text.slice(Math.max(0, at - 200), at + 200);
+    return `step ${i}, character ${at}:\n  ours:   ${window(a)}\n  theirs: ${window(b)}`;
+  }).join('\n');
 }
