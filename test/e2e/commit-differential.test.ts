@@ -14,23 +14,14 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { differentialPeers } from '../helpers/differential-peers.js';
 import { describeDifferences, runTranscript, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { makePatternChain } from '../helpers/pattern-chains.js';
 import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
 
 const CHAINS = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'];
 
-/** base <- mid <- top for each chain, with data, zero clusters and holes at every layer; the expected contents saved as raw. */
+/** The pattern chains, and a deeper one for jobs on disjoint segments: base <- l1 <- l2 <- l3 <- top. */
 function makeChains(dir: string): void {
-  for (const chain of CHAINS) {
-    const path = (layer: string) => join(dir, `${chain}-${layer}.qcow2`);
-    createQcow2(path('base'), 64 * MiB);
-    qemuIo(path('base'), ['write -P 0x11 0 8M', 'write -P 0x12 32M 4M', 'write -P 0x13 60M 4M'], ['-f', 'qcow2']);
-    createQcow2(path('mid'), undefined, { backing: { path: `${chain}-base.qcow2`, format: 'qcow2' } });
-    qemuIo(path('mid'), ['write -P 0x21 4M 8M', 'write -z 33M 1M', 'write -P 0x22 48M 64k'], ['-f', 'qcow2']);
-    createQcow2(path('top'), undefined, { backing: { path: `${chain}-mid.qcow2`, format: 'qcow2' } });
-    qemuIo(path('top'), ['write -P 0x31 6M 1M', 'write -z 60M 64k'], ['-f', 'qcow2']);
-    runQemuImg('convert', '-O', 'raw', path('top'), join(dir, `${chain}-expected.raw`));
-  }
-  // A deeper chain for jobs on disjoint segments: base <- l1 <- l2 <- l3 <- top.
+  for (const chain of CHAINS) makePatternChain(dir, chain);
   const layers = ['base', 'l1', 'l2', 'l3', 'top'];
   layers.forEach((layer, index) => {
     const path = join(dir, `z-${layer}.qcow2`);
