@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Folding layers back down with block-commit: base <- mid <- top, made and written by
+# qemu-img/qemu-io. First an intermediate commit puts mid's data into base and makes base
+# top's backing file; then an active commit moves top's own data into base (READY, then
+# job-complete switches top's users over to base). base then reads as top did, and passes
+# qemu-img check. Needs: npm run build, socat, qemu-utils.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+qemu-img create -q -f qcow2 base.qcow2 64M && qemu-io -c 'write -P 1 0 16M' base.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 && qemu-io -c 'write -P 2 8M 16M' mid.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && qemu-io -c 'write -P 3 12M 1M' top.qcow2 >/dev/null
+qemu-img convert -O raw top.qcow2 before.raw
+
+"$here/../bin/blockd" --blockdev driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2 \
+  --qmp "unix:$work/qmp.sock" --pidfile "$work/blockd.pid" 2>"$work/blockd.log" &
+for _ in $(seq 100); do [ -e "$work/blockd.pid" ] && break; sleep 0.05; done
+
+# Intermediate commit (top: mid, named by its file), then active commit of what is left; quit.
+{
+  echo '{"execute": "qmp_capabilities"}'
+  echo "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": \"fold-mid\", \"device\": \"top\", \"top\": \"$work/mid.qcow2\"}}"
+  sleep 1
+  echo '{"execute": "block-commit", "arguments": {"job-id": "fold-top", "device": "top"}}'
+  sleep 1
+  echo '{"execute": "job-complete", "arguments": {"id": "fold-top"}}'
+  sleep 1
+  echo '{"execute": "quit"}'
+} | socat - "UNIX-CONNECT:$work/qmp.sock" | tr -d '\r' > replies
+wait
+grep -o '"status": "[a-z]*", "id": "fold-[a-z]*"\|BLOCK_JOB_READY\|BLOCK_JOB_COMPLETED' replies
+qemu-img info top.qcow2 | grep '^backing file:'
+qemu-img compare -q before.raw base.qcow2 && echo "base reads as top did"
+qemu-img check -q base.qcow2 && echo "qemu-img check: clean"
