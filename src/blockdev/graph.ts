@@ -86,6 +86,11 @@ export class BlockGraph implements NodeObserver {
     return edge;
   }
 
+  /** Changes what a user needs of its node (a job that is done writing keeps only its hold). */
+  async updateUser(edge: ChildEdge, needs: PermissionPair): Promise<void> {
+    await this.refreshPermissions([edge.child], new Map([[edge, needs]]));
+  }
+
   /** Removes an edge and relaxes the permissions below it. */
   async detach(edge: ChildEdge): Promise<void> {
     this.unlink(edge);
@@ -240,11 +245,13 @@ export class BlockGraph implements NodeObserver {
    */
   async reopenReadWrite(node: BlockNode): Promise<void> {
     const changed: BlockNode[] = [];
+    // Children follow unless their own options say read-only (QEMU keeps a child's explicit options on reopen).
+    const follows = (child: BlockNode) => child.settings.autoReadOnly || (!child.monitorOwned && child.options['read-only'] === undefined);
     const visit = (current: BlockNode) => {
       if (!current.settings.readOnly || changed.includes(current)) return;
       if (current.settings.forceShare) throw genericError('force-share=on can only be used with read-only images');
       for (const edge of current.children) {
-        if (edge.role !== 'cow' && (!edge.child.monitorOwned || edge.child.settings.autoReadOnly)) visit(edge.child);
+        if (edge.role !== 'cow' && follows(edge.child)) visit(edge.child);
       }
       changed.push(current);
     };

@@ -17,7 +17,7 @@ import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
 import { JobCancelled, type Job, type JobKind } from './job.js';
 import { allocatedBetween, below } from './backing-chain.js';
-import { holdIntermediates, makeBaseWritable, type CommitPlan } from './commit-job.js';
+import { holdIntermediates, type CommitPlan } from './commit-job.js';
 import { JobNodes, insertJobFilter } from './job-nodes.js';
 import { runMirror } from './mirror-engine.js';
 
@@ -35,15 +35,14 @@ export class ActiveCommitJob implements JobKind {
   private bitmap: DirtyBitmap | undefined;
   private stopWatching: (() => void) | undefined;
   private endDrain: (() => void) | undefined;
-  private baseWasReadOnly = false;
   private completeRequested = false;
   private finished = false;
 
-  constructor(private readonly layer: BlockLayer, private readonly plan: CommitPlan) {}
+  /** `baseWasReadOnly`: the command made the base writable for the job (undone if the job cannot start). */
+  constructor(private readonly layer: BlockLayer, private readonly plan: CommitPlan, private readonly baseWasReadOnly: boolean) {}
 
   async setUp(job: Job): Promise<void> {
     const { top, base } = this.plan;
-    this.baseWasReadOnly = await makeBaseWritable(this.layer, base);
     const filter = await insertJobFilter(this.layer, { driver: 'mirror_top', backing: top.name, commit: true }, top, this.plan.filterNodeName);
     this.filter = filter;
     const nodes = new JobNodes(this.layer, job);

@@ -19,7 +19,7 @@ import { QmpError, genericError } from '../qmp/errors.js';
 import { ActiveCommitJob } from './active-commit-job.js';
 import { allocatedBetween, below, chainBelow, findBackingImage, isRootNode, overlayIn } from './backing-chain.js';
 import { CopyError, runCopy } from './copy-engine.js';
-import { JobNodes, insertJobFilter } from './job-nodes.js';
+import { JobNodes, insertJobFilter, makeWritable } from './job-nodes.js';
 import type { JobRegistry } from './job-registry.js';
 import type { ErrorPolicy, Job, JobKind } from './job.js';
 
@@ -54,13 +54,6 @@ export async function holdIntermediates(nodes: JobNodes, from: BlockNode, plan: 
   }
 }
 
-/** Reopens a read-only base read-write for the job; returns whether it was read-only. */
-export async function makeBaseWritable(layer: BlockLayer, base: BlockNode): Promise<boolean> {
-  if (!base.readOnly) return false;
-  await layer.graph.reopenReadWrite(base);
-  return true;
-}
-
 class IntermediateCommitJob implements JobKind {
   readonly type = 'commit' as const;
   readonly blockJob = true;
@@ -75,7 +68,7 @@ class IntermediateCommitJob implements JobKind {
   /** QEMU's commit_start: base writable, commit_top above the top, then the job's holds. */
   async setUp(job: Job): Promise<void> {
     const { device, top, base } = this.plan;
-    this.baseWasReadOnly = await makeBaseWritable(this.layer, base);
+    this.baseWasReadOnly = await makeWritable(this.layer, base);
     this.filter = await insertJobFilter(this.layer, { driver: 'commit_top', backing: top.name, 'read-only': true }, top, this.plan.filterNodeName);
     const nodes = new JobNodes(this.layer, job);
     this.nodes = nodes;
@@ -223,34 +216,22 @@ export function registerCommitCommand(registry: CommandRegistry, layer: BlockLay
       if (args['backing-file'] !== undefined) {
         throw genericError(active ? "'backing-file' specified, but 'top' is the active layer" : "'backing-file' specified, but 'top' has a writer on it");
       }
+      // As QEMU's commit_active_start: the base is writable before the job exists.
+      const baseWasReadOnly = await makeWritable(layer, base);
+      const kind = new ActiveCommitJob(layer, plan, baseWasReadOnly);
       // The job is named after the device, which a storage daemon's nodes do not have.
-      const kind = new ActiveCommitJob(layer, plan);
-      return startJob(jobs, kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), () => kind.undo());
+      return jobs.launch(kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), () => kind.undo()).catch(async (error: unknown) => {
+        if (baseWasReadOnly) await graph.reopenReadOnly(base).catch(() => {});
+        throw error;
+      });
     }
     const overlay = overlayIn(bs, top);
     if (overlay) checkNotBlocked(blockers, overlay, 'commit-target');
     if (skipFilters(top) === skipFilters(base)) throw genericError('Invalid files for merge: top and base are the same');
     const kind = new IntermediateCommitJob(layer, plan, args['backing-file']);
-    return startJob(jobs, kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), async () => {
+    return jobs.launch(kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), async () => {
       await kind.abort();
       await kind.clean();
     });
   });
-}
-
-/** Creates the job, sets it up (undoing what was done when that fails, as QEMU's job_early_fail) and starts it. */
-async function startJob(jobs: JobRegistry, kind: JobKind, options: { id: string; autoFinalize: boolean; autoDismiss: boolean; speed: number },
-  setUp: (job: Job) => Promise<void>, undo: () => Promise<void>): Promise<void> {
-  const job = jobs.create(kind, options);
-  try {
-    job.announce();
-    // As QEMU's block_job_create: the job exists (and says so) before its speed is checked.
-    if (options.speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
-    await setUp(job);
-  } catch (error) {
-    await undo();
-    job.abandon();
-    throw error instanceof QmpError ? error : genericError((error as Error).message);
-  }
-  job.begin();
 }

@@ -8,7 +8,7 @@ import type { BlockLayer } from '../blockdev/block-layer.js';
 import { COMMAND_USER } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import type { BlockNode } from '../blockdev/node.js';
-import type { PermissionPair } from '../blockdev/permissions.js';
+import { PERM_ALL, type PermissionPair } from '../blockdev/permissions.js';
 import type { BlockdevOptions } from '../generated/qapi-types.js';
 import type { Job } from './job.js';
 
@@ -24,6 +24,13 @@ export async function insertJobFilter(layer: BlockLayer, options: Record<string,
   filter.implicit = filterNodeName === undefined;
   await layer.graph.insertFilter(filter, node);
   return filter;
+}
+
+/** Reopens a read-only node read-write for a job that writes into it; returns whether it was read-only. */
+export async function makeWritable(layer: BlockLayer, node: BlockNode): Promise<boolean> {
+  if (!node.readOnly) return false;
+  await layer.graph.reopenReadWrite(node);
+  return true;
 }
 
 export class JobNodes {
@@ -50,6 +57,11 @@ export class JobNodes {
     const edge = await this.layer.graph.attachUser(COMMAND_USER, node, 'root', needs);
     this.edges.push(edge);
     return edge;
+  }
+
+  /** Keeps the hold on a node but gives up the permissions (the job is done with its I/O there). */
+  async relax(edge: ChildEdge): Promise<void> {
+    await this.layer.graph.updateUser(edge, { perm: 0, shared: PERM_ALL });
   }
 
   /** Gives up one edge (e.g. the writer on a base before the graph switches over). */

@@ -21,6 +21,25 @@ export class JobRegistry {
     return job;
   }
 
+  /**
+   * Creates a job, sets it up and starts it, as QEMU's block_job_create and job_start: the
+   * job exists (and says so) before its speed is checked, and a set-up that fails is undone
+   * and the job goes again (job_early_fail).
+   */
+  async launch(kind: JobKind, options: JobOptions & { speed: number }, setUp: (job: Job) => Promise<void>, undo: () => Promise<void>): Promise<void> {
+    const job = this.create(kind, options);
+    try {
+      job.announce();
+      if (options.speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
+      await setUp(job);
+    } catch (error) {
+      await undo();
+      job.abandon();
+      throw error instanceof QmpError ? error : genericError((error as Error).message);
+    }
+    job.begin();
+  }
+
   create(kind: JobKind, options: JobOptions): Job {
     this.checkNewId(options.id);
     const job = new Job(options.id, kind, options, this.bus, (ended) => {

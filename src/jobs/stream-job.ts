@@ -15,10 +15,10 @@ import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNC
 import { isAllZero } from '../blockdev/node.js';
 import type { QmpCommandMap } from '../generated/qapi-types.js';
 import type { CommandRegistry } from '../qmp/command-registry.js';
-import { QmpError, genericError } from '../qmp/errors.js';
+import { genericError } from '../qmp/errors.js';
 import { allocatedBetween, below, chainBelow, findBackingImage } from './backing-chain.js';
 import { CopyError, runCopy } from './copy-engine.js';
-import { JobNodes, insertJobFilter } from './job-nodes.js';
+import { JobNodes, insertJobFilter, makeWritable } from './job-nodes.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job, JobKind } from './job.js';
 
@@ -44,6 +44,7 @@ class StreamJob implements JobKind {
   private filterEdge: ChildEdge | undefined;
   private active: ChildEdge | undefined;
   private nodes: JobNodes | undefined;
+  private topWasReadOnly = false;
 
   constructor(private readonly layer: BlockLayer, private readonly plan: StreamPlan,
     private readonly onError: NonNullable<StreamArguments['on-error']>) {}
@@ -51,6 +52,8 @@ class StreamJob implements JobKind {
   /** Inserts the copy-on-read filter and takes the job's nodes: permissions and op blockers. */
   async setUp(job: Job, filterNodeName: string | undefined): Promise<void> {
     const { top, bottom } = this.plan;
+    // As in QEMU, a read-only top is made writable for the job, and read-only again after it.
+    this.topWasReadOnly = await makeWritable(this.layer, top);
     const filter = await insertJobFilter(this.layer, { driver: 'copy-on-read', file: top.name, bottom: bottom.name }, top, filterNodeName);
     this.filter = filter;
     const nodes = new JobNodes(this.layer, job);
@@ -118,6 +121,11 @@ class StreamJob implements JobKind {
 
   async clean(): Promise<void> {
     await this.dropFilter();
+    if (this.topWasReadOnly && this.layer.graph.find(this.plan.top.name) === this.plan.top) {
+      this.topWasReadOnly = false;
+      if (this.active) await this.nodes?.relax(this.active);
+      await this.layer.graph.reopenReadOnly(this.plan.top).catch(() => {});
+    }
   }
 
   /** At dismiss, as in QEMU: the job lets go of its nodes; streamed layers nobody else holds close. */
@@ -170,23 +178,15 @@ export function registerStreamCommand(registry: CommandRegistry, layer: BlockLay
       checkNotBlocked(blockers, node, 'stream');
     }
     if (baseBs === undefined && args['backing-file'] !== undefined) throw genericError('backing file specified, but streaming the entire chain');
-    if (top.readOnly) throw genericError(`blockd cannot stream into the read-only node '${top.name}' yet`);
-    if ((args.speed ?? 0) < 0) throw genericError("Parameter 'speed' expects a non-negative value");
 
     const finalBase = bottomBs ? below(bottomBs) : baseBs;
     const overlayOfBase = bottomBs ?? ([top, ...chain].find((node) => below(node) === baseBs) ?? top);
     const plan: StreamPlan = { top, bottom: overlayOfBase, base: finalBase, backingFile: args['backing-file'] };
     const kind = new StreamJob(layer, plan, args['on-error'] ?? 'report');
-    const job = jobs.create(kind, { id: args['job-id'] ?? '', autoFinalize: args['auto-finalize'] ?? true, autoDismiss: args['auto-dismiss'] ?? true, speed: args.speed ?? 0 });
-    try {
-      job.announce();
-      await kind.setUp(job, args['filter-node-name']);
-    } catch (error) {
+    const options = { id: args['job-id'] ?? '', autoFinalize: args['auto-finalize'] ?? true, autoDismiss: args['auto-dismiss'] ?? true, speed: args.speed ?? 0 };
+    await jobs.launch(kind, options, (job) => kind.setUp(job, args['filter-node-name']), async () => {
       await kind.clean();
       await kind.release();
-      job.abandon();
-      throw error instanceof QmpError ? error : genericError((error as Error).message);
-    }
-    job.begin();
+    });
   });
 }

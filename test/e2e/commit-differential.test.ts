@@ -17,7 +17,7 @@ import { describeDifferences, runTranscript, type TranscriptStep } from '../help
 import { makePatternChain } from '../helpers/pattern-chains.js';
 import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
 
-const CHAINS = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'];
+const CHAINS = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'];
 
 /** The pattern chains, and a deeper one for jobs on disjoint segments: base <- l1 <- l2 <- l3 <- top. */
 function makeChains(dir: string): void {
@@ -161,6 +161,12 @@ const STEPS: TranscriptStep[] = [
   { execute: 'block-job-cancel', arguments: { device: 'c10', force: true } },
   settle,
   graph,
+  // a base whose file the user opened read-only cannot become writable: refused before the job exists
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'j-base', 'read-only': true, file: { ...file('j-base'), 'read-only': true }, backing: null } },
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'j-top', file: file('j-top'), backing: 'j-base' } },
+  commit({ device: 'j-top', 'job-id': 'c13' }),
+  { execute: 'blockdev-del', arguments: { 'node-name': 'j-top' } },
+  { execute: 'blockdev-del', arguments: { 'node-name': 'j-base' } },
   // an active commit that is not READY yet cannot complete, and a cancel is always forced
   ...addChain('h'),
   commit({ device: 'h-top', 'base-node': 'h-mid', 'job-id': 'c11', speed: 1 }),
