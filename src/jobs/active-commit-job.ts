@@ -29,7 +29,7 @@ export class ActiveCommitJob implements JobKind {
   readonly type = 'commit' as const;
   readonly blockJob = true;
   private filter: BlockNode | undefined;
-  private nodes: JobNodes | undefined;
+  private nodes: JobNodes<'active-commit'> | undefined;
   private target: ChildEdge | undefined;
   private source: ChildEdge | undefined;
   private bitmap: DirtyBitmap | undefined;
@@ -45,13 +45,13 @@ export class ActiveCommitJob implements JobKind {
     const { top, base } = this.plan;
     const filter = await insertJobFilter(this.layer, { driver: 'mirror_top', backing: top.name, commit: true }, top, this.plan.filterNodeName);
     this.filter = filter;
-    const nodes = new JobNodes(this.layer, job);
+    const nodes = new JobNodes(this.layer, job, 'active-commit');
     this.nodes = nodes;
-    await nodes.hold(filter, 'main node', { perm: PERM_CONSISTENT_READ, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED | PERM_WRITE });
+    await nodes.hold(filter, 'filter', { perm: PERM_CONSISTENT_READ, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED | PERM_WRITE });
     const grow = base.length() < top.length() ? PERM_RESIZE : 0;
     this.target = await nodes.open(base, { perm: PERM_WRITE | grow, shared: PERM_WRITE_UNCHANGED | PERM_CONSISTENT_READ | PERM_WRITE });
     this.source = await nodes.hold(top, 'source', { perm: 0, shared: PERM_WRITE_UNCHANGED | PERM_WRITE | PERM_CONSISTENT_READ });
-    await nodes.hold(base, 'target', { perm: 0, shared: PERM_ALL });
+    await nodes.hold(base, 'base', { perm: 0, shared: PERM_ALL });
     const firstBelow = below(top);
     if (firstBelow && firstBelow !== base) await holdIntermediates(nodes, firstBelow, this.plan);
     const granularity = Math.max(MIN_GRANULARITY, Number((base.state.info().image ?? {})['cluster-size'] ?? 0));

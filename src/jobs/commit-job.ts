@@ -47,17 +47,17 @@ function intermediateShares(node: BlockNode, plan: CommitPlan): number {
   return PERM_WRITE_UNCHANGED | PERM_WRITE | (filtersOfBase.includes(node) ? PERM_CONSISTENT_READ : 0);
 }
 
-/** Holds the layers between `from` (inclusive) and the base (exclusive) for the job. */
-export async function holdIntermediates(nodes: JobNodes, from: BlockNode, plan: CommitPlan): Promise<void> {
+/** Holds the layers between `from` (inclusive) and the base (exclusive) for the job; an intermediate commit's top is 'top'. */
+export async function holdIntermediates(nodes: JobNodes<'commit' | 'active-commit'>, from: BlockNode, plan: CommitPlan): Promise<void> {
   for (let node: BlockNode | undefined = from; node && node !== plan.base; node = below(node)) {
-    await nodes.hold(node, 'intermediate node', { perm: 0, shared: intermediateShares(node, plan) });
+    await nodes.hold(node, node === plan.top ? 'top' : 'inter', { perm: 0, shared: intermediateShares(node, plan) });
   }
 }
 
 class IntermediateCommitJob implements JobKind {
   readonly type = 'commit' as const;
   readonly blockJob = true;
-  private nodes: JobNodes | undefined;
+  private nodes: JobNodes<'commit'> | undefined;
   private filter: BlockNode | undefined;
   private topReader: ChildEdge | undefined;
   private baseWriter: ChildEdge | undefined;
@@ -70,9 +70,9 @@ class IntermediateCommitJob implements JobKind {
     const { device, top, base } = this.plan;
     this.baseWasReadOnly = await makeWritable(this.layer, base);
     this.filter = await insertJobFilter(this.layer, { driver: 'commit_top', backing: top.name, 'read-only': true }, top, this.plan.filterNodeName);
-    const nodes = new JobNodes(this.layer, job);
+    const nodes = new JobNodes(this.layer, job, 'commit');
     this.nodes = nodes;
-    await nodes.hold(device, 'main node', { perm: 0, shared: PERM_ALL });
+    await nodes.hold(device, 'main', { perm: 0, shared: PERM_ALL });
     await holdIntermediates(nodes, top, this.plan);
     await nodes.hold(base, 'base', { perm: 0, shared: PERM_ALL });
     const grow = base.length() < top.length() ? PERM_RESIZE : 0;

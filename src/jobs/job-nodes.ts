@@ -11,6 +11,7 @@ import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, type PermissionPair } from '../blockdev/permissions.js';
 import type { BlockdevOptions } from '../generated/qapi-types.js';
 import type { Job } from './job.js';
+import type { HELD_ROLES, HeldRole, HolderKind } from '../opblockers/op-blockers.js';
 
 /**
  * Opens the filter a job puts above `node` (copy-on-read, commit_top, mirror_top) and puts it
@@ -33,22 +34,29 @@ export async function makeWritable(layer: BlockLayer, node: BlockNode): Promise<
   return true;
 }
 
-export class JobNodes {
+/** The name QEMU gives a job's edge to a node in each role (it shows in permission messages). */
+const EDGE_NAMES: Record<Exclude<HeldRole, `graph.${string}`>, string> = {
+  'stream.filter': 'main node', 'stream.active': 'active node', 'stream.inter': 'intermediate node',
+  'commit.main': 'main node', 'commit.top': 'intermediate node', 'commit.inter': 'intermediate node', 'commit.base': 'base',
+  'active-commit.filter': 'main node', 'active-commit.source': 'source', 'active-commit.inter': 'intermediate node', 'active-commit.base': 'target',
+};
+
+export class JobNodes<H extends Exclude<HolderKind, 'graph'>> {
   private readonly edges: ChildEdge[] = [];
   private readonly unblock: (() => void)[] = [];
   private readonly user;
-  private readonly jobType: string;
 
-  constructor(private readonly layer: BlockLayer, job: Job) {
-    this.jobType = job.type;
+  /** `holder`: the operation the job is in the op-blocker matrix (an active commit is not an intermediate one). */
+  constructor(private readonly layer: BlockLayer, private readonly job: Job, readonly holder: H) {
     this.user = { describe: () => `${job.type} job '${job.id}'`, job: true };
   }
 
-  /** A node the job works on: permissions under the edge name QEMU gives it, and the job's op blocker. */
-  async hold(node: BlockNode, name: string, needs: PermissionPair): Promise<ChildEdge> {
-    const edge = await this.layer.graph.attachUser(this.user, node, name, needs);
+  /** A node the job works on: its claim in the op-blocker matrix, and the permissions it needs there. */
+  async hold(node: BlockNode, scope: (typeof HELD_ROLES)[H][number], needs: PermissionPair): Promise<ChildEdge> {
+    const role = `${this.holder}.${scope}` as keyof typeof EDGE_NAMES;
+    const edge = await this.layer.graph.attachUser(this.user, node, EDGE_NAMES[role], needs);
     this.edges.push(edge);
-    this.unblock.push(this.layer.blockers.add(node, 'block-job', this.jobType));
+    this.unblock.push(this.layer.blockers.claim(node, role, { type: this.job.type }));
     return edge;
   }
 

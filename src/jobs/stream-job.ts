@@ -43,7 +43,7 @@ class StreamJob implements JobKind {
   private filter: BlockNode | undefined;
   private filterEdge: ChildEdge | undefined;
   private active: ChildEdge | undefined;
-  private nodes: JobNodes | undefined;
+  private nodes: JobNodes<'stream'> | undefined;
   private topWasReadOnly = false;
 
   constructor(private readonly layer: BlockLayer, private readonly plan: StreamPlan,
@@ -56,13 +56,13 @@ class StreamJob implements JobKind {
     this.topWasReadOnly = await makeWritable(this.layer, top);
     const filter = await insertJobFilter(this.layer, { driver: 'copy-on-read', file: top.name, bottom: bottom.name }, top, filterNodeName);
     this.filter = filter;
-    const nodes = new JobNodes(this.layer, job);
+    const nodes = new JobNodes(this.layer, job, 'stream');
     this.nodes = nodes;
-    this.filterEdge = await nodes.hold(filter, 'main node', { perm: PERM_CONSISTENT_READ, shared: PERM_ALL & ~PERM_RESIZE });
-    this.active = await nodes.hold(top, 'active node', { perm: PERM_WRITE_UNCHANGED, shared: SHARED_BY_JOB | PERM_WRITE });
+    this.filterEdge = await nodes.hold(filter, 'filter', { perm: PERM_CONSISTENT_READ, shared: PERM_ALL & ~PERM_RESIZE });
+    this.active = await nodes.hold(top, 'active', { perm: PERM_WRITE_UNCHANGED, shared: SHARED_BY_JOB | PERM_WRITE });
     for (const node of chainBelow(top)) {
       if (node === this.plan.base) break;
-      await nodes.hold(node, 'intermediate node', { perm: 0, shared: SHARED_BY_JOB });
+      await nodes.hold(node, 'inter', { perm: 0, shared: SHARED_BY_JOB });
     }
   }
 
