@@ -16,6 +16,8 @@ export interface BlockUser {
   describe(): string;
   /** A job's own hold on a node (QEMU: a BdrvChild of the job, not a BlockBackend). */
   readonly job?: boolean;
+  /** Which job, for a job's hold (a drain of the node pauses it). */
+  readonly jobId?: string;
 }
 
 export type EdgeParent = { node: BlockNode } | { user: BlockUser };

@@ -9,7 +9,7 @@ import type { BlockdevOptions } from '../generated/qapi-types.js';
 import { genericError } from '../qmp/errors.js';
 import { createQcow2 } from './drivers/qcow2/create.js';
 import { describeErrno } from './io-error.js';
-import { asQmpError, checkNotBlocked, type BlockLayer } from './block-layer.js';
+import { asQmpError, asTransaction, checkNotBlocked, drainedFor, type BlockLayer } from './block-layer.js';
 import type { BlockNode } from './node.js';
 import { PERM_CONSISTENT_READ } from './permissions.js';
 
@@ -46,12 +46,17 @@ export async function commitSnapshot(layer: BlockLayer, { old, overlay, created 
   } catch (error) {
     throw asQmpError(error);
   }
-  await layer.graph.reopenReadOnly(old);
+  // QEMU's reopen drains the whole subtree: jobs below pause meanwhile.
+  await drainedFor(layer, old, 'subtree', () => layer.graph.reopenReadOnly(old));
   // An overlay the command made lives only as long as something uses it (QEMU drops it at once otherwise).
   if (created && overlay.parents.length === 0) await layer.graph.close(overlay);
 }
 
-export async function blockdevSnapshot(layer: BlockLayer, { node, overlay }: { node: string; overlay: string }): Promise<void> {
+export async function blockdevSnapshot(layer: BlockLayer, args: { node: string; overlay: string }): Promise<void> {
+  return asTransaction(layer, layer.graph.find(args.node), () => snapshotOnto(layer, args));
+}
+
+async function snapshotOnto(layer: BlockLayer, { node, overlay }: { node: string; overlay: string }): Promise<void> {
   const old = await snapshotSource(layer, layer.graph.find(node), node, node);
   const overlayNode = layer.graph.find(overlay);
   if (!overlayNode) throw genericError(`Cannot find device='${overlay}' nor node-name='${overlay}'`);
@@ -70,6 +75,11 @@ export interface SnapshotSyncArguments {
 
 /** Creates (or, with mode=existing, opens) an overlay image and puts it on top of the node. */
 export async function blockdevSnapshotSync(layer: BlockLayer, args: SnapshotSyncArguments): Promise<void> {
+  const name = args['node-name'];
+  return asTransaction(layer, name === undefined ? undefined : layer.graph.find(name), () => snapshotToNewImage(layer, args));
+}
+
+async function snapshotToNewImage(layer: BlockLayer, args: SnapshotSyncArguments): Promise<void> {
   const nodeName = args['node-name'];
   const old = await snapshotSource(layer, nodeName === undefined ? undefined : layer.graph.find(nodeName), args.device, nodeName);
   const format = args.format ?? 'qcow2';

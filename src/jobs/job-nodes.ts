@@ -48,7 +48,7 @@ export class JobNodes<H extends Exclude<HolderKind, 'graph'>> {
 
   /** `holder`: the operation the job is in the op-blocker matrix (an active commit is not an intermediate one). */
   constructor(private readonly layer: BlockLayer, private readonly job: Job, readonly holder: H) {
-    this.user = { describe: () => `${job.type} job '${job.id}'`, job: true };
+    this.user = { describe: () => `${job.type} job '${job.id}'`, job: true, jobId: job.id };
   }
 
   /** A node the job works on: its claim in the op-blocker matrix, and the permissions it needs there. */

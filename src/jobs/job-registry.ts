@@ -97,6 +97,11 @@ export class JobRegistry {
     }));
   }
 
+  /** Jobs that have not concluded. */
+  live(): Job[] {
+    return this.jobs.filter((job) => job.status !== 'concluded' && job.status !== 'null');
+  }
+
   /** Daemon shutdown: cancels what still runs and waits for it to end. */
   async cancelAll(): Promise<void> {
     const running = this.jobs.filter((job) => job.status !== 'concluded' && job.status !== 'null');

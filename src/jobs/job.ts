@@ -328,6 +328,24 @@ export class Job {
     this.wake();
   }
 
+  /**
+   * A drain reached the job (QEMU's child_job_drained_begin): it pauses at its next pause
+   * point, and this resolves once it has (a job that is not running just counts the pause).
+   */
+  drainPause(): Promise<void> {
+    this.pauseCount++;
+    if (!this.executing || this.parked > 0) return Promise.resolve();
+    this.kickSleepers();
+    return this.until(() => this.parked > 0 || !this.executing);
+  }
+
+  /** The drain ended: resolves once the job runs again (or stays paused for another reason). */
+  drainResume(): Promise<void> {
+    this.pauseCount--;
+    this.wake();
+    return this.until(() => this.parked === 0 || this.pauseCount > 0 || !this.executing);
+  }
+
   get isUserPaused(): boolean {
     return this.userPaused;
   }

@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { differentialPeers } from '../helpers/differential-peers.js';
-import { describeDifferences, runTranscript, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { describeDifferences, maskImageSizes, runTranscript, type TranscriptStep } from '../helpers/qmp-transcript.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
 import { assertCheckClean, qemuImgCompare, runQemuImg } from '../helpers/qemu-tools.js';
 
@@ -118,8 +118,8 @@ const STEPS: TranscriptStep[] = [
 ];
 
 test('block-stream follows qemu-storage-daemon: events, refusals, graphs and the resulting images', async () => {
-  const theirs = await runTranscript(peers.qsd.socket, peers.qsd.dir, STEPS);
-  const ours = await runTranscript(peers.blockd.socket, peers.blockd.dir, STEPS).catch((error: Error) => {
+  const theirs = await runTranscript(peers.qsd.socket, peers.qsd.dir, STEPS, maskImageSizes);
+  const ours = await runTranscript(peers.blockd.socket, peers.blockd.dir, STEPS, maskImageSizes).catch((error: Error) => {
     throw new Error(`${error.message}; blockd said: ${peers.blockdLog().slice(-3000)}`);
   });
   assert.equal(describeDifferences(ours, theirs), '');
