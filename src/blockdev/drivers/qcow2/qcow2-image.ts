@@ -189,9 +189,13 @@ export class Qcow2Image {
     const end = offset + length;
     let run: MappedRun | undefined;
     let position = offset;
+    // Entries are decoded in growing batches: a short run asked about with a long length costs little.
+    let batch = 16;
     while (position < end) {
       const cluster = Math.floor(position / this.clusterSize);
-      for (const mapping of await this.tables.lookupRun(cluster, Math.floor((end - 1) / this.clusterSize) - cluster + 1)) {
+      const wanted = Math.min(batch, Math.floor((end - 1) / this.clusterSize) - cluster + 1);
+      batch *= 2;
+      for (const mapping of await this.tables.lookupRun(cluster, wanted)) {
         const runEnd = Math.min(end, (Math.floor(position / this.clusterSize) + 1) * this.clusterSize);
         if (!run) run = { offset: position, length: runEnd - position, mapping };
         else if (continues(run, mapping, this.clusterSize)) run.length += runEnd - position;
