@@ -44,5 +44,11 @@ export function registerJobCommands(registry: CommandRegistry, jobs: JobRegistry
   });
   registry.register('block-job-complete', ({ device }) => jobs.findBlockJob(device).complete());
   registry.register('block-job-finalize', async ({ id }) => finalize(jobs.findBlockJob(id)));
+  // QEMU 8.2's verb: only a mirror has something to change (its copy mode), and blockd has no mirror yet.
+  registry.register('block-job-change', (options) => {
+    const job = jobs.findBlockJob(options.id);
+    job.checkVerb('change');
+    throw genericError(`Job type '${job.type}' does not support changing`);
+  });
   registry.register('block-job-dismiss', async ({ id }) => dismiss(jobs.findBlockJob(id)));
 }

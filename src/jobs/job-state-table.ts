@@ -29,6 +29,7 @@ export const VERBS: Record<JobVerb, readonly JobStatus[]> = {
   complete: ['ready', 'standby'],
   finalize: ['pending'],
   dismiss: ['concluded'],
+  change: ['running', 'paused', 'ready', 'standby'],
 };
 
 export function canTransition(from: JobStatus, to: JobStatus): boolean {

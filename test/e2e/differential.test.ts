@@ -142,6 +142,9 @@ function assertCompatible(ourSchema: Entry[], ours: string, theirSchema: Entry[]
   }
 }
 
+/** Commands of later QEMU versions that blockd has and qemu-storage-daemon 7.2 does not (the issues ask for them). */
+const FROM_LATER_QEMU = ['block-job-change'];
+
 test('every command and event both servers have takes and gives the same shapes', async () => {
   const ours = await QmpClient.connect(`unix:${join(temp.dir, 'blockd.sock')}`);
   const theirs = await QmpClient.connect(qsd.socket);
@@ -149,6 +152,7 @@ test('every command and event both servers have takes and gives the same shapes'
   const theirSchema = (await theirs.executeRaw('query-qmp-schema')) as Entry[];
   let compared = 0;
   for (const entry of ourSchema.filter((e) => e['meta-type'] === 'command' || e['meta-type'] === 'event')) {
+    if (FROM_LATER_QEMU.includes(entry.name)) continue;
     const reference = theirSchema.find((e) => e.name === entry.name && e['meta-type'] === entry['meta-type']);
     assert.ok(reference, `${entry.name} exists in qemu-storage-daemon`);
     compared++;
