@@ -52,7 +52,8 @@ async function createFile(job: Job, { filename, size, preallocation = 'off' }: B
 async function createQcow2Image(job: Job, layer: BlockLayer, options: BlockdevCreateOptionsQcow2): Promise<void> {
   if (options['data-file'] !== undefined) throw new Error('External data files are not supported by blockd');
   if (options.encrypt !== undefined) throw new Error('Encrypted images are not supported by blockd');
-  if ((options.preallocation ?? 'off') !== 'off') throw new Error(`Preallocation mode '${options.preallocation}' for qcow2 is not supported by blockd yet`);
+  const preallocation = options.preallocation ?? 'off';
+  if (preallocation !== 'off' && preallocation !== 'metadata') throw new Error(`Preallocation mode '${preallocation}' for qcow2 is not supported by blockd yet`);
   const { graph, opener } = layer;
   const file = options.file;
   const node = typeof file === 'string' ? lookupDeviceOrNode(graph, file, file) : await opener.open({ options: file, monitorOwned: false });
@@ -69,6 +70,7 @@ async function createQcow2Image(job: Job, layer: BlockLayer, options: BlockdevCr
         compressionType: options['compression-type'],
         backingFile: options['backing-file'],
         backingFormat: options['backing-fmt'],
+        preallocation,
       };
       layoutQcow2(qcow2Options); // the option checks, before the first write as in QEMU
       job.startupReached();

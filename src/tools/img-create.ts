@@ -123,7 +123,7 @@ function qcow2Options(values: Map<string, OptionValue>, size: number): Qcow2Crea
     return accepted[text];
   };
   const preallocation = enumValue('preallocation', 'preallocation', { off: 'off', metadata: 'metadata', falloc: 'falloc', full: 'full' });
-  if (preallocation && preallocation !== 'off') throw new Error(`preallocation=${preallocation} is not supported by blockd-img`);
+  if (preallocation === 'falloc' || preallocation === 'full') throw new Error(`preallocation=${preallocation} is not supported by blockd-img`);
   const version = enumValue('compat', 'version', { '0.10': 'v2', v2: 'v2', '1.1': 'v3', v3: 'v3' });
   return {
     size: Math.ceil(size / 512) * 512, // qcow2_co_create_opts rounds up silently
@@ -135,6 +135,7 @@ function qcow2Options(values: Map<string, OptionValue>, size: number): Qcow2Crea
     compressionType: enumValue('compression_type', 'compression-type', { zlib: 'zlib', zstd: 'zstd' }),
     backingFile: values.get('backing_file')?.text,
     backingFormat: values.get('backing_fmt')?.text,
+    preallocation,
   };
 }
 

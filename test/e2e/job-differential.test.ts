@@ -74,6 +74,12 @@ const STEPS: TranscriptStep[] = [
   create('c9', { driver: 'file', filename: '$DIR/prealloc.raw', size: 1048576, preallocation: 'full' }),
   settle,
   { execute: 'job-dismiss', arguments: { id: 'c9' } },
+  create('c10', { driver: 'file', filename: '$DIR/meta.qcow2', size: 0 }),
+  settle,
+  { execute: 'job-dismiss', arguments: { id: 'c10' } },
+  create('c11', { driver: 'qcow2', file: { driver: 'file', filename: '$DIR/meta.qcow2' }, size: 8388608, 'cluster-size': 4096, preallocation: 'metadata' }),
+  settle,
+  { execute: 'job-dismiss', arguments: { id: 'c11' } },
   settle,
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
 ];
@@ -84,7 +90,7 @@ test('blockdev-create jobs and the job verbs follow qemu-storage-daemon', async 
   assert.deepEqual(transcriptDifferences(ours, theirs), []);
   await peers.stopBlockd(); // releases the image locks for qemu-img check
   const [blockdDir, qsdDir] = [peers.blockd.dir, peers.qsd.dir];
-  for (const name of ['disk.qcow2', 'small.qcow2']) {
+  for (const name of ['disk.qcow2', 'small.qcow2', 'meta.qcow2']) {
     assert.ok(readFileSync(join(blockdDir, name)).equals(readFileSync(join(qsdDir, name))), `${name}: the same bytes as QEMU's`);
     assertCheckClean(join(blockdDir, name), name);
   }

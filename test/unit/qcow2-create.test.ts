@@ -40,6 +40,14 @@ const CASES: [string, string, Qcow2CreateOptions][] = [
   ['backing_file=base.raw,backing_fmt=raw', '64M', { size: 64 * MiB, backingFile: 'base.raw', backingFormat: 'raw' }],
   ['compat=0.10,backing_file=base.qcow2,backing_fmt=qcow2', '64M', { size: 64 * MiB, version: 2, backingFile: 'base.qcow2', backingFormat: 'qcow2' }],
   ['cluster_size=4096,backing_file=base.raw,backing_fmt=raw', '64M', { size: 64 * MiB, clusterSize: 4096, backingFile: 'base.raw', backingFormat: 'raw' }],
+  // metadata preallocation: L2 tables and data clusters range by range, refcount blocks wherever the allocator needs them
+  ['preallocation=metadata', '64M', { size: 64 * MiB, preallocation: 'metadata' }],
+  ['preallocation=metadata', '513M', { size: 513 * MiB, preallocation: 'metadata' }], // two L2 ranges
+  ['preallocation=metadata', '1000', { size: 1024, preallocation: 'metadata' }],
+  ['preallocation=metadata,cluster_size=512', '4M', { size: 4 * MiB, clusterSize: 512, preallocation: 'metadata' }],
+  ['preallocation=metadata,cluster_size=512,refcount_bits=1', '3M', { size: 3 * MiB, clusterSize: 512, refcountBits: 1, preallocation: 'metadata' }],
+  ['preallocation=metadata,cluster_size=4096', '64M', { size: 64 * MiB, clusterSize: 4096, preallocation: 'metadata' }],
+  ['preallocation=metadata,compat=0.10', '64M', { size: 64 * MiB, version: 2, preallocation: 'metadata' }],
 ];
 
 describe('createQcow2 writes what qemu-img create writes', () => {
@@ -61,7 +69,7 @@ describe('createQcow2 writes what qemu-img create writes', () => {
 });
 
 test('the file ends right after the L1 entries (reference section 12)', () => {
-  const end = (options: Qcow2CreateOptions) => Math.max(...layoutQcow2(options).map(([offset, bytes]) => offset + bytes.length));
+  const end = (options: Qcow2CreateOptions) => layoutQcow2(options).length;
   assert.equal(end({ size: 64 * MiB }), 0x30008);
   assert.equal(end({ size: 10 * GiB }), 196768);
   assert.equal(end({ size: 1024 * GiB }), 212992);

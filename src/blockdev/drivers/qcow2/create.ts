@@ -1,13 +1,14 @@
 /*
  * Creates a qcow2 image laid out byte for byte as QEMU 7.2's qcow2_co_create leaves it:
  * header at cluster 0, refcount table at cluster 1, refcount block at cluster 2, the L1
- * table next, the file ending right after the L1 entries (or after a later refcount block).
+ * table next, the file ending right after the L1 entries (or after a later refcount block);
+ * with metadata preallocation, L2 tables and data clusters follow, range by range.
  */
 import { open } from 'node:fs/promises';
 import type { ChildEdge } from '../../child-edge.js';
 import {
-  CompatibleFeature, CompressionType, IncompatibleFeature, L1_ENTRY_SIZE, MAX_CLUSTER_BITS, MAX_L1_TABLE_BYTES,
-  MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS, Qcow2FormatError, REFCOUNT_TABLE_ENTRY_SIZE, SUBCLUSTERS_PER_CLUSTER,
+  CompatibleFeature, CompressionType, IncompatibleFeature, L1_ENTRY_SIZE, L2_ENTRY_SIZE, MAX_CLUSTER_BITS, MAX_L1_TABLE_BYTES,
+  MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS, OFLAG_COPIED, Qcow2FormatError, REFCOUNT_TABLE_ENTRY_SIZE, SUBCLUSTERS_PER_CLUSTER,
 } from './format-constants.js';
 import { serializeHeader, type Qcow2Header } from './header.js';
 import { getRefcount, refcountBlockEntries, setRefcount, type RefcountBits } from './refcount-block.js';
@@ -24,6 +25,8 @@ export interface Qcow2CreateOptions {
   compressionType?: 'zlib' | 'zstd';
   backingFile?: string;
   backingFormat?: string;
+  /** metadata: every cluster allocated (L2 tables written, data clusters left as holes), as qemu-img -o preallocation=metadata. */
+  preallocation?: 'off' | 'metadata';
 }
 
 /** The size needs an L1 table larger than QEMU allows (qemu-img says "image size is too large"). */
@@ -38,7 +41,7 @@ function fail(message: string): never {
 }
 
 /** blockdev-create's checks for qcow2, in QEMU's order and with its texts. */
-function validate(options: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions, 'backingFile' | 'backingFormat'>> {
+function validate(options: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions, 'backingFile' | 'backingFormat' | 'preallocation'>> {
   const { size } = options;
   if (!Number.isSafeInteger(size) || size < 0) fail(`Invalid image size ${size}`);
   if (size % SECTOR !== 0) fail(`Image size must be a multiple of ${SECTOR} bytes`);
@@ -70,6 +73,7 @@ function validate(options: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions
   if (version < 3 && refcountBits !== 16) {
     fail('Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
   }
+  if (options.preallocation === 'metadata' && extendedL2) fail('Metadata preallocation of images with extended L2 entries is not supported by blockd');
   const compressionType = options.compressionType ?? 'zlib';
   if (compressionType !== 'zlib' && version < 3) {
     fail('Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)');
@@ -202,12 +206,11 @@ class ImageBuilder {
     }
   }
 
-  /** Every write the creation made, ending where QEMU's file ends. */
-  contents(header: Buffer, l1: { offset: number; bytes: number }): [number, Buffer][] {
+  /** Every write the creation made. */
+  contents(header: Buffer, tables: [number, Buffer][]): [number, Buffer][] {
     const parts: [number, Buffer][] = [[0, header], ...this.retired, [this.tableOffset, this.serializeTable()]];
     for (const [offset, block] of this.blocks) parts.push([offset, block]);
-    if (l1.bytes > 0) parts.push([l1.offset, Buffer.alloc(l1.bytes)]);
-    return parts;
+    return [...parts, ...tables.filter(([, bytes]) => bytes.length > 0)];
   }
 }
 
@@ -259,8 +262,33 @@ function buildHeader(options: ReturnType<typeof validate>, tables: Pick<Qcow2Hea
   };
 }
 
-/** The image as (offset, bytes) writes; the file's length is the end of the last one. */
-export function layoutQcow2(options: Qcow2CreateOptions): [number, Buffer][] {
+/**
+ * QEMU's preallocate_co for metadata: for each L2 range in turn an L2 table is allocated,
+ * then the range's data clusters as one run (left unwritten: holes read as zeros), and
+ * every entry points at its cluster. Returns the L2 tables and where the last run ends.
+ */
+function preallocateMetadata(builder: ImageBuilder, size: number, clusterSize: number, l1: Buffer): { tables: [number, Buffer][]; end: number } {
+  const entriesPerTable = clusterSize / L2_ENTRY_SIZE;
+  const clusters = Math.ceil(size / clusterSize);
+  const tables: [number, Buffer][] = [];
+  let end = 0;
+  for (let cluster = 0; cluster < clusters;) {
+    const table = Buffer.alloc(clusterSize);
+    const tableOffset = builder.allocate(clusterSize);
+    l1.writeBigUInt64BE(BigInt(tableOffset) | OFLAG_COPIED, Math.floor(cluster / entriesPerTable) * L1_ENTRY_SIZE);
+    const first = cluster % entriesPerTable;
+    const count = Math.min(entriesPerTable - first, clusters - cluster);
+    const data = builder.allocate(count * clusterSize);
+    for (let i = 0; i < count; i++) table.writeBigUInt64BE(BigInt(data + i * clusterSize) | OFLAG_COPIED, (first + i) * L2_ENTRY_SIZE);
+    tables.push([tableOffset, table]);
+    end = data + count * clusterSize;
+    cluster += count;
+  }
+  return { tables, end };
+}
+
+/** The image as (offset, bytes) writes, and the file's length (past the last write when data clusters are preallocated). */
+export function layoutQcow2(options: Qcow2CreateOptions): { parts: [number, Buffer][]; length: number } {
   const checked = validate(options);
   const { clusterSize } = checked;
   const clusterBits = Math.log2(clusterSize);
@@ -272,10 +300,13 @@ export function layoutQcow2(options: Qcow2CreateOptions): [number, Buffer][] {
     throw new ImageTooLargeError('Could not resize image: Failed to grow the L1 table: File too large');
   }
   const l1Offset = l1Size > 0 ? builder.allocate(l1Size * L1_ENTRY_SIZE) : 0;
+  const l1 = Buffer.alloc(l1Size * L1_ENTRY_SIZE);
+  const preallocated = options.preallocation === 'metadata' ? preallocateMetadata(builder, checked.size, clusterSize, l1) : { tables: [], end: 0 };
   const header = serializeHeader(buildHeader(checked, {
     l1Size, l1TableOffset: l1Offset, refcountTableOffset: builder.tableOffset, refcountTableClusters: builder.tableClusters,
   }, options));
-  return builder.contents(header, { offset: l1Offset, bytes: l1Size * L1_ENTRY_SIZE });
+  const parts = builder.contents(header, [[l1Offset, l1], ...preallocated.tables]);
+  return { parts, length: Math.max(preallocated.end, ...parts.map(([offset, bytes]) => offset + bytes.length)) };
 }
 
 /**
@@ -284,11 +315,11 @@ export function layoutQcow2(options: Qcow2CreateOptions): [number, Buffer][] {
  * with QEMU's text when the options are refused; nothing is written then.
  */
 export async function createQcow2(target: ChildEdge | string, options: Qcow2CreateOptions): Promise<void> {
-  const parts = layoutQcow2(options);
+  const { parts, length } = layoutQcow2(options);
   if (typeof target !== 'string') {
     // Sized first so that nodes which do not grow on write (raw over a file) take the writes too.
     await target.truncate(0);
-    await target.truncate(Math.max(...parts.map(([offset, bytes]) => offset + bytes.length)));
+    await target.truncate(length);
     for (const [offset, bytes] of parts) await target.write(offset, bytes);
     await target.flush();
     return;
@@ -296,6 +327,7 @@ export async function createQcow2(target: ChildEdge | string, options: Qcow2Crea
   const handle = await open(target, 'w');
   try {
     for (const [offset, bytes] of parts) await handle.write(bytes, 0, bytes.length, offset);
+    await handle.truncate(length);
     await handle.datasync();
   } finally {
     await handle.close();
