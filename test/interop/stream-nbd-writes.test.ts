@@ -67,4 +67,6 @@ test('writes through an NBD export during block-stream end up in the streamed im
   assertCheckClean(path('top.qcow2'), 'top');
   const info = JSON.parse(runQemuImg('info', '--output=json', path('top.qcow2'))) as { 'backing-filename'?: string };
   assert.equal(info['backing-filename'], path('base.qcow2'));
+  const chain = JSON.parse(runQemuImg('info', '--output=json', '--backing-chain', path('top.qcow2'))) as { filename: string }[];
+  assert.deepEqual(chain.map((image) => image.filename), [path('top.qcow2'), path('base.qcow2')], 'mid left the chain');
 });
