@@ -64,7 +64,7 @@ export class NbdService {
       if (description !== undefined && Buffer.byteLength(description) > MAX_STRING) throw genericError(`description '${description}' too long`);
       if (server.findExport(name)) throw genericError(`NBD server already has export named '${name}'`);
       for (const bitmap of options.bitmaps ?? []) {
-        // Dirty bitmaps arrive with their own issue; until then no node has any.
+        // Named dirty bitmaps arrive with their own issue; until then no node has one (a job's own bitmap has no name).
         if (typeof bitmap === 'string') throw genericError(`Bitmap '${bitmap}' is not found`);
         if (!graph.find(bitmap.node)) throw genericError(`Node '${bitmap.node}' not found`);
         throw genericError(`Dirty bitmap '${bitmap.name}' not found`);
