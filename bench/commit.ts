@@ -4,17 +4,18 @@
  * - intermediate: base <- mid <- top, mid's data committed into the empty
  *   base; time from the command to BLOCK_JOB_COMPLETED;
  * - active: base <- top, the top's data committed into the empty base; time
- *   from the command to READY, then job-complete, to BLOCK_JOB_COMPLETED.
+ *   from the command to READY, then job-complete, to BLOCK_JOB_COMPLETED
+ *   (its copy phase: up to READY).
  * The sparse cases show whether time follows the allocated data.
  * Run: node dist/bench/commit.js [--quick]
  */
 import { join } from 'node:path';
 import { QmpClient } from '../src/qmp/client.js';
-import { compareDaemons, makeLayer, SIZE, type JobCase } from './job-timing.js';
+import { compareDaemons, copySeconds, makeLayer, SIZE, type JobCase, type JobTiming } from './job-timing.js';
 
 type EventData = { error?: string };
 
-async function commitSeconds(socket: string, dir: string, active: boolean): Promise<number> {
+async function commitTiming(socket: string, dir: string, active: boolean): Promise<JobTiming> {
   const qmp = await QmpClient.connect(`unix:${socket}`);
   await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: join(dir, 'top.qcow2') } });
   const start = process.hrtime.bigint();
@@ -30,28 +31,31 @@ async function commitSeconds(socket: string, dir: string, active: boolean): Prom
   const event = await done;
   const seconds = Number(process.hrtime.bigint() - start) / 1e9;
   if ((event.data as EventData).error) throw new Error(`commit failed: ${(event.data as EventData).error}`);
+  const copy = copySeconds(qmp);
   await qmp.execute('blockdev-del', { 'node-name': 'top' });
   await qmp.close();
-  return seconds;
+  return { total: seconds, copy };
 }
 
 const intermediate = (fill: 'dense' | 'sparse'): JobCase => ({
-  name: `commit, ${fill === 'dense' ? 'dense' : '90 % sparse'} intermediate`,
+  job: 'commit intermediate',
+  fill,
   prepare: (dir) => {
     makeLayer(dir, 'base.qcow2', 'empty');
     makeLayer(dir, 'mid.qcow2', fill, 'base.qcow2');
     makeLayer(dir, 'top.qcow2', 'empty', 'mid.qcow2');
   },
-  measure: (socket, dir) => commitSeconds(socket, dir, false),
+  measure: (socket, dir) => commitTiming(socket, dir, false),
 });
 
 const active = (fill: 'dense' | 'sparse'): JobCase => ({
-  name: `commit, ${fill === 'dense' ? 'dense' : '90 % sparse'} active`,
+  job: 'commit active',
+  fill,
   prepare: (dir) => {
     makeLayer(dir, 'base.qcow2', 'empty');
     makeLayer(dir, 'top.qcow2', fill, 'base.qcow2');
   },
-  measure: (socket, dir) => commitSeconds(socket, dir, true),
+  measure: (socket, dir) => commitTiming(socket, dir, true),
 });
 
 await compareDaemons(`block-commit of a ${SIZE >> 20} MiB chain`, [intermediate('dense'), intermediate('sparse'), active('dense'), active('sparse')]);

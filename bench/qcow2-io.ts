@@ -56,12 +56,12 @@ function qemuImg(args: string[]): string {
 
 function makeImage(path: string, filled: boolean): void {
   qemuImg(['create', '-q', '-f', 'qcow2', path, String(SIZE)]);
-  if (filled) qemuImg(['bench', '-q', '-w', '-f', 'qcow2', '-s', '1M', '-c', String(SIZE >> 20), '-d', '16', path]);
+  if (filled) qemuImg(['bench', '-q', '-w', '-f', 'qcow2', '--pattern=0xa5', '-s', '1M', '-c', String(SIZE >> 20), '-d', '16', path]);
 }
 
 function qemuBench(path: string, workload: Workload): number {
   const args = ['bench', '-f', 'qcow2', '-t', 'writeback', '-s', String(workload.requestSize), '-S', String(workload.step),
-    '-c', String(workload.count), '-d', String(workload.depth), ...(workload.write ? ['-w'] : []), path];
+    '-c', String(workload.count), '-d', String(workload.depth), ...(workload.write ? ['-w', '--pattern=0xa5'] : []), path];
   const output = qemuImg(args);
   const match = /Run completed in ([0-9.]+) seconds/.exec(output);
   if (!match) throw new Error(`unexpected qemu-img bench output: ${output}`);

@@ -8,9 +8,9 @@
  */
 import { join } from 'node:path';
 import { QmpClient } from '../src/qmp/client.js';
-import { compareDaemons, makeLayer, SIZE, type JobCase } from './job-timing.js';
+import { compareDaemons, copySeconds, makeLayer, SIZE, type JobCase, type JobTiming } from './job-timing.js';
 
-async function streamSeconds(socket: string, dir: string): Promise<number> {
+async function streamTiming(socket: string, dir: string): Promise<JobTiming> {
   const qmp = await QmpClient.connect(`unix:${socket}`);
   await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: join(dir, 'top.qcow2') } });
   const start = process.hrtime.bigint();
@@ -19,18 +19,20 @@ async function streamSeconds(socket: string, dir: string): Promise<number> {
   const event = await done;
   const seconds = Number(process.hrtime.bigint() - start) / 1e9;
   if ((event.data as { error?: string }).error) throw new Error(`stream failed: ${(event.data as { error: string }).error}`);
+  const copy = copySeconds(qmp);
   await qmp.execute('blockdev-del', { 'node-name': 'top' });
   await qmp.close();
-  return seconds;
+  return { total: seconds, copy };
 }
 
 const streamCase = (fill: 'dense' | 'sparse'): JobCase => ({
-  name: `stream, ${fill === 'dense' ? 'dense' : '90 % sparse'} base`,
+  job: 'stream',
+  fill,
   prepare: (dir) => {
     makeLayer(dir, 'base.qcow2', fill);
     makeLayer(dir, 'top.qcow2', 'empty', 'base.qcow2');
   },
-  measure: streamSeconds,
+  measure: streamTiming,
 });
 
 await compareDaemons(`block-stream of a ${SIZE >> 20} MiB chain`, [streamCase('dense'), streamCase('sparse')]);
