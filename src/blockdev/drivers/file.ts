@@ -12,6 +12,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { genericError } from '../../qmp/errors.js';
 import type { BlockDriver, DriverExtent, DriverState, ZeroFlags } from '../block-driver.js';
 import { IoError, describeErrno, errnoOf } from '../io-error.js';
+import { preadFull, pwriteFull } from '../native/batched-io.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, nativeFileOps } from '../native/native-file-ops.js';
 import { permissionNames, type PermissionPair } from '../permissions.js';
 
@@ -45,6 +46,8 @@ class FileState implements DriverState {
   private size: number;
   private held = new Set<number>();
   private flushFailed: Error | undefined;
+  /** Reads and writes on the raw descriptor: it may not close under them (a FileHandle would wait too). */
+  private readonly transfers = new Set<Promise<unknown>>();
   readonly growsOnWrite = true;
 
   constructor(private handle: FileHandle, private readonly path: string, size: number, private readonly locking: boolean) {
@@ -66,7 +69,19 @@ class FileState implements DriverState {
     }
     const old = this.handle;
     this.handle = handle;
+    await this.settled();
     await old.close();
+  }
+
+  private transfer<T>(request: Promise<T>): Promise<T> {
+    this.transfers.add(request);
+    const forget = () => this.transfers.delete(request);
+    request.then(forget, forget);
+    return request;
+  }
+
+  private async settled(): Promise<void> {
+    await Promise.allSettled([...this.transfers]);
   }
 
   length(): number {
@@ -74,21 +89,12 @@ class FileState implements DriverState {
   }
 
   async read(offset: number, buffer: Buffer): Promise<void> {
-    let done = 0;
-    while (done < buffer.length) {
-      const { bytesRead } = await this.handle.read(buffer, done, buffer.length - done, offset + done);
-      if (bytesRead === 0) break;
-      done += bytesRead;
-    }
+    const done = await this.transfer(preadFull(this.handle.fd, buffer, offset));
     if (done < buffer.length) buffer.fill(0, done); // the tail past EOF reads as zeros
   }
 
   async write(offset: number, buffer: Buffer): Promise<void> {
-    let done = 0;
-    while (done < buffer.length) {
-      const { bytesWritten } = await this.handle.write(buffer, done, buffer.length - done, offset + done);
-      done += bytesWritten;
-    }
+    await this.transfer(pwriteFull(this.handle.fd, buffer, offset));
     this.size = Math.max(this.size, offset + buffer.length);
   }
 
@@ -198,6 +204,7 @@ class FileState implements DriverState {
   }
 
   async close(): Promise<void> {
+    await this.settled();
     await this.handle.close(); // also drops the OFD locks
   }
 }
