@@ -48,6 +48,7 @@ export class Daemon {
     this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
     this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }), this.objects);
     this.jobs = new JobRegistry(this.bus);
+    this.registry.settleBeforeCommands(() => this.jobs.released());
     const blockLayer: BlockLayer = { graph: this.graph, opener: this.opener, blockers: this.blockers, pauseJobs: jobPauser(this.jobs) };
     registerBlockCommands(this.registry, blockLayer);
     registerObjectCommands(this.registry, this.objects);

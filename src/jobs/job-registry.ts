@@ -11,6 +11,8 @@ import { Job, type JobKind, type JobOptions } from './job.js';
 
 export class JobRegistry {
   private jobs: Job[] = [];
+  /** Dismissed jobs still letting go of their nodes. */
+  private readonly releasing = new Set<Promise<void>>();
 
   constructor(private readonly bus: EventBus) {}
 
@@ -42,11 +44,24 @@ export class JobRegistry {
 
   create(kind: JobKind, options: JobOptions): Job {
     this.checkNewId(options.id);
-    const job = new Job(options.id, kind, options, this.bus, (ended) => {
+    const job = new Job(options.id, kind, options, this.bus, (ended, released) => {
       this.jobs = this.jobs.filter((candidate) => candidate !== ended);
+      if (released) {
+        this.releasing.add(released);
+        const forget = () => this.releasing.delete(released);
+        released.then(forget, forget);
+      }
     });
     this.jobs.unshift(job);
     return job;
+  }
+
+  /**
+   * Resolves once every dismissed job has let go of its nodes. In QEMU a job frees them in
+   * the same step as its last event, so the next command never meets them still held.
+   */
+  async released(): Promise<void> {
+    await Promise.allSettled([...this.releasing]);
   }
 
   checkNewId(id: string): void {

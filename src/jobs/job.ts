@@ -79,7 +79,7 @@ export class Job {
    */
   readonly startup = new Promise<void>((resolve) => (this.startupDone = resolve));
 
-  constructor(readonly id: string, readonly kind: JobKind, options: JobOptions, private readonly bus: EventBus, private readonly onNull: (job: Job) => void) {
+  constructor(readonly id: string, readonly kind: JobKind, options: JobOptions, private readonly bus: EventBus, private readonly onNull: (job: Job, released?: Promise<void>) => void) {
     this.autoFinalize = options.autoFinalize;
     this.autoDismiss = options.autoDismiss;
     this.speed = options.speed ?? 0;
@@ -213,8 +213,9 @@ export class Job {
   /** The job goes ('null'), then lets go of what it held; resolves once it has. */
   async dismiss(): Promise<void> {
     this.transition('null');
-    this.onNull(this);
-    await this.kind.release?.(this);
+    const released = this.kind.release?.(this) ?? Promise.resolve();
+    this.onNull(this, released);
+    await released;
   }
 
   /**

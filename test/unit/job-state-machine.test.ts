@@ -10,6 +10,7 @@ import { JobRegistry } from '../../src/jobs/job-registry.js';
 import { TRANSITIONS, VERBS } from '../../src/jobs/job-state-table.js';
 import type { Job, JobKind } from '../../src/jobs/job.js';
 import { QmpError } from '../../src/qmp/errors.js';
+import { CommandRegistry, type CommandContext } from '../../src/qmp/command-registry.js';
 
 /** A block job that advances one step per tick until released, or fails when told to. */
 function steppingKind(control: { finish: boolean; fail?: string }): JobKind {
@@ -123,4 +124,32 @@ test('ids: invalid and duplicate ones are refused as QEMU words it', () => {
   assert.throws(() => jobs.start(steppingKind({ finish: false }), { id: 'x', autoFinalize: true, autoDismiss: true }), (error: QmpError) => error.desc === "Job ID 'x' already in use");
   assert.throws(() => jobs.findBlockJob('nosuch'), (error: QmpError) => error.errorClass === 'DeviceNotActive' && error.desc === "Block job 'nosuch' not found");
   job.cancel(true);
+});
+
+test('the next command runs only after a dismissed job has let go of its nodes', async () => {
+  const { jobs, events } = harness();
+  const registry = new CommandRegistry();
+  registry.settleBeforeCommands(() => jobs.released());
+  registry.register('query-jobs', () => jobs.queryJobs());
+  let letGo!: () => void;
+  const steps: string[] = [];
+  const kind: JobKind = {
+    ...steppingKind({ finish: true }),
+    release: () => new Promise<void>((resolve) => {
+      letGo = () => {
+        steps.push('released');
+        resolve();
+      };
+    }),
+  };
+  jobs.start(kind, { id: 's', autoFinalize: true, autoDismiss: true });
+  await tick(20);
+  assert.equal(events.at(-1), 'null');
+  // A client that saw 'null' sends a command now; it must not meet the job's nodes still held.
+  const command = registry.call('query-jobs', {}, { commandLog: () => undefined } as unknown as CommandContext).then(() => steps.push('command ran'));
+  await tick(10);
+  assert.deepEqual(steps, []);
+  letGo();
+  await command;
+  assert.deepEqual(steps, ['released', 'command ran']);
 });
