@@ -25,7 +25,7 @@ import type { Job, JobKind } from './job.js';
 type StreamArguments = QmpCommandMap['block-stream']['args'];
 
 const STREAM_CHUNK = 512 * 1024;
-const COPIES_IN_FLIGHT = 4;
+const COPIES_IN_FLIGHT = 8;
 const SHARED_BY_JOB = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED;
 
 interface StreamPlan {
