@@ -22,7 +22,7 @@ test('many writes issued at once, small and large, over two files, all land', as
   const paths = [join(dir, 'a'), join(dir, 'b')];
   const fds = paths.map((path) => openSync(path, 'w+'));
   try {
-    // 40 small writes (batched several per hand-off) and two of 1 MiB (a hand-off each), interleaved.
+    // 40 small writes and two of 1 MiB, interleaved: several batches per file, each file's batches one after the other.
     const expected = paths.map(() => Buffer.alloc(3 * 1024 * KiB));
     const writes: Promise<void>[] = [];
     for (let i = 0; i < 40; i++) {

@@ -1,27 +1,34 @@
 /*
  * File reads and writes with few thread hand-offs. Each hand-off wakes a pool
  * thread, and on a virtual machine a wake-up can cost more than the request:
- * a buffered write only copies into the page cache. So the writes issued in
- * one turn of the event loop go together (QEMU plugs its AIO queue for the
- * same reason), a few small ones per hand-off, while a large write still gets
- * a thread of its own so big transfers run in parallel. Reads may wait for
- * the disk: each keeps a thread of its own, so they reach the disk in
- * parallel. Without the native addon every write is its own fs call too.
+ * a buffered write only copies into the page cache. And buffered writes to
+ * one file run one at a time in the kernel anyway (the inode lock), so more
+ * threads writing one file only spin on that lock. So each file has one
+ * batch of writes at a time in a pool thread: the writes issued meanwhile
+ * queue up and go together as the next batch (QEMU plugs its AIO queue for
+ * the same reason). Reads may wait for the disk: each keeps a thread of its
+ * own, so they reach the disk in parallel. Without the native addon every
+ * write is its own fs call.
  */
 import { read, write } from 'node:fs';
 import { constants } from 'node:os';
 import { nativeFileOps } from './native-file-ops.js';
 
-/** How many writes, and how many bytes, one hand-off carries at most. */
-const WRITES_PER_HANDOFF = 4;
-const BYTES_PER_HANDOFF = 256 * 1024;
+/** The most one batch carries: enough to amortise a hand-off, little enough to keep results flowing. */
+const WRITES_PER_BATCH = 16;
+const BYTES_PER_BATCH = 16 << 20;
 
 interface QueuedWrite {
-  fd: number;
   buffer: Buffer;
   offset: number;
   resolve(bytes: number): void;
   reject(error: Error): void;
+}
+
+/** One file's writes: those waiting, and whether a batch of them is in a pool thread now. */
+interface WriteQueue {
+  waiting: QueuedWrite[];
+  busy: boolean;
 }
 
 const ERRNO_NAMES = new Map(Object.entries(constants.errno).map(([name, value]) => [value, name]));
@@ -32,48 +39,50 @@ function errnoError(errno: number, syscall: string): Error {
   return Object.assign(new Error(`${code}: ${syscall} failed`), { code, errno, syscall });
 }
 
-let queued: QueuedWrite[] = [];
+const queues = new Map<number, WriteQueue>();
 
-function submit(batch: QueuedWrite[]): void {
-  const n = batch.length;
-  const fds = new Int32Array(n);
-  const offsets = new Float64Array(n);
-  const results = new Float64Array(n);
-  batch.forEach((request, i) => {
-    fds[i] = request.fd;
-    offsets[i] = request.offset;
-  });
-  nativeFileOps.writeBatch!(fds, offsets, batch.map((request) => request.buffer), results).then(() => {
-    batch.forEach((request, i) => {
+/** Takes the next batch off `queue` (in issue order) and sends it to a pool thread. */
+function sendBatch(fd: number, queue: WriteQueue): void {
+  let count = 0;
+  let bytes = 0;
+  while (count < queue.waiting.length && count < WRITES_PER_BATCH && (count === 0 || bytes + queue.waiting[count]!.buffer.length <= BYTES_PER_BATCH)) {
+    bytes += queue.waiting[count]!.buffer.length;
+    count++;
+  }
+  const batch = queue.waiting.splice(0, count);
+  const fds = new Int32Array(count).fill(fd);
+  const offsets = Float64Array.from(batch, (request) => request.offset);
+  const results = new Float64Array(count);
+  queue.busy = true;
+  const settle = (each: (request: QueuedWrite, i: number) => void) => {
+    queue.busy = false;
+    if (queue.waiting.length) sendBatch(fd, queue); // keep the file's writer busy before answering
+    else queues.delete(fd);
+    batch.forEach(each);
+  };
+  nativeFileOps.writeBatch!(fds, offsets, batch.map((request) => request.buffer), results).then(
+    () => settle((request, i) => {
       const result = results[i]!;
       if (result < 0) request.reject(errnoError(-result, 'pwrite'));
       else request.resolve(result);
-    });
-  }, (error: unknown) => batch.forEach((request) => request.reject(error instanceof Error ? error : errnoError(constants.errno.EIO, 'pwrite'))));
-}
-
-/** Sends the writes this turn of the event loop queued, cut into hand-offs. */
-function flush(): void {
-  const requests = queued;
-  queued = [];
-  let batch: QueuedWrite[] = [];
-  let bytes = 0;
-  for (const request of requests) {
-    if (batch.length && (batch.length === WRITES_PER_HANDOFF || bytes + request.buffer.length > BYTES_PER_HANDOFF)) {
-      submit(batch);
-      batch = [];
-      bytes = 0;
-    }
-    batch.push(request);
-    bytes += request.buffer.length;
-  }
-  if (batch.length) submit(batch);
+    }),
+    (error: unknown) => settle((request) => request.reject(error instanceof Error ? error : errnoError(constants.errno.EIO, 'pwrite'))),
+  );
 }
 
 function queueWrite(fd: number, buffer: Buffer, offset: number): Promise<number> {
   return new Promise((resolve, reject) => {
-    if (!queued.length) setImmediate(flush);
-    queued.push({ fd, buffer, offset, resolve, reject });
+    let queue = queues.get(fd);
+    if (!queue) {
+      queue = { waiting: [], busy: false };
+      queues.set(fd, queue);
+      // The writes issued in this turn of the event loop join the first batch.
+      const first = queue;
+      setImmediate(() => {
+        if (!first.busy && first.waiting.length) sendBatch(fd, first);
+      });
+    }
+    queue.waiting.push({ buffer, offset, resolve, reject });
   });
 }
 
