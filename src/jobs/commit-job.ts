@@ -11,14 +11,14 @@ import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
 import { nodeFilename } from '../blockdev/node-filename.js';
-import { isAllZero, type BlockNode } from '../blockdev/node.js';
+import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
 import type { QmpCommandMap } from '../generated/qapi-types.js';
 import type { CommandRegistry } from '../qmp/command-registry.js';
 import { QmpError, genericError } from '../qmp/errors.js';
 import { ActiveCommitJob } from './active-commit-job.js';
 import { allocatedBetween, below, chainBelow, findBackingImage, isRootNode, overlayIn } from './backing-chain.js';
-import { CopyError, runCopy } from './copy-engine.js';
+import { copyRange, runCopy } from './copy-engine.js';
 import { JobNodes, insertJobFilter, makeWritable } from './job-nodes.js';
 import type { JobRegistry } from './job-registry.js';
 import type { ErrorPolicy, Job, JobKind } from './job.js';
@@ -93,16 +93,7 @@ class IntermediateCommitJob implements JobKind {
         const run = await allocatedBetween(top, baseOverlay, offset, maxLength);
         return { length: run.length, copy: run.allocated };
       },
-      copy: async (offset, runLength) => {
-        const data = Buffer.allocUnsafe(runLength);
-        await reader.read(offset, data).catch((error: unknown) => {
-          throw new CopyError('read', error);
-        });
-        const write = isAllZero(data) ? writer.writeZeroes(offset, runLength, { mayUnmap: true }) : writer.write(offset, data);
-        await write.catch((error: unknown) => {
-          throw new CopyError('write', error);
-        });
-      },
+      copy: (offset, runLength) => copyRange(reader, writer, offset, runLength, {}, true),
     }, { chunkSize: COMMIT_CHUNK, inFlight: COPIES_IN_FLIGHT, onError: this.plan.onError }).catch((error: unknown) => {
       throw new Error(describeErrno(errnoOf(error)));
     });

@@ -5,7 +5,11 @@
  * flight, honours the job's speed limit, reports progress, stops at pause
  * points and applies the on-error policy to each failed chunk.
  */
+import type { WriteFlags } from '../blockdev/block-driver.js';
+import { ioBuffers } from '../blockdev/buffer-pool.js';
+import type { ChildEdge } from '../blockdev/child-edge.js';
 import { errnoOf } from '../blockdev/io-error.js';
+import { isAllZero } from '../blockdev/node.js';
 import type { ErrorPolicy, Job } from './job.js';
 import { RateLimit } from './rate-limit.js';
 
@@ -22,6 +26,26 @@ export interface CopyPlan {
 export class CopyError extends Error {
   constructor(readonly operation: 'read' | 'write', override readonly cause: unknown) {
     super((cause as Error)?.message ?? String(cause));
+  }
+}
+
+/**
+ * Copies a range from `from` to `to` through a pooled buffer: all-zero data goes as a zero
+ * write (deallocating when `unmapZeroes`). Errors carry the side that failed.
+ */
+export async function copyRange(from: ChildEdge, to: ChildEdge, offset: number, length: number, flags: WriteFlags = {}, unmapZeroes = false): Promise<void> {
+  const lease = ioBuffers.acquire(length);
+  try {
+    const data = lease.buffer;
+    await from.read(offset, data).catch((error: unknown) => {
+      throw new CopyError('read', error);
+    });
+    const write = isAllZero(data) ? to.writeZeroes(offset, length, { ...flags, mayUnmap: unmapZeroes }) : to.write(offset, data, flags);
+    await write.catch((error: unknown) => {
+      throw new CopyError('write', error);
+    });
+  } finally {
+    lease.release();
   }
 }
 

@@ -10,8 +10,7 @@
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import type { DirtyBitmap } from '../blockdev/dirty-bitmap.js';
 import { errnoOf } from '../blockdev/io-error.js';
-import { isAllZero } from '../blockdev/node.js';
-import { CopyError } from './copy-engine.js';
+import { CopyError, copyRange } from './copy-engine.js';
 import type { ErrorPolicy, Job } from './job.js';
 import { RateLimit } from './rate-limit.js';
 
@@ -50,21 +49,10 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
   let cursor = 0;
   job.workers = 1;
 
-  const copyRun = async (offset: number, length: number): Promise<void> => {
-    const data = Buffer.allocUnsafe(length);
-    await plan.source.read(offset, data).catch((error: unknown) => {
-      throw new CopyError('read', error);
-    });
-    const write = isAllZero(data) ? plan.target.writeZeroes(offset, length, { mayUnmap: true }) : plan.target.write(offset, data);
-    await write.catch((error: unknown) => {
-      throw new CopyError('write', error);
-    });
-  };
-
   const start = (offset: number, length: number) => {
     bitmap.clear(offset, length); // a write from now on marks the range again
     const operation: Operation = { offset, length, done: Promise.resolve() };
-    operation.done = copyRun(offset, length).then(() => {
+    operation.done = copyRange(plan.source, plan.target, offset, length, {}, true).then(() => {
       job.currentProgress += length;
     }, async (error: unknown) => {
       bitmap.set(offset, length); // failed: still to copy

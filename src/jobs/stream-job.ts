@@ -12,12 +12,11 @@ import { describeErrno, errnoOf } from '../blockdev/io-error.js';
 import { nodeFilename } from '../blockdev/node-filename.js';
 import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
-import { isAllZero } from '../blockdev/node.js';
 import type { QmpCommandMap } from '../generated/qapi-types.js';
 import type { CommandRegistry } from '../qmp/command-registry.js';
 import { genericError } from '../qmp/errors.js';
 import { allocatedBetween, below, chainBelow, findBackingImage } from './backing-chain.js';
-import { CopyError, runCopy } from './copy-engine.js';
+import { copyRange, runCopy } from './copy-engine.js';
 import { JobNodes, insertJobFilter, makeWritable } from './job-nodes.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job, JobKind } from './job.js';
@@ -90,17 +89,7 @@ class StreamJob implements JobKind {
         return { length: below.length, copy: below.allocated };
       },
       // Read what the top shows and write it back into the top, with no client write to the range in between.
-      copy: (offset, length) => top.serialisedCopy(offset, length, async () => {
-        const data = Buffer.allocUnsafe(length);
-        await active.read(offset, data).catch((error: unknown) => {
-          throw new CopyError('read', error);
-        });
-        const flags = { serialisedCopy: true };
-        const write = isAllZero(data) ? active.writeZeroes(offset, length, flags) : active.write(offset, data, flags);
-        await write.catch((error: unknown) => {
-          throw new CopyError('write', error);
-        });
-      }),
+      copy: (offset, length) => top.serialisedCopy(offset, length, () => copyRange(active, active, offset, length, { serialisedCopy: true })),
     }, { chunkSize: STREAM_CHUNK, inFlight: COPIES_IN_FLIGHT, onError: this.onError }).catch((error: unknown) => {
       throw new Error(describeErrno(errnoOf(error)));
     });

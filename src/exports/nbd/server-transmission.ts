@@ -7,7 +7,7 @@
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { errnoOf, describeErrno } from '../../blockdev/io-error.js';
-import { BufferPool, type BufferLease } from './buffer-pool.js';
+import { ioBuffers, type BufferLease } from '../../blockdev/buffer-pool.js';
 import { blockStatusExtents } from './export-block-status.js';
 import {
   decodeRequestHeader,
@@ -41,9 +41,6 @@ class RequestRefused extends Error {
   }
 }
 
-/** Shared by all connections: buffers freed by one serve the next. */
-const POOL = new BufferPool();
-
 export class ServerTransmission {
   private inFlight = 0;
   private slotWaiter: (() => void) | undefined;
@@ -73,7 +70,7 @@ export class ServerTransmission {
             this.sendError(request, NbdErrno.EINVAL, `len (${request.length} ) is larger than max len (${MAX_PAYLOAD})`);
             break;
           }
-          payload = POOL.acquire(request.length);
+          payload = ioBuffers.acquire(request.length);
           try {
             await this.reader.readInto(payload.buffer);
           } catch (error) {
@@ -195,7 +192,7 @@ export class ServerTransmission {
   }
 
   private async read(request: RequestHeader): Promise<void> {
-    const lease = POOL.acquire(request.length);
+    const lease = ioBuffers.acquire(request.length);
     try {
       await this.readAndReply(request, lease.buffer, () => lease.release());
     } catch (error) {
