@@ -22,7 +22,7 @@ import { startQsd } from '../test/helpers/qsd-process.js';
 
 export const QUICK = process.argv.includes('--quick');
 export const SIZE = QUICK ? 256 << 20 : 1 << 30;
-const ROUNDS = QUICK ? 1 : 2;
+const ROUNDS = QUICK ? 1 : 3;
 
 function run(command: string, args: string[]): void {
   const result = spawnSync(command, args, { encoding: 'utf8' });
