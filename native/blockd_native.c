@@ -1,7 +1,7 @@
 /*
  * blockd's native addon: the file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate,
- * OFD byte-range locks) and batched pwrite. Every call runs on the libuv thread pool
- * and returns a promise; src/blockdev/native/native-file-ops.ts is its only user.
+ * OFD byte-range locks, sync_file_range) and batched pwrite. Every call runs on the libuv
+ * thread pool and returns a promise; src/blockdev/native/native-file-ops.ts is its only user.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -13,7 +13,7 @@
 #include <unistd.h>
 #include <node_api.h>
 
-enum op { OP_SEEK_DATA, OP_SEEK_HOLE, OP_FALLOCATE, OP_OFD_LOCK, OP_OFD_TEST };
+enum op { OP_SEEK_DATA, OP_SEEK_HOLE, OP_FALLOCATE, OP_OFD_LOCK, OP_OFD_TEST, OP_START_WRITEBACK };
 
 /* JS name, syscall named in error messages, number of integer arguments after the fd. */
 static const struct { const char *name; const char *syscall; size_t nargs; } ops[] = {
@@ -22,6 +22,7 @@ static const struct { const char *name; const char *syscall; size_t nargs; } ops
   [OP_FALLOCATE] = { "fallocate", "fallocate", 3 },   /* (fd, mode, offset, length) */
   [OP_OFD_LOCK] = { "ofdLock", "fcntl", 3 },          /* (fd, start, length, shared ? 1 : 0) */
   [OP_OFD_TEST] = { "ofdTestConflict", "fcntl", 2 },  /* (fd, start, length) */
+  [OP_START_WRITEBACK] = { "startWriteback", "sync_file_range", 2 }, /* (fd, offset, length) */
 };
 
 struct work {
@@ -60,6 +61,10 @@ static void execute(napi_env env, void *data) {
       fl.l_type = F_WRLCK;
       w->result = fcntl(w->fd, F_OFD_GETLK, &fl);
       if (w->result == 0) w->result = fl.l_type != F_UNLCK;
+      break;
+    case OP_START_WRITEBACK:
+      /* Starts writing the range's dirty pages to disk and returns: a later fdatasync finds less to do. */
+      w->result = sync_file_range(w->fd, w->arg[0], w->arg[1], SYNC_FILE_RANGE_WRITE);
       break;
     }
     w->err = w->result < 0 ? errno : 0;
@@ -151,7 +156,7 @@ static napi_status start(napi_env env, napi_callback_info info, struct work *w, 
   return queue_with_promise(env, ops[w->op].name, execute, complete, w, &w->async, &w->deferred, promise);
 }
 
-/* The one entry point of all five functions; the op comes in as the function's data. */
+/* The one entry point of the single-syscall functions; the op comes in as the function's data. */
 static napi_value call(napi_env env, napi_callback_info info) {
   struct work *w = calloc(1, sizeof *w);
   napi_value promise = NULL, undefined;

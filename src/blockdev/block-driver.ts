@@ -67,6 +67,8 @@ export interface DriverState {
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;
   flush?(): Promise<void>;
+  /** Starts writing what was written to the storage, without waiting for it (protocol drivers). */
+  startWriteback?(): Promise<void>;
   blockStatus(offset: number, length: number): Promise<DriverExtent>;
   /** Changes the size; exact: must not round. */
   truncate?(size: number): Promise<void>;

@@ -289,6 +289,22 @@ export class BlockNode {
     }
   }
 
+  /**
+   * A hint that what was written will be flushed soon (a job's copy): the storage starts
+   * writing it back now, so that flush finds little left. Errors are the flush's to report.
+   */
+  startWriteback(): void {
+    if (this.settings.cacheNoFlush) return;
+    const start = this.state.startWriteback;
+    if (start) {
+      this.track(() => start.call(this.state)).catch(() => {});
+      return;
+    }
+    for (const edge of this.children) {
+      if (edge.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) edge.child.startWriteback();
+    }
+  }
+
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new IoError('EPERM', `node '${this.name}' is read-only`);
     const truncate = this.state.truncate;

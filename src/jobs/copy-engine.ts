@@ -9,7 +9,7 @@ import type { WriteFlags } from '../blockdev/block-driver.js';
 import { ioBuffers } from '../blockdev/buffer-pool.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { errnoOf } from '../blockdev/io-error.js';
-import { isAllZero } from '../blockdev/node.js';
+import { isAllZero, type BlockNode } from '../blockdev/node.js';
 import type { ErrorPolicy, Job } from './job.js';
 import { RateLimit } from './rate-limit.js';
 
@@ -30,6 +30,20 @@ export class CopyError extends Error {
 }
 
 /**
+ * How much a job copies into a node before it asks the node to start writing it back: the
+ * flush that must come before a backing link changes then finds little left to write, and
+ * the disk works while the copy goes on.
+ */
+const WRITEBACK_EVERY = 64 << 20;
+const copiedSinceWriteback = new WeakMap<BlockNode, number>();
+
+function noteCopied(node: BlockNode, length: number): void {
+  const copied = (copiedSinceWriteback.get(node) ?? 0) + length;
+  copiedSinceWriteback.set(node, copied >= WRITEBACK_EVERY ? 0 : copied);
+  if (copied >= WRITEBACK_EVERY) node.startWriteback();
+}
+
+/**
  * Copies a range from `from` to `to` through a pooled buffer: all-zero data goes as a zero
  * write (deallocating when `unmapZeroes`). Errors carry the side that failed.
  */
@@ -40,10 +54,12 @@ export async function copyRange(from: ChildEdge, to: ChildEdge, offset: number, 
     await from.read(offset, data).catch((error: unknown) => {
       throw new CopyError('read', error);
     });
-    const write = isAllZero(data) ? to.writeZeroes(offset, length, { ...flags, mayUnmap: unmapZeroes }) : to.write(offset, data, flags);
+    const zero = isAllZero(data);
+    const write = zero ? to.writeZeroes(offset, length, { ...flags, mayUnmap: unmapZeroes }) : to.write(offset, data, flags);
     await write.catch((error: unknown) => {
       throw new CopyError('write', error);
     });
+    if (!zero) noteCopied(to.child, length);
   } finally {
     lease.release();
   }

@@ -87,6 +87,20 @@ test('fallocate punches holes, zeroes ranges, extends, and reports errno names',
   }
 });
 
+test('startWriteback runs sync_file_range: the data stays, and errors come back with their errno names', async () => {
+  const file = await open(join(dir, 'writeback.raw'), 'w+');
+  try {
+    await file.write(Buffer.alloc(8 * MiB, 0x3c), 0, 8 * MiB, 0);
+    await ops.startWriteback(file.fd, 0, 0);
+    await ops.startWriteback(file.fd, MiB, MiB);
+    assert.deepEqual(await readAt(file, 0, 8 * MiB), Buffer.alloc(8 * MiB, 0x3c));
+    await assert.rejects(ops.startWriteback(1 << 30, 0, 0), { code: 'EBADF', message: 'sync_file_range: Bad file descriptor' });
+    await assert.rejects(ops.startWriteback(file.fd, -1, 0), { code: 'EINVAL' });
+  } finally {
+    await file.close();
+  }
+});
+
 test('OFD locks interoperate with QEMU: shared locks as a qcow2 writer holds them', async () => {
   const path = join(dir, 'locked.qcow2');
   assert.equal(spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, '1M']).status, 0);

@@ -98,6 +98,10 @@ class FileState implements DriverState {
     this.size = Math.max(this.size, offset + buffer.length);
   }
 
+  async startWriteback(): Promise<void> {
+    await this.transfer(nativeFileOps.startWriteback(this.handle.fd, 0, 0));
+  }
+
   private async fallocate(mode: number, offset: number, length: number): Promise<boolean> {
     try {
       await nativeFileOps.fallocate(this.handle.fd, mode, offset, length);

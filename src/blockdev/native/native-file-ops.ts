@@ -1,6 +1,6 @@
 /*
  * The file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks,
- * batched pwrite),
+ * sync_file_range, batched pwrite),
  * from blockd's native addon (native/, built at npm install) or, when it cannot be loaded,
  * from a pure-JS fallback: everything is data, no fallocate, no locking.
  */
@@ -25,6 +25,8 @@ export interface NativeFileOps {
   ofdLock(fd: number, start: number, length: number, kind: 'shared' | 'unlock'): Promise<void>;
   /** fcntl(F_OFD_GETLK) asking about an exclusive (F_WRLCK) lock of [start, start+length): true when ANOTHER open file description holds a lock there. */
   ofdTestConflict(fd: number, start: number, length: number): Promise<boolean>;
+  /** sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE): starts writing the range's dirty pages back (length 0: to the end). */
+  startWriteback(fd: number, offset: number, length: number): Promise<void>;
   /** Runs n pwrites one after the other on one pool thread; results[i] becomes the bytes written or -errno. Absent without the addon. */
   writeBatch?(fds: Int32Array, offsets: Float64Array, buffers: Buffer[], results: Float64Array): Promise<void>;
 }
@@ -37,6 +39,7 @@ interface Addon {
   ofdLock(fd: number, start: number, length: number, shared: 0 | 1): Promise<void>;
   ofdTestConflict(fd: number, start: number, length: number): Promise<boolean>;
   writeBatch(fds: Int32Array, offsets: Float64Array, buffers: Buffer[], results: Float64Array): Promise<void>;
+  startWriteback(fd: number, offset: number, length: number): Promise<void>;
 }
 
 const fstatAsync = promisify(fstat);
@@ -58,6 +61,7 @@ export function fallbackFileOps(): NativeFileOps {
     },
     ofdLock: async () => {},
     ofdTestConflict: async () => false,
+    startWriteback: async () => {}, // only a hint: the flush still does the work
   };
 }
 
@@ -87,6 +91,7 @@ function addonFileOps(addon: Addon): NativeFileOps {
     fallocate: async (fd, mode, offset, length) => addon.fallocate(fd, mode, offset, length),
     ofdLock: async (fd, start, length, kind) => addon.ofdLock(fd, start, length, kind === 'shared' ? 1 : 0),
     ofdTestConflict: async (fd, start, length) => addon.ofdTestConflict(fd, start, length),
+    startWriteback: async (fd, offset, length) => (typeof addon.startWriteback === 'function' ? addon.startWriteback(fd, offset, length) : undefined),
     // An addon built before batching lacks it: requests then go one by one through fs.
     writeBatch: typeof addon.writeBatch === 'function'
       ? async (fds, offsets, buffers, results) => addon.writeBatch(fds, offsets, buffers, results)
