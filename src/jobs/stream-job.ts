@@ -6,7 +6,7 @@
  * copy-on-read filter sits above the top node while the job runs, and the
  * job blocks other operations on every node it holds until it is dismissed.
  */
-import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
+import { checkNotBlocked, drainedFor, type BlockLayer } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
 import { nodeFilename } from '../blockdev/node-filename.js';
@@ -98,14 +98,16 @@ class StreamJob implements JobKind {
   /** Flushes what was copied, then records the new backing file and drops the streamed layers. */
   async prepare(): Promise<void> {
     const { graph } = this.layer;
-    const { top, base } = this.plan;
+    const { top, bottom, base } = this.plan;
     await this.dropFilter();
     await top.flush();
-    if (top.backing()) {
+    // As QEMU's stream_prepare: the chain changes in a drained section of the lowest streamed layer and all below it.
+    await drainedFor(this.layer, bottom, 'subtree', async () => {
+      if (!top.backing()) return;
       const name = base ? this.plan.backingFile ?? nodeFilename(base) : undefined;
       await top.state.changeBackingFile?.(name, base?.driver.name);
       await graph.changeBacking(top, base);
-    }
+    });
   }
 
   async clean(): Promise<void> {
@@ -126,8 +128,11 @@ class StreamJob implements JobKind {
     const filter = this.filter;
     this.filter = undefined;
     if (!filter) return;
-    if (this.filterEdge) await this.nodes?.drop(this.filterEdge);
-    await this.layer.graph.removeFilter(filter);
+    // Drained, as QEMU's bdrv_drop_filter: jobs above the filter pause while it goes.
+    await drainedFor(this.layer, filter, 'node', async () => {
+      if (this.filterEdge) await this.nodes?.drop(this.filterEdge);
+      await this.layer.graph.removeFilter(filter);
+    });
   }
 }
 
