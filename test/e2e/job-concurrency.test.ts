@@ -182,6 +182,9 @@ function cellSteps(cell: Cell): { before: TranscriptStep[]; request: TranscriptS
     execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': p(layer), file: file(layer), backing: at === 0 ? null : p(LAYERS[at - 1]!) },
   });
   const start = cell.running.start(p);
+  // A stream or an intermediate commit B that is let in runs to its end at full speed: wait for it, not for a fixed time.
+  const runsToItsEnd = (cell.requested.name === 'stream' || (cell.requested.name === 'commit' && cell.x !== 'i4'))
+    && predict(cell.running, cell.requested, cell.x, p).kind === 'free';
   return {
     before: [
       ...LAYERS.map(add),
@@ -190,6 +193,7 @@ function cellSteps(cell: Cell): { before: TranscriptStep[]; request: TranscriptS
     ],
     request: cell.requested.command(cell.x, p, cell.index),
     after: [
+      ...(runsToItsEnd ? [{ awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id: 'B', status: 'null' } } }] : []),
       { pause: 150 },
       { execute: 'block-job-set-speed', arguments: { device: 'A', speed: 0 } },
       { pause: 400 },

@@ -7,7 +7,18 @@
  */
 import { RawConnection } from './raw-connection.js';
 
-export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> };
+/** An event a transcript waits for: its name, and fields its data must have. */
+export interface AwaitedEvent {
+  event: string;
+  data: Record<string, unknown>;
+}
+
+export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent };
+
+function isAwaited(line: string, awaited: AwaitedEvent): boolean {
+  const message = JSON.parse(line) as { event?: string; data?: Record<string, unknown> };
+  return message.event === awaited.event && Object.entries(awaited.data).every(([key, value]) => message.data?.[key] === value);
+}
 
 export async function runTranscript(socket: string, dir: string, steps: readonly TranscriptStep[], normalise: (line: string) => string = (line) => line): Promise<string[]> {
   const connection = await RawConnection.negotiated(socket);
@@ -27,6 +38,13 @@ export async function runTranscript(socket: string, dir: string, steps: readonly
       }
     } else if ('action' in step) {
       transcript.push(await step.action(dir));
+    } else if ('awaitEvent' in step) {
+      // Events up to the awaited one, however long the job takes on this machine.
+      for (;;) {
+        const line = await connection.readLine(30_000);
+        record(line);
+        if (isAwaited(line, step.awaitEvent)) break;
+      }
     } else {
       connection.send(JSON.stringify(step).replaceAll('$DIR', dir));
       for (;;) {
