@@ -46,8 +46,6 @@ class FileState implements DriverState {
   private size: number;
   private held = new Set<number>();
   private flushFailed: Error | undefined;
-  /** Reads and writes on the raw descriptor: it may not close under them (a FileHandle would wait too). */
-  private readonly transfers = new Set<Promise<unknown>>();
   readonly growsOnWrite = true;
 
   constructor(private handle: FileHandle, private readonly path: string, size: number, private readonly locking: boolean) {
@@ -69,37 +67,26 @@ class FileState implements DriverState {
     }
     const old = this.handle;
     this.handle = handle;
-    await this.settled();
     await old.close();
-  }
-
-  private transfer<T>(request: Promise<T>): Promise<T> {
-    this.transfers.add(request);
-    const forget = () => this.transfers.delete(request);
-    request.then(forget, forget);
-    return request;
-  }
-
-  private async settled(): Promise<void> {
-    await Promise.allSettled([...this.transfers]);
   }
 
   length(): number {
     return roundUp(this.size, SECTOR);
   }
 
+  // Transfers use the raw descriptor: the node drains (no request in flight) before it reopens or closes it.
   async read(offset: number, buffer: Buffer): Promise<void> {
-    const done = await this.transfer(preadFull(this.handle.fd, buffer, offset));
+    const done = await preadFull(this.handle.fd, buffer, offset);
     if (done < buffer.length) buffer.fill(0, done); // the tail past EOF reads as zeros
   }
 
   async write(offset: number, buffer: Buffer): Promise<void> {
-    await this.transfer(pwriteFull(this.handle.fd, buffer, offset));
+    await pwriteFull(this.handle.fd, buffer, offset);
     this.size = Math.max(this.size, offset + buffer.length);
   }
 
   async startWriteback(): Promise<void> {
-    await this.transfer(nativeFileOps.startWriteback(this.handle.fd, 0, 0));
+    await nativeFileOps.startWriteback(this.handle.fd, 0, 0);
   }
 
   private async fallocate(mode: number, offset: number, length: number): Promise<boolean> {
@@ -208,7 +195,6 @@ class FileState implements DriverState {
   }
 
   async close(): Promise<void> {
-    await this.settled();
     await this.handle.close(); // also drops the OFD locks
   }
 }
