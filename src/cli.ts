@@ -19,9 +19,9 @@ import { USAGE } from './cli/usage.js';
 import { keyvalArguments } from './cli/keyval-visitor.js';
 import { parseKeyval } from './cli/keyval.js';
 import { commandArgumentTypes } from './generated/qapi-model.js';
-import { JsonStreamParser } from './qmp/json/streamer.js';
-import { QmpError } from './qmp/errors.js';
-import { isJsonObject, type JsonObject, type JsonValue } from './qmp/json/value.js';
+import { JsonStreamParser } from './json/streamer.js';
+import { QmpError } from './errors.js';
+import { isJsonObject, type JsonObject, type JsonValue } from './json/value.js';
 
 const OPTIONS: OptionSpec[] = [
   { name: 'help', short: 'h', takesValue: false },

@@ -25,7 +25,7 @@ import { registerControlCommands } from './qmp/control-commands.js';
 import { QmpServer, type MonitorOptions } from './qmp/server.js';
 import type { Listener } from './qmp/transports/stream-listener.js';
 import { versionInfo } from './version.js';
-import type { JsonObject, JsonValue } from './qmp/json/value.js';
+import type { JsonObject, JsonValue } from './json/value.js';
 
 export class Daemon {
   readonly bus = new EventBus();

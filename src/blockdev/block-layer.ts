@@ -2,7 +2,7 @@
  * What the block commands work on (the graph and the node opener) and the
  * small lookups and error conversions they share.
  */
-import { QmpError, genericError } from '../qmp/errors.js';
+import { QmpError, genericError } from '../errors.js';
 import type { BlockGraph } from './graph.js';
 import type { BlockOperation, OpBlockers } from '../opblockers/op-blockers.js';
 import type { NodeOpener } from './node-opener.js';

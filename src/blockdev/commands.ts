@@ -4,14 +4,14 @@
  * generated argument types to graph calls, with qemu-storage-daemon's error
  * texts for the checks the commands themselves make.
  */
-import type { CommandRegistry } from '../qmp/command-registry.js';
-import { genericError } from '../qmp/errors.js';
+import type { CommandTable } from '../command-table.js';
+import { genericError } from '../errors.js';
 import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
 import { blockdevSnapshot, blockdevSnapshotSync } from './snapshot.js';
 import { blockDeviceInfo } from './node-info.js';
 
-export function registerBlockCommands(registry: CommandRegistry, layer: BlockLayer): void {
+export function registerBlockCommands(registry: CommandTable, layer: BlockLayer): void {
   const { graph, opener, blockers } = layer;
   registry.register('blockdev-add', async (options) => {
     if (options['node-name'] === undefined) throw genericError("'node-name' must be specified for the root node");

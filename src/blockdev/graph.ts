@@ -7,7 +7,7 @@
  */
 import type { Logger } from 'pino';
 import type { EventBus } from '../event-bus.js';
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 import { ChildEdge, type BlockUser, type EdgeParent } from './child-edge.js';
 import type { BlockNode, CorruptionReport, NodeObserver } from './node.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, defaultChildPermissions, permissionConflictMessage, type ChildRole, type PermissionPair } from './permissions.js';

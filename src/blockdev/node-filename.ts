@@ -5,9 +5,9 @@
  * filter, it gets a "json:{...}" pseudo-filename of its driver, strong
  * options and children, written the way QEMU serialises a QDict.
  */
-import { serialize } from '../qmp/json/writer.js';
-import { qdictOrder } from '../qmp/json/qdict-order.js';
-import type { JsonValue } from '../qmp/json/value.js';
+import { serialize } from '../json/writer.js';
+import { qdictOrder } from '../json/qdict-order.js';
+import type { JsonValue } from '../json/value.js';
 import type { BlockNode } from './node.js';
 
 /** The driver, its strong options and its children: what QEMU puts in a json: filename. */

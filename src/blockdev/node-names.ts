@@ -3,7 +3,7 @@
  * bytes) and its form for generated ones ("#block" + counter + two random
  * digits), which users cannot take because of the "#".
  */
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 
 const IDENTIFIER = /^[A-Za-z][A-Za-z0-9._-]*$/;
 

@@ -9,7 +9,7 @@
 import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { BlockdevOptions, BlockdevRef } from '../generated/qapi-types.js';
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 import type { ChildRequest, OpenContext } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
 import { driverFor } from './drivers/registry.js';

@@ -6,7 +6,7 @@
  * can prepare several snapshots and commit or abort them together.
  */
 import type { BlockdevOptions } from '../generated/qapi-types.js';
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 import { createQcow2 } from './drivers/qcow2/create.js';
 import { describeErrno } from './io-error.js';
 import { asQmpError, asTransaction, checkNotBlocked, drainedFor, type BlockLayer } from './block-layer.js';

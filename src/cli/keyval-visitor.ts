@@ -8,7 +8,7 @@
  */
 import { qapiTypes } from '../generated/qapi-model.js';
 import type { ModelTypeUse } from '../../scripts/qapi/runtime-model.js';
-import type { JsonObject, JsonValue } from '../qmp/json/value.js';
+import type { JsonObject, JsonValue } from '../json/value.js';
 import { CliError } from './cli-error.js';
 import { parseOnOff, type KeyvalNode, type KeyvalTree } from './keyval.js';
 

@@ -8,13 +8,13 @@ import { COMMAND_USER, lookupDeviceOrNode, type BlockLayer } from '../blockdev/b
 import { isIdentifier } from '../blockdev/node-names.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE } from '../blockdev/permissions.js';
 import type { BlockExportOptions, NbdServerOptions, SocketAddress, SocketAddressLegacy } from '../generated/qapi-types.js';
-import type { CommandRegistry } from '../qmp/command-registry.js';
-import { genericError } from '../qmp/errors.js';
+import type { CommandTable } from '../command-table.js';
+import { genericError } from '../errors.js';
 import type { BlockExport } from './block-export.js';
 import type { ExportRegistry } from './export-registry.js';
 import { NbdExport } from './nbd/nbd-export.js';
 import { NbdServer, type NbdListenAddress } from './nbd/nbd-server.js';
-import { MAX_STRING } from './nbd/protocol.js';
+import { MAX_STRING } from '../nbd/protocol.js';
 
 export interface ExportLayer extends BlockLayer {
   exports: ExportRegistry;
@@ -111,7 +111,7 @@ function flattenAddress(addr: SocketAddressLegacy): SocketAddress {
   return { type: addr.type, ...addr.data } as SocketAddress;
 }
 
-export function registerExportCommands(registry: CommandRegistry, layer: ExportLayer, nbd: NbdService): void {
+export function registerExportCommands(registry: CommandTable, layer: ExportLayer, nbd: NbdService): void {
   const { exports, graph } = layer;
 
   registry.register('nbd-server-start', (args) => nbd.start({ ...args, addr: flattenAddress(args.addr) }));

@@ -8,7 +8,7 @@ import type { Logger } from 'pino';
 import type { BlockGraph } from '../blockdev/graph.js';
 import type { EventBus } from '../event-bus.js';
 import type { BlockExportInfo, BlockExportRemoveMode, BlockExportType } from '../generated/qapi-types.js';
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 import type { BlockExport, ExportOwner } from './block-export.js';
 
 export class ExportRegistry implements ExportOwner {

@@ -3,8 +3,8 @@
  * (looked up by device = job id, block jobs only, DeviceNotActive when
  * missing) and the queries. Each applies QEMU's checks in QEMU's order.
  */
-import type { CommandRegistry } from '../qmp/command-registry.js';
-import { genericError } from '../qmp/errors.js';
+import type { CommandTable } from '../command-table.js';
+import { genericError } from '../errors.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job } from './job.js';
 
@@ -18,7 +18,7 @@ function dismiss(job: Job): Promise<void> {
   return job.dismiss();
 }
 
-export function registerJobCommands(registry: CommandRegistry, jobs: JobRegistry): void {
+export function registerJobCommands(registry: CommandTable, jobs: JobRegistry): void {
   registry.register('query-jobs', () => jobs.queryJobs());
   registry.register('query-block-jobs', () => jobs.queryBlockJobs());
 

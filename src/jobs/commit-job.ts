@@ -14,8 +14,8 @@ import { nodeFilename } from '../blockdev/node-filename.js';
 import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
 import type { QmpCommandMap } from '../generated/qapi-types.js';
-import type { CommandRegistry } from '../qmp/command-registry.js';
-import { QmpError, genericError } from '../qmp/errors.js';
+import type { CommandTable } from '../command-table.js';
+import { QmpError, genericError } from '../errors.js';
 import { ActiveCommitJob } from './active-commit-job.js';
 import { allocatedBetween, below, chainBelow, findBackingImage, isRootNode, overlayIn } from './backing-chain.js';
 import { copyRange, runCopy } from './copy-engine.js';
@@ -159,7 +159,7 @@ function chainContains(top: BlockNode, node: BlockNode): boolean {
   return top === node || chainBelow(top).includes(node);
 }
 
-export function registerCommitCommand(registry: CommandRegistry, layer: BlockLayer, jobs: JobRegistry): void {
+export function registerCommitCommand(registry: CommandTable, layer: BlockLayer, jobs: JobRegistry): void {
   const { graph, blockers } = layer;
   registry.register('block-commit', async (args: CommitArguments) => {
     const { device, 'top-node': topNode, 'base-node': baseNode } = args;

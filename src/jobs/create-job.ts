@@ -14,8 +14,8 @@ import { describeErrno, errnoOf } from '../blockdev/io-error.js';
 import { nativeFileOps } from '../blockdev/native/native-file-ops.js';
 import { PERM_ALL, PERM_RESIZE, PERM_WRITE } from '../blockdev/permissions.js';
 import type { BlockdevCreateOptions, BlockdevCreateOptionsFile, BlockdevCreateOptionsQcow2 } from '../generated/qapi-types.js';
-import { genericError } from '../qmp/errors.js';
-import type { CommandRegistry } from '../qmp/command-registry.js';
+import { genericError } from '../errors.js';
+import type { CommandTable } from '../command-table.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job, JobKind } from './job.js';
 
@@ -102,7 +102,7 @@ export function createJobKind(layer: BlockLayer, options: BlockdevCreateOptions)
   };
 }
 
-export function registerCreateCommand(registry: CommandRegistry, layer: BlockLayer, jobs: JobRegistry): void {
+export function registerCreateCommand(registry: CommandTable, layer: BlockLayer, jobs: JobRegistry): void {
   registry.register('blockdev-create', async ({ 'job-id': id, options }) => {
     await jobs.start(createJobKind(layer, options), { id, autoFinalize: true, autoDismiss: false }).startup;
   });

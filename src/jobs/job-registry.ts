@@ -6,7 +6,7 @@
 import type { EventBus } from '../event-bus.js';
 import type { BlockJobInfo, JobInfo } from '../generated/qapi-types.js';
 import { isIdentifier } from '../blockdev/node-names.js';
-import { QmpError, genericError } from '../qmp/errors.js';
+import { QmpError, genericError } from '../errors.js';
 import { Job, type JobKind, type JobOptions } from './job.js';
 
 export class JobRegistry {

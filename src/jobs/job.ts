@@ -7,7 +7,7 @@
  */
 import type { EventBus } from '../event-bus.js';
 import type { JobStatus, JobType, JobVerb } from '../generated/qapi-types.js';
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 import { canTransition, verbAllowed } from './job-state-table.js';
 
 export interface JobKind {

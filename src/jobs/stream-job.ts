@@ -13,8 +13,8 @@ import { nodeFilename } from '../blockdev/node-filename.js';
 import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
 import type { QmpCommandMap } from '../generated/qapi-types.js';
-import type { CommandRegistry } from '../qmp/command-registry.js';
-import { genericError } from '../qmp/errors.js';
+import type { CommandTable } from '../command-table.js';
+import { genericError } from '../errors.js';
 import { allocatedBetween, below, chainBelow, findBackingImage } from './backing-chain.js';
 import { copyRange, runCopy } from './copy-engine.js';
 import { JobNodes, insertJobFilter, makeWritable } from './job-nodes.js';
@@ -137,7 +137,7 @@ class StreamJob implements JobKind {
 }
 
 /** block-stream's checks, in QEMU's order and words, then the job. */
-export function registerStreamCommand(registry: CommandRegistry, layer: BlockLayer, jobs: JobRegistry): void {
+export function registerStreamCommand(registry: CommandTable, layer: BlockLayer, jobs: JobRegistry): void {
   const { blockers } = layer;
   registry.register('block-stream', async (args) => {
     const { device, base, 'base-node': baseNode, bottom } = args;

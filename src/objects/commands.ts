@@ -2,13 +2,13 @@
  * object-add and object-del. The only object type blockd has is the throttle
  * group (QEMU's other types concern VMs, TLS and authorization).
  */
-import type { CommandRegistry } from '../qmp/command-registry.js';
-import { genericError } from '../qmp/errors.js';
+import type { CommandTable } from '../command-table.js';
+import { genericError } from '../errors.js';
 import { isIdentifier } from '../blockdev/node-names.js';
 import type { ObjectRegistry } from './object-registry.js';
 import { ThrottleGroup } from './throttle-group.js';
 
-export function registerObjectCommands(registry: CommandRegistry, objects: ObjectRegistry): void {
+export function registerObjectCommands(registry: CommandTable, objects: ObjectRegistry): void {
   registry.register('object-add', (options) => {
     if (!isIdentifier(options.id)) {
       throw genericError("Parameter 'id' expects an identifier").withHint("Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.");

@@ -3,7 +3,7 @@
  * depend on (a throttle group) count their users so object-del refuses to
  * delete one that is still in use.
  */
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 
 export interface UserObject {
   readonly id: string;

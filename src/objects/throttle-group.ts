@@ -6,7 +6,7 @@
  * queue in order.
  */
 import type { ThrottleLimits } from '../generated/qapi-types.js';
-import { genericError } from '../qmp/errors.js';
+import { genericError } from '../errors.js';
 import type { UserObject } from './object-registry.js';
 
 const MAX_VALUE = 1_000_000_000_000_000;

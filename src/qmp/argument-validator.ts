@@ -7,10 +7,10 @@
  * list element, which is what QEMU 7.2 prints.
  */
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
-import { genericError, type QmpError } from './errors.js';
-import { firstUnexpectedMember } from './json/glib-hash-order.js';
-import { qdictOrder } from './json/qdict-order.js';
-import { isJsonInteger, isJsonNumber, isJsonObject, type JsonObject, type JsonValue } from './json/value.js';
+import { genericError, type QmpError } from '../errors.js';
+import { firstUnexpectedMember } from '../json/glib-hash-order.js';
+import { qdictOrder } from '../json/qdict-order.js';
+import { isJsonInteger, isJsonNumber, isJsonObject, type JsonObject, type JsonValue } from '../json/value.js';
 
 type LeafProblem =
   | { kind: 'type'; expected: string; bare?: boolean }

@@ -12,8 +12,8 @@
 import net from 'node:net';
 import { WebSocket } from 'ws';
 import type { QmpCommandMap, QmpCommandName } from '../generated/qapi-types.js';
-import { JsonStreamParser } from './json/streamer.js';
-import { isJsonObject, toPlain, type JsonObject } from './json/value.js';
+import { JsonStreamParser } from '../json/streamer.js';
+import { isJsonObject, toPlain, type JsonObject } from '../json/value.js';
 
 export interface QmpGreeting {
   QMP: { version: { qemu: { major: number; minor: number; micro: number }; package: string }; capabilities: string[] };

@@ -4,37 +4,17 @@
  * missingHandlers() lists schema commands nobody registered, so the two can
  * never drift apart silently (a test asserts the list is empty for the daemon).
  */
-import type { Logger } from 'pino';
+import type { CommandContext, CommandHandler, CommandTable } from '../command-table.js';
 import { commandCatalogue, type CommandEntry } from '../generated/qapi-catalogue.js';
-import type { QmpCommandMap, QmpCommandName } from '../generated/qapi-types.js';
+import type { QmpCommandName } from '../generated/qapi-types.js';
 import { commandArgumentRefs, validationDefs } from '../generated/qapi-validation.js';
 import { ArgumentValidator } from './argument-validator.js';
-import { genericError } from './errors.js';
-import { toPlain, type JsonObject, type JsonValue } from './json/value.js';
-
-/** What a handler knows about the client calling it. */
-export interface SessionControl {
-  readonly id: number;
-  readonly negotiated: boolean;
-  /** Leaves negotiation mode with the given capabilities; throws QmpError when one is not offered. */
-  negotiate(capabilities: string[]): void;
-}
-
-export interface CommandContext {
-  session: SessionControl;
-  log: Logger;
-  /** The logger for one command's handler (carries the command name). */
-  commandLog(command: string): Logger;
-}
-
-export type CommandHandler<K extends QmpCommandName> = (
-  args: QmpCommandMap[K]['args'],
-  context: CommandContext,
-) => QmpCommandMap[K]['returns'] | Promise<QmpCommandMap[K]['returns']>;
+import { genericError } from '../errors.js';
+import { toPlain, type JsonObject, type JsonValue } from '../json/value.js';
 
 type AnyHandler = (args: unknown, context: CommandContext) => unknown;
 
-export class CommandRegistry {
+export class CommandRegistry implements CommandTable {
   private readonly handlers = new Map<string, AnyHandler>();
   /** What must have settled before any command runs (work the previous command or event left behind). */
   private readonly settleFirst: (() => Promise<void>)[] = [];

@@ -1,31 +1,11 @@
 /*
- * The one error type that reaches the wire, and the registry of protocol-level
- * errors with qemu-storage-daemon's exact texts. Domain code throws QmpError
- * (usually through genericError) and the dispatcher turns it into
+ * Errors of the protocol layer with qemu-storage-daemon's exact texts. Domain code
+ * throws QmpError (src/errors.ts) and the dispatcher turns it into
  * {"error": {"class", "desc"}}; anything else thrown by a handler is a bug and
  * is reported as a GenericError without taking the daemon down.
  */
 
-export type QmpErrorClass = 'GenericError' | 'CommandNotFound' | 'DeviceNotActive' | 'DeviceNotFound' | 'KVMMissingCap';
-
-export class QmpError extends Error {
-  /** Advice QEMU prints after the error on the command line (never sent over QMP). */
-  hint?: string;
-
-  constructor(readonly errorClass: QmpErrorClass, readonly desc: string) {
-    super(desc);
-    this.name = 'QmpError';
-  }
-
-  withHint(hint: string): this {
-    this.hint = hint;
-    return this;
-  }
-}
-
-export function genericError(desc: string): QmpError {
-  return new QmpError('GenericError', desc);
-}
+import { QmpError, genericError } from '../errors.js';
 
 /** Errors of the protocol layer, worded as QEMU 7.2 words them. */
 export const protocolErrors = {

@@ -6,10 +6,12 @@
  * only qmp_capabilities exists and every CommandNotFound carries the
  * negotiation hint instead.
  */
-import { QmpError, protocolErrors } from './errors.js';
-import type { CommandContext, CommandRegistry } from './command-registry.js';
-import { qdictOrder } from './json/qdict-order.js';
-import { hasMember, isJsonObject, type JsonObject, type JsonValue } from './json/value.js';
+import { QmpError } from '../errors.js';
+import { protocolErrors } from './errors.js';
+import type { CommandContext } from '../command-table.js';
+import type { CommandRegistry } from './command-registry.js';
+import { qdictOrder } from '../json/qdict-order.js';
+import { hasMember, isJsonObject, type JsonObject, type JsonValue } from '../json/value.js';
 
 export interface DispatchState {
   negotiated: boolean;

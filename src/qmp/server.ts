@@ -10,7 +10,7 @@ import type { RaisedEvent } from '../event-bus.js';
 import type { CommandRegistry } from './command-registry.js';
 import { InBandScheduler } from './in-band-scheduler.js';
 import { QmpSession } from './session.js';
-import type { JsonObject } from './json/value.js';
+import type { JsonObject } from '../json/value.js';
 import { listenStream, type AcceptConnection, type Listener } from './transports/stream-listener.js';
 import { listenWebSocket } from './transports/websocket-listener.js';
 import { serveStdio } from './transports/stdio-connection.js';

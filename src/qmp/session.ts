@@ -9,12 +9,13 @@
 import type { Logger } from 'pino';
 import type { RaisedEvent } from '../event-bus.js';
 import { protocolErrors } from './errors.js';
-import type { CommandRegistry, SessionControl } from './command-registry.js';
+import type { SessionControl } from '../command-table.js';
+import type { CommandRegistry } from './command-registry.js';
 import type { InBandScheduler, RequestQueueOwner } from './in-band-scheduler.js';
 import { dispatchRequest, isOutOfBand } from './request-dispatch.js';
-import { JsonStreamParser, type StreamItem } from './json/streamer.js';
-import { frameMessage } from './json/writer.js';
-import type { JsonObject, JsonValue } from './json/value.js';
+import { JsonStreamParser, type StreamItem } from '../json/streamer.js';
+import { frameMessage } from '../json/writer.js';
+import type { JsonObject, JsonValue } from '../json/value.js';
 
 /** What a transport offers a session: bytes out, flow control, closing. */
 export interface Connection {

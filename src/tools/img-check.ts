@@ -6,7 +6,7 @@
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { checkQcow2, readQcow2Header, type Qcow2CheckResult } from '../blockdev/drivers/qcow2/consistency-check.js';
 import { Qcow2FormatError } from '../blockdev/drivers/qcow2/format-constants.js';
-import { serialize } from '../qmp/json/writer.js';
+import { serialize } from '../json/writer.js';
 import { FORCE_SHARE_OPTION, FORMAT_OPTION, ImgError, OUTPUT_OPTION, getopt, hasOption, lastOption, outputFormat, short, usageError } from './img-args.js';
 import { formatFixed } from './img-format.js';
 import { openImage, probeImageFormat } from '../blockdev/image-session.js';

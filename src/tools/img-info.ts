@@ -6,9 +6,9 @@
 import type { ImageInfo } from '../generated/qapi-types.js';
 import { imageInfo } from '../blockdev/node-info.js';
 import { readQcow2Metadata, type BitmapEntry, type SnapshotEntry } from '../blockdev/drivers/qcow2/consistency-check.js';
-import { qdictOrder } from '../qmp/json/qdict-order.js';
-import { serialize } from '../qmp/json/writer.js';
-import type { JsonObject, JsonValue } from '../qmp/json/value.js';
+import { qdictOrder } from '../json/qdict-order.js';
+import { serialize } from '../json/writer.js';
+import type { JsonObject, JsonValue } from '../json/value.js';
 import { FORCE_SHARE_OPTION, FORMAT_OPTION, ImgError, OUTPUT_OPTION, getopt, hasOption, lastOption, outputFormat, usageError } from './img-args.js';
 import { sizeToString } from './img-format.js';
 import { combinePath, withImage } from './img-open.js';

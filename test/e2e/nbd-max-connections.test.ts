@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { TransmissionFlag } from '../../src/exports/nbd/protocol.js';
+import { TransmissionFlag } from '../../src/nbd/protocol.js';
 import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
 import { NbdRawClient } from '../helpers/nbd-raw-client.js';
 import { makeTempDir } from '../helpers/paths.js';

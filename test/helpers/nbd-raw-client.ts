@@ -18,9 +18,9 @@ import {
   OPTION_REPLY_HEADER_LENGTH,
   replyHeaderLength,
   type StatusExtent,
-} from '../../src/exports/nbd/messages.js';
-import { ChunkType, ClientFlag, Info, Option, OptionReply } from '../../src/exports/nbd/protocol.js';
-import { SocketReader } from '../../src/exports/nbd/socket-reader.js';
+} from '../../src/nbd/messages.js';
+import { ChunkType, ClientFlag, Info, Option, OptionReply } from '../../src/nbd/protocol.js';
+import { SocketReader } from '../../src/nbd/socket-reader.js';
 
 export interface OptionReplyMessage {
   option: number;

@@ -9,9 +9,9 @@ import { test } from 'node:test';
 import { loadSchema } from '../../scripts/qapi/model.js';
 import { buildValidationSchemas } from '../../scripts/qapi/validation-schema.js';
 import { ArgumentValidator } from '../../src/qmp/argument-validator.js';
-import { QmpError } from '../../src/qmp/errors.js';
-import { JsonStreamParser } from '../../src/qmp/json/streamer.js';
-import type { JsonObject } from '../../src/qmp/json/value.js';
+import { QmpError } from '../../src/errors.js';
+import { JsonStreamParser } from '../../src/json/streamer.js';
+import type { JsonObject } from '../../src/json/value.js';
 import { REPO_ROOT } from '../helpers/paths.js';
 
 const model = loadSchema(join(REPO_ROOT, 'test', 'fixtures', 'schema'));

@@ -9,8 +9,9 @@ import { EventBus } from '../../src/event-bus.js';
 import { JobRegistry } from '../../src/jobs/job-registry.js';
 import { TRANSITIONS, VERBS } from '../../src/jobs/job-state-table.js';
 import type { Job, JobKind } from '../../src/jobs/job.js';
-import { QmpError } from '../../src/qmp/errors.js';
-import { CommandRegistry, type CommandContext } from '../../src/qmp/command-registry.js';
+import { QmpError } from '../../src/errors.js';
+import type { CommandContext } from '../../src/command-table.js';
+import { CommandRegistry } from '../../src/qmp/command-registry.js';
 
 /** A block job that advances one step per tick until released, or fails when told to. */
 function steppingKind(control: { finish: boolean; fail?: string }): JobKind {

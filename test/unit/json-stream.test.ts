@@ -1,8 +1,8 @@
 /* The QMP JSON stream: QEMU's dialect, error texts, limits and number kinds. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { JsonStreamParser, type StreamItem } from '../../src/qmp/json/streamer.js';
-import { JsonFloat } from '../../src/qmp/json/value.js';
+import { JsonStreamParser, type StreamItem } from '../../src/json/streamer.js';
+import { JsonFloat } from '../../src/json/value.js';
 
 function parseAll(...chunks: (string | Buffer)[]): StreamItem[] {
   const items: StreamItem[] = [];

@@ -1,9 +1,9 @@
 /* The JSON writer: QEMU's member order, number formats, escapes and pretty form. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { formatDouble, frameMessage, serialize } from '../../src/qmp/json/writer.js';
-import { qdictOrder, tdbHash } from '../../src/qmp/json/qdict-order.js';
-import { JsonFloat } from '../../src/qmp/json/value.js';
+import { formatDouble, frameMessage, serialize } from '../../src/json/writer.js';
+import { qdictOrder, tdbHash } from '../../src/json/qdict-order.js';
+import { JsonFloat } from '../../src/json/value.js';
 
 test('members come out in QDict order, as qemu-storage-daemon writes them', () => {
   assert.deepEqual(qdictOrder(['return', 'id']), ['return', 'id']);

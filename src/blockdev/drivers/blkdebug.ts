@@ -8,7 +8,7 @@
  * events are refused rather than silently never firing.
  */
 import type { BlkdebugInjectErrorOptions, BlkdebugSetStateOptions } from '../../generated/qapi-types.js';
-import { genericError } from '../../qmp/errors.js';
+import { genericError } from '../../errors.js';
 import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import { IoError } from '../io-error.js';

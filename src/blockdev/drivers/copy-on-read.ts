@@ -4,7 +4,7 @@
  * way up, so later reads find it there. The write does not change what the
  * disk reads (QEMU's write-unchanged permission).
  */
-import { genericError } from '../../qmp/errors.js';
+import { genericError } from '../../errors.js';
 import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import type { BlockNode } from '../node.js';

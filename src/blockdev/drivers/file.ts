@@ -9,7 +9,7 @@
  * buffers, and durability is the same (data is durable after a flush).
  */
 import { open, type FileHandle } from 'node:fs/promises';
-import { genericError } from '../../qmp/errors.js';
+import { genericError } from '../../errors.js';
 import type { BlockDriver, DriverExtent, DriverState, ZeroFlags } from '../block-driver.js';
 import { IoError, describeErrno, errnoOf } from '../io-error.js';
 import { preadFull, pwriteFull } from '../native/batched-io.js';

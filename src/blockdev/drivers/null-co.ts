@@ -4,7 +4,7 @@
  * it is without read-zeroes; zeros are the safe choice). latency-ns delays
  * every request, which makes it a handy slow disk for tests.
  */
-import { genericError } from '../../qmp/errors.js';
+import { genericError } from '../../errors.js';
 import type { BlockDriver, DriverState } from '../block-driver.js';
 import { jsonFilename } from '../node-filename.js';
 

@@ -3,7 +3,7 @@
  * of them (offset, size). Without a window it passes its users' permissions
  * straight through, like a filter; with one it guards the file's size.
  */
-import { genericError } from '../../qmp/errors.js';
+import { genericError } from '../../errors.js';
 import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import { PERM_RESIZE, PERM_WRITE, defaultChildPermissions, type PermissionPair } from '../permissions.js';

@@ -4,7 +4,7 @@
  * line below, and its tests. The filters jobs insert (commit_top,
  * mirror_top) are here too but not in the schema: blockdev-add refuses them.
  */
-import { genericError } from '../../qmp/errors.js';
+import { genericError } from '../../errors.js';
 import type { BlockDriver } from '../block-driver.js';
 import { blkdebugDriver } from './blkdebug.js';
 import { commitTopDriver } from './commit-top.js';

@@ -3,7 +3,7 @@
  * group (an object created with object-add) to admit it, so several nodes
  * can share one set of I/O limits.
  */
-import { genericError } from '../../qmp/errors.js';
+import { genericError } from '../../errors.js';
 import { ThrottleGroup } from '../../objects/throttle-group.js';
 import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';

@@ -5,8 +5,8 @@
  */
 import type { BlockNode } from '../../blockdev/node.js';
 import { CONTEXT_ID } from './meta-contexts.js';
-import { encodeBlockStatusPayload, type StatusExtent } from './messages.js';
-import { AllocationFlag } from './protocol.js';
+import { encodeBlockStatusPayload, type StatusExtent } from '../../nbd/messages.js';
+import { AllocationFlag } from '../../nbd/protocol.js';
 
 /** QEMU's cap on extents in one reply chunk (1 MiB of extent data). */
 const MAX_EXTENTS = 131072;

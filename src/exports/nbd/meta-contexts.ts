@@ -5,7 +5,7 @@
  * wildcard for LIST only.
  */
 import type { NbdExport } from './nbd-export.js';
-import { CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION } from './protocol.js';
+import { CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION } from '../../nbd/protocol.js';
 
 export interface ContextSelection {
   baseAllocation: boolean;

@@ -5,7 +5,7 @@
  */
 import type { ChildEdge } from '../../blockdev/child-edge.js';
 import { BlockExport, type ExportOwner } from '../block-export.js';
-import { TransmissionFlag } from './protocol.js';
+import { TransmissionFlag } from '../../nbd/protocol.js';
 
 export interface NbdExportSettings {
   name: string;

@@ -7,12 +7,12 @@
  */
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { listenOn, removeStaleSocket } from '../../qmp/transports/stream-listener.js';
-import { ProtocolViolation } from './messages.js';
+import { listenOn, removeStaleSocket } from '../../net/socket-listener.js';
+import { ProtocolViolation } from '../../nbd/messages.js';
 import type { NbdClientHandle, NbdExport } from './nbd-export.js';
 import { HandshakeAborted, negotiate, type ExportLookup } from './server-handshake.js';
 import { ServerTransmission } from './server-transmission.js';
-import { ConnectionClosed, SocketReader } from './socket-reader.js';
+import { ConnectionClosed, SocketReader } from '../../nbd/socket-reader.js';
 
 export type NbdListenAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
 

@@ -20,11 +20,11 @@ import {
   OPTION_HEADER_LENGTH,
   ProtocolViolation,
   TrailingBytes,
-} from './messages.js';
+} from '../../nbd/messages.js';
 import { NO_CONTEXTS, selectContexts, selectedContexts, type ContextSelection } from './meta-contexts.js';
 import type { NbdExport } from './nbd-export.js';
-import { ClientFlag, Info, MAX_OPTION_LENGTH, MAX_PAYLOAD, MAX_STRING, OPTION_NAMES, Option, OptionReply } from './protocol.js';
-import type { SocketReader } from './socket-reader.js';
+import { ClientFlag, Info, MAX_OPTION_LENGTH, MAX_PAYLOAD, MAX_STRING, OPTION_NAMES, Option, OptionReply } from '../../nbd/protocol.js';
+import type { SocketReader } from '../../nbd/socket-reader.js';
 
 /** What the transmission phase needs from a finished handshake. */
 export interface NegotiatedClient {

@@ -18,7 +18,7 @@ import {
   encodeSimpleReply,
   REQUEST_HEADER_LENGTH,
   type RequestHeader,
-} from './messages.js';
+} from '../../nbd/messages.js';
 import { selectedContexts } from './meta-contexts.js';
 import type { NbdExport } from './nbd-export.js';
 import {
@@ -30,9 +30,9 @@ import {
   MAX_REQUESTS_IN_FLIGHT,
   NbdErrno,
   nbdErrorFor,
-} from './protocol.js';
+} from '../../nbd/protocol.js';
 import type { NegotiatedClient } from './server-handshake.js';
-import type { SocketReader } from './socket-reader.js';
+import type { SocketReader } from '../../nbd/socket-reader.js';
 
 /** A request refused before it ran: QEMU answers all of these with EINVAL. */
 class RequestRefused extends Error {

@@ -9,7 +9,7 @@ import type net from 'node:net';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Connection } from '../session.js';
 import type { AcceptConnection, Listener } from './stream-listener.js';
-import { describeErrno } from './stream-listener.js';
+import { describeSocketError } from '../../net/socket-listener.js';
 
 const MAX_FRAME = 8 * 1024 * 1024;
 const HEARTBEAT_MS = 30_000;
@@ -61,7 +61,7 @@ export async function listenWebSocket(host: string, port: number, accept: Accept
 
   await new Promise<void>((resolve, reject) => {
     httpServer.once('error', (error: NodeJS.ErrnoException) =>
-      reject(new Error(`Failed to bind socket to ${host}:${port}: ${describeErrno(error)}`)));
+      reject(new Error(`Failed to bind socket to ${host}:${port}: ${describeSocketError(error)}`)));
     httpServer.listen({ host, port }, resolve);
   });
   const bound = httpServer.address() as net.AddressInfo;

@@ -7,8 +7,8 @@
  */
 import type { Logger } from 'pino';
 import type { SocketAddress } from '../../../generated/qapi-types.js';
-import { SocketReader } from '../../../exports/nbd/socket-reader.js';
-import { genericError } from '../../../qmp/errors.js';
+import { SocketReader } from '../../../nbd/socket-reader.js';
+import { genericError } from '../../../errors.js';
 import { IoError } from '../../io-error.js';
 import { negotiate, type ExportInfo } from './negotiate.js';
 import { NbdSession, SessionLost } from './session.js';

@@ -5,8 +5,8 @@
  * needs, sets the request limits, and names the node as QEMU does.
  */
 import type { BlockdevOptionsNbd } from '../../../generated/qapi-types.js';
-import { MAX_PAYLOAD, MAX_STRING, TransmissionFlag } from '../../../exports/nbd/protocol.js';
-import { genericError } from '../../../qmp/errors.js';
+import { MAX_PAYLOAD, MAX_STRING, TransmissionFlag } from '../../../nbd/protocol.js';
+import { genericError } from '../../../errors.js';
 import type { BlockDriver } from '../../block-driver.js';
 import { jsonFilename } from '../../node-filename.js';
 import type { BlockNode } from '../../node.js';

@@ -5,8 +5,8 @@
  * read-modify-write under a range lock, and a flag the server did not
  * advertise is emulated or refused as QEMU's block layer does.
  */
-import { Command, CommandFlag, TransmissionFlag, AllocationFlag } from '../../../exports/nbd/protocol.js';
-import type { StatusExtent } from '../../../exports/nbd/messages.js';
+import { Command, CommandFlag, TransmissionFlag, AllocationFlag } from '../../../nbd/protocol.js';
+import type { StatusExtent } from '../../../nbd/messages.js';
 import type { DriverExtent, DriverInfo, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import { IoError } from '../../io-error.js';
 import { RangeLock } from '../../range-lock.js';

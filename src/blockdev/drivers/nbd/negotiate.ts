@@ -5,17 +5,17 @@
  * not know GO. Failures carry QEMU's texts, which blockdev-add reports.
  */
 import type { Socket } from 'node:net';
-import { genericError } from '../../../qmp/errors.js';
+import { genericError } from '../../../errors.js';
 import {
   GREETING_LENGTH, OPTION_REPLY_HEADER_LENGTH, ProtocolViolation, decodeExportDetails, decodeGreeting, decodeInfoReply,
   decodeMetaContextReply, decodeOptionReplyHeader, decodeServerReply, encodeInfoRequest, encodeMetaContextRequest, encodeOption,
   type BlockSizes, type OptionReplyHeader,
-} from '../../../exports/nbd/messages.js';
+} from '../../../nbd/messages.js';
 import {
   ClientFlag, CONTEXT_BASE_ALLOCATION, HandshakeFlag, Info, MAX_OPTION_LENGTH, Option, OPTION_NAMES, OPTION_REPLY_NAMES, OptionReply,
   isOptionError,
-} from '../../../exports/nbd/protocol.js';
-import { ConnectionClosed, type SocketReader } from '../../../exports/nbd/socket-reader.js';
+} from '../../../nbd/protocol.js';
+import { ConnectionClosed, type SocketReader } from '../../../nbd/socket-reader.js';
 
 /** What the handshake settled: the export and how to talk to it. */
 export interface ExportInfo {

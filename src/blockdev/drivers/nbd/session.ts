@@ -10,11 +10,11 @@ import type { Logger } from 'pino';
 import {
   ProtocolViolation, decodeBlockStatusPayload, decodeErrorPayload, decodeHolePayload, decodeOffset, decodeReplyHeader,
   encodeRequestHeader, replyHeaderLength, type ReplyHeader, type StatusExtent,
-} from '../../../exports/nbd/messages.js';
+} from '../../../nbd/messages.js';
 import {
   COMMAND_NAMES, ChunkType, Command, MAX_CHUNK_PAYLOAD, MAX_REQUESTS_IN_FLIGHT, chunkTypeName, errnoForNbdError, isErrorChunk,
-} from '../../../exports/nbd/protocol.js';
-import type { SocketReader } from '../../../exports/nbd/socket-reader.js';
+} from '../../../nbd/protocol.js';
+import type { SocketReader } from '../../../nbd/socket-reader.js';
 import { IoError, describeErrno } from '../../io-error.js';
 import type { ExportInfo } from './negotiate.js';
 

@@ -7,7 +7,7 @@ import { lookup } from 'node:dns/promises';
 import { readFile } from 'node:fs/promises';
 import net, { type Socket } from 'node:net';
 import type { InetSocketAddress, SocketAddress, UnixSocketAddress } from '../../../generated/qapi-types.js';
-import { genericError } from '../../../qmp/errors.js';
+import { genericError } from '../../../errors.js';
 import { describeErrno, errnoOf } from '../../io-error.js';
 
 /** getaddrinfo's messages for the failures Node reports by name. */

@@ -9,7 +9,7 @@
  * still-dirty image (repaired again on the next open) or the repaired one.
  */
 import type { ChildEdge } from '../../child-edge.js';
-import { genericError } from '../../../qmp/errors.js';
+import { genericError } from '../../../errors.js';
 import { IncompatibleFeature, REFCOUNT_TABLE_ENTRY_SIZE, REFT_OFFSET_MASK } from './format-constants.js';
 import { serializeHeader, type Qcow2Header } from './header.js';
 import { countReferences } from './consistency-check.js';

@@ -5,7 +5,7 @@
  * Qcow2Image and qcow2-writes. Table updates are cached: a flush writes them
  * back before the node flushes the file, and close writes back what is left.
  */
-import { genericError } from '../../../qmp/errors.js';
+import { genericError } from '../../../errors.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import type { ChildEdge } from '../../child-edge.js';
 import { AutoclearFeature, CompatibleFeature, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
