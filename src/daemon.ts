@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import { BlockGraph } from './blockdev/graph.js';
 import { registerBlockCommands } from './blockdev/commands.js';
 import { NodeOpener } from './blockdev/node-opener.js';
+import { nativeAddonMissing } from './blockdev/native/native-file-ops.js';
 import { EventBus } from './event-bus.js';
 import { NbdService, registerExportCommands } from './exports/commands.js';
 import { ExportRegistry } from './exports/export-registry.js';
@@ -62,6 +63,9 @@ export class Daemon {
     registerCommitCommand(this.registry, blockLayer, this.jobs);
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
+    if (nativeAddonMissing !== undefined) {
+      log.warn({ reason: nativeAddonMissing }, 'native addon not loaded: no image locking, so file nodes open only with locking=off');
+    }
     const missing = this.registry.missingHandlers();
     if (missing.length) throw new Error(`schema commands without a handler: ${missing.join(', ')}`);
   }

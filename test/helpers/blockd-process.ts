@@ -23,10 +23,12 @@ export interface StartOptions {
   /** Resolve as soon as the process starts, without waiting for readiness. */
   noWait?: boolean;
   stdin?: 'pipe' | 'ignore';
+  /** Another launcher than the repository's bin/blockd (a copy of the package elsewhere). */
+  bin?: string;
 }
 
 export function runBlockd(args: string[], options: StartOptions = {}): Promise<BlockdProcess> {
-  const child = spawn(process.execPath, [BLOCKD_BIN, ...args], {
+  const child = spawn(process.execPath, [options.bin ?? BLOCKD_BIN, ...args], {
     cwd: options.cwd,
     env: { ...process.env, BLOCKD_LOG_LEVEL: 'info', ...options.env },
     stdio: [options.stdin ?? 'ignore', 'pipe', 'pipe'],

@@ -13,7 +13,7 @@ import { genericError } from '../../errors.js';
 import type { BlockDriver, DriverExtent, DriverState, ZeroFlags } from '../block-driver.js';
 import { IoError, describeErrno, errnoOf } from '../io-error.js';
 import { preadFull, pwriteFull } from '../native/batched-io.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, nativeFileOps } from '../native/native-file-ops.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, nativeAddonMissing, nativeFileOps } from '../native/native-file-ops.js';
 import { permissionNames, type PermissionPair } from '../permissions.js';
 
 interface FileOptions {
@@ -218,6 +218,10 @@ export const fileDriver: BlockDriver<FileOptions> = {
     if (options.aio === 'native' && !node.settings.cacheDirect) {
       throw genericError('aio=native was specified, but it requires cache.direct=on, which was not specified.');
     }
+    // Never silently weaker than QEMU: without the addon there are no OFD locks, so only locking=off opens.
+    if (options.locking !== 'off' && nativeAddonMissing !== undefined) {
+      throw genericError(`Could not open '${options.filename}': image locking is unavailable (${nativeAddonMissing}); use locking=off to open the image without locks`);
+    }
     let handle: FileHandle;
     try {
       handle = await openFile(options.filename, !node.readOnly);
@@ -230,9 +234,7 @@ export const fileDriver: BlockDriver<FileOptions> = {
     try {
       const stats = await handle.stat();
       if (!stats.isFile()) throw genericError(`'file' driver requires '${options.filename}' to be a regular file`);
-      const locking = options.locking !== 'off' && nativeFileOps.native;
-      if (options.locking === 'on' && !nativeFileOps.native) context.log.warn('image locking is unavailable (no native module); the image is not locked');
-      return new FileState(handle, options.filename, stats.size, locking);
+      return new FileState(handle, options.filename, stats.size, options.locking !== 'off');
     } catch (error) {
       await handle.close();
       throw error;

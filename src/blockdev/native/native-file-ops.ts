@@ -2,7 +2,8 @@
  * The file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks,
  * sync_file_range, batched pwrite),
  * from blockd's native addon (native/, built at npm install) or, when it cannot be loaded,
- * from a pure-JS fallback: everything is data, no fallocate, no locking.
+ * from a pure-JS fallback: everything is data, no fallocate, no locking (so nodes that
+ * want image locks refuse to open: see drivers/file.ts).
  */
 import { existsSync, fstat } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -72,13 +73,16 @@ function repoRoot(dir: string): string | null {
   return parent === dir ? null : repoRoot(parent);
 }
 
-function loadAddon(): Addon | null {
+/** The addon, or why it could not be loaded (not built: install scripts skipped, no compiler). */
+function loadAddon(): { addon: Addon } | { missing: string } {
   const root = repoRoot(dirname(fileURLToPath(import.meta.url)));
-  if (root === null) return null;
+  if (root === null) return { missing: 'no package root above the module' };
+  const path = join(root, 'native/build/Release/blockd_native.node');
+  if (!existsSync(path)) return { missing: `${path} is not built (npm ci needs python3, make and a C compiler, and must run install scripts)` };
   try {
-    return createRequire(import.meta.url)(join(root, 'native/build/Release/blockd_native.node')) as Addon;
-  } catch {
-    return null; // not built (install scripts skipped, no compiler): the fallback serves
+    return { addon: createRequire(import.meta.url)(path) as Addon };
+  } catch (error) {
+    return { missing: `${path} does not load: ${(error as Error).message}` };
   }
 }
 
@@ -99,6 +103,9 @@ function addonFileOps(addon: Addon): NativeFileOps {
   };
 }
 
-const addon = loadAddon();
+const loaded = loadAddon();
 
-export const nativeFileOps: NativeFileOps = addon ? addonFileOps(addon) : fallbackFileOps();
+export const nativeFileOps: NativeFileOps = 'addon' in loaded ? addonFileOps(loaded.addon) : fallbackFileOps();
+
+/** Why the fallback serves (undefined when the addon loaded): said once at start-up and in every refusal to lock. */
+export const nativeAddonMissing: string | undefined = 'missing' in loaded ? loaded.missing : undefined;
