@@ -103,24 +103,31 @@ export function parseMonitor(text: string): MonitorSpec {
   return { chardev, pretty };
 }
 
-/** --qmp unix:PATH | tcp:HOST:PORT | ws:HOST:PORT, optionally followed by ",pretty=on". */
+/**
+ * --qmp unix:PATH | tcp:HOST:PORT | ws:HOST:PORT, optionally followed by ",pretty=on" and, for
+ * ws:, ",origin=ORIGIN" (repeatable): the web origins whose pages may open the WebSocket.
+ */
 export function parseQmpAddress(text: string): { address: MonitorAddress; pretty: boolean } {
   let spec = text;
   let pretty = false;
-  const comma = text.lastIndexOf(',pretty=');
-  if (comma >= 0) {
-    pretty = parseOnOff(text.slice(comma + ',pretty='.length), 'pretty');
-    spec = text.slice(0, comma);
+  const origins: string[] = [];
+  // Options are taken off the end, so a UNIX path may still hold commas.
+  for (let match; (match = /,(pretty|origin)=([^,]*)$/.exec(spec)); spec = spec.slice(0, match.index)) {
+    if (match[1] === 'pretty') pretty = parseOnOff(match[2]!, 'pretty');
+    else if (match[2]) origins.unshift(match[2]);
+    else throw new CliError('origin= needs a value such as http://localhost:8080');
   }
   const colon = spec.indexOf(':');
   const scheme = spec.slice(0, colon);
   const rest = spec.slice(colon + 1);
+  if (origins.length && scheme !== 'ws') throw new CliError('origin= is only for ws: monitors');
   if (colon > 0 && scheme === 'unix' && rest) return { address: { type: 'unix', path: resolve(rest) }, pretty };
   if (colon > 0 && (scheme === 'tcp' || scheme === 'ws')) {
     const match = /^(\[[^\]]+\]|[^:]*):([0-9]+)$/.exec(rest);
     if (match) {
       const host = match[1]!.replace(/^\[|\]$/g, '') || '127.0.0.1';
-      return { address: { type: scheme, host, port: parsePort(match[2]!) }, pretty };
+      const port = parsePort(match[2]!);
+      return { address: scheme === 'ws' ? { type: 'ws', host, port, origins } : { type: 'tcp', host, port }, pretty };
     }
   }
   throw new CliError('expected unix:PATH, tcp:HOST:PORT or ws:HOST:PORT');

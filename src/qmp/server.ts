@@ -18,7 +18,8 @@ import { serveStdio } from './transports/stdio-connection.js';
 export type MonitorAddress =
   | { type: 'unix'; path: string }
   | { type: 'tcp'; host: string; port: number }
-  | { type: 'ws'; host: string; port: number }
+  /** origins: the web origins allowed to open it (a handshake without an Origin header is a non-browser client). */
+  | { type: 'ws'; host: string; port: number; origins?: string[] }
   | { type: 'stdio' };
 
 export interface MonitorOptions {
@@ -54,7 +55,7 @@ export class QmpServer {
     switch (address.type) {
       case 'unix': listener = await listenStream({ type: 'unix', path: address.path }, accept); break;
       case 'tcp': listener = await listenStream({ type: 'tcp', host: address.host, port: address.port }, accept); break;
-      case 'ws': listener = await listenWebSocket(address.host, address.port, accept); break;
+      case 'ws': listener = await listenWebSocket(address, accept, this.log); break;
       case 'stdio': listener = serveStdio(accept); break;
     }
     this.listeners.push(listener);

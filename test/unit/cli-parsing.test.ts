@@ -53,7 +53,11 @@ test('chardev and monitor options', () => {
 test('--qmp short forms', () => {
   assert.deepEqual(parseQmpAddress('unix:/run/b.sock'), { address: { type: 'unix', path: '/run/b.sock' }, pretty: false });
   assert.deepEqual(parseQmpAddress('tcp:127.0.0.1:0'), { address: { type: 'tcp', host: '127.0.0.1', port: 0 }, pretty: false });
-  assert.deepEqual(parseQmpAddress('ws:[::1]:8080,pretty=on'), { address: { type: 'ws', host: '::1', port: 8080 }, pretty: true });
+  assert.deepEqual(parseQmpAddress('ws:[::1]:8080,pretty=on'), { address: { type: 'ws', host: '::1', port: 8080, origins: [] }, pretty: true });
+  assert.deepEqual(parseQmpAddress('ws::8080,origin=http://localhost:3000,pretty=on,origin=https://ui.example'),
+    { address: { type: 'ws', host: '127.0.0.1', port: 8080, origins: ['http://localhost:3000', 'https://ui.example'] }, pretty: true });
+  assert.throws(() => parseQmpAddress('tcp::4444,origin=http://a'), /origin= is only for ws: monitors/);
+  assert.throws(() => parseQmpAddress('ws::4444,origin='), /origin= needs a value/);
   assert.deepEqual(parseQmpAddress('tcp::4444').address, { type: 'tcp', host: '127.0.0.1', port: 4444 });
   assert.throws(() => parseQmpAddress('http:x'), /expected unix:PATH/);
 });

@@ -2,10 +2,12 @@
  * QMP over WebSocket: one QMP message per text frame in both directions, with
  * the same session semantics as a stream socket (greeting first, negotiation,
  * CRLF-terminated messages). Dead peers are found with ping/pong and dropped;
- * compression is off and frames are capped so one client cannot exhaust memory.
+ * compression is off and frames are capped so one client cannot exhaust memory;
+ * web pages are refused unless their origin is allowed.
  */
 import http from 'node:http';
 import type net from 'node:net';
+import type { Logger } from 'pino';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Connection } from '../session.js';
 import type { AcceptConnection, Listener } from './stream-listener.js';
@@ -26,7 +28,24 @@ function websocketConnection(socket: WebSocket, description: string): Connection
   };
 }
 
-export async function listenWebSocket(host: string, port: number, accept: AcceptConnection): Promise<Listener> {
+/**
+ * Browsers send the page's origin with every WebSocket handshake, and any page open on the
+ * host could otherwise drive the daemon; other clients send none. So a handshake with an
+ * Origin is accepted only when it is one of the allowed origins.
+ */
+function originAllowed(origin: string | undefined, allowed: readonly string[]): boolean {
+  return origin === undefined || allowed.some((entry) => entry.toLowerCase() === origin.toLowerCase());
+}
+
+function refuse(socket: net.Socket, status: string): void {
+  socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n${status}: origin not allowed\n`);
+}
+
+export async function listenWebSocket(
+  { host, port, origins = [] }: { host: string; port: number; origins?: readonly string[] },
+  accept: AcceptConnection,
+  log: Logger,
+): Promise<Listener> {
   const httpServer = http.createServer((_request, response) => {
     response.writeHead(426, { 'content-type': 'text/plain' }).end('QMP over WebSocket: connect with a WebSocket client\n');
   });
@@ -34,6 +53,11 @@ export async function listenWebSocket(host: string, port: number, accept: Accept
   const alive = new WeakMap<WebSocket, boolean>();
 
   httpServer.on('upgrade', (request, socket, head) => {
+    if (!originAllowed(request.headers.origin, origins)) {
+      log.warn({ origin: request.headers.origin, peer: request.socket.remoteAddress }, 'WebSocket handshake refused: origin not allowed');
+      refuse(socket as net.Socket, '403 Forbidden');
+      return;
+    }
     wss.handleUpgrade(request, socket as net.Socket, head, (ws) => {
       const peer = `ws:${request.socket.remoteAddress}:${request.socket.remotePort}`;
       const handlers = accept(websocketConnection(ws, peer));
