@@ -1,18 +1,23 @@
 /*
- * The NBD server: one listening socket (UNIX or TCP), the exports by name,
- * and the connections. With max-connections set, clients beyond the limit
+ * The NBD server: one listening socket (UNIX, created 0600, or TCP), the exports
+ * by name, and the connections. With max-connections set, clients beyond the limit
  * wait before the greeting until a slot frees, as they wait in QEMU's listen
- * backlog. Each connection runs the handshake, then transmission; whatever a
- * client does wrong ends that connection only.
+ * backlog, which holds max-connections of them: more are dropped at once. Each
+ * connection runs the handshake, which must end within 10 s (QEMU 8.2's default
+ * handshake limit), then transmission; whatever a client does wrong ends that
+ * connection only.
  */
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { listenOn, removeStaleSocket } from '../../net/socket-listener.js';
+import { listenOn, listenUnixPrivate } from '../../net/socket-listener.js';
 import { ProtocolViolation } from '../../nbd/messages.js';
 import type { NbdClientHandle, NbdExport } from './nbd-export.js';
 import { HandshakeAborted, negotiate, type ExportLookup } from './server-handshake.js';
 import { ServerTransmission } from './server-transmission.js';
 import { ConnectionClosed, SocketReader } from '../../nbd/socket-reader.js';
+
+/** A client that has not finished its handshake by then is dropped: it would hold a slot forever. */
+const HANDSHAKE_LIMIT_MS = 10_000;
 
 export type NbdListenAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
 
@@ -30,8 +35,7 @@ export class NbdServer implements ExportLookup {
     const server = net.createServer({ allowHalfOpen: false, noDelay: true });
     let description: string;
     if (address.type === 'unix') {
-      await removeStaleSocket(address.path);
-      await listenOn(server, { path: address.path });
+      await listenUnixPrivate(server, address.path);
       description = `unix:${address.path}`;
     } else {
       await listenOn(server, { host: address.host, port: address.port });
@@ -68,6 +72,11 @@ export class NbdServer implements ExportLookup {
       if (index >= 0) this.waiting.splice(index, 1);
     });
     if (this.maxConnections > 0 && this.active >= this.maxConnections) {
+      if (this.waiting.length >= this.maxConnections) {
+        this.log.warn('NBD connection dropped: max-connections reached and the backlog is full');
+        socket.destroy();
+        return;
+      }
       this.waiting.push(socket);
       return;
     }
@@ -88,8 +97,12 @@ export class NbdServer implements ExportLookup {
     const reader = new SocketReader(socket);
     let handle: NbdClientHandle | undefined;
     let exported: NbdExport | undefined;
+    const handshakeLimit = setTimeout(() => {
+      log.warn('NBD client dropped: handshake not finished within 10 s');
+      socket.destroy();
+    }, HANDSHAKE_LIMIT_MS);
     try {
-      const client = await negotiate(socket, reader, this);
+      const client = await negotiate(socket, reader, this).finally(() => clearTimeout(handshakeLimit));
       if (!client) return;
       exported = client.exported;
       handle = { disconnect: () => socket.destroy() };

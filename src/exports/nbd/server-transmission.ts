@@ -34,6 +34,9 @@ import {
 import type { NegotiatedClient } from './server-handshake.js';
 import type { SocketReader } from '../../nbd/socket-reader.js';
 
+/** The most one NBD_CMD_CACHE holds in memory at a time. */
+const CACHE_CHUNK = 1 << 20;
+
 /** A request refused before it ran: QEMU answers all of these with EINVAL. */
 class RequestRefused extends Error {
   constructor(message: string, readonly error: number = NbdErrno.EINVAL) {
@@ -149,9 +152,8 @@ export class ServerTransmission {
           if (fua) await edge.flush();
           break;
         case Command.CACHE:
-          // A prefetch hint: reading warms the host cache and surfaces errors.
           failure = 'caching data failed';
-          if (request.length) await edge.read(request.offset, Buffer.allocUnsafe(request.length));
+          await this.prefetch(request.offset, request.length);
           break;
         case Command.BLOCK_STATUS:
           failure = "can't get block status";
@@ -165,6 +167,23 @@ export class ServerTransmission {
       const code = errnoOf(error);
       this.log.debug({ err: error, type: request.type, offset: request.offset, length: request.length }, 'NBD request failed');
       this.sendError(request, nbdErrorFor(code), failure);
+    }
+  }
+
+  /**
+   * NBD_CMD_CACHE, a prefetch hint: reading warms the host cache and surfaces errors. It reads
+   * through one pooled buffer of at most CACHE_CHUNK, so a client asking to cache 32 MiB at a
+   * time on every slot cannot make the daemon allocate that much.
+   */
+  private async prefetch(offset: number, length: number): Promise<void> {
+    if (length === 0) return;
+    const lease = ioBuffers.acquire(Math.min(length, CACHE_CHUNK));
+    try {
+      for (let done = 0; done < length; done += lease.buffer.length) {
+        await this.exported.edge.read(offset + done, lease.buffer.subarray(0, Math.min(lease.buffer.length, length - done)));
+      }
+    } finally {
+      lease.release();
     }
   }
 
