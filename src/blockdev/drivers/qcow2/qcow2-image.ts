@@ -5,9 +5,7 @@
  * reads and in-place writes, exclusive for anything that changes a mapping),
  * so a cluster is never freed or reused while a request still uses it.
  */
-import { promisify } from 'node:util';
 import type { Logger } from 'pino';
-import { inflateRaw } from 'node:zlib';
 import type { ChildEdge } from '../../child-edge.js';
 import { FlushCoalescer } from '../../flush-coalescer.js';
 import { IoError } from '../../io-error.js';
@@ -18,8 +16,7 @@ import { ClusterTables, type MappedCluster } from './cluster-tables.js';
 import { IncompatibleFeature, Qcow2FormatError } from './format-constants.js';
 import { serializeHeader, type Qcow2Header } from './header.js';
 import { Refcounts } from './refcounts.js';
-
-const inflate = promisify(inflateRaw);
+import { inflateAtMost } from './inflate.js';
 
 /** One run of guest clusters with the same kind of mapping. */
 export interface MappedRun {
@@ -263,12 +260,11 @@ export class Qcow2Image {
     await this.file.read(hostOffset, stream);
     let cluster: Buffer;
     try {
-      cluster = await inflate(stream, { finishFlush: 2 /* Z_SYNC_FLUSH: the stream may be followed by other data */ });
+      cluster = await inflateAtMost(stream, this.clusterSize);
     } catch {
       this.corrupt(`Compressed cluster at ${hostOffset} does not inflate`);
     }
     if (cluster.length < this.clusterSize) this.corrupt(`Compressed cluster at ${hostOffset} inflates to ${cluster.length} bytes`);
-    cluster = cluster.subarray(0, this.clusterSize);
     if (this.inflated.size >= 8) this.inflated.delete(this.inflated.keys().next().value!);
     this.inflated.set(mapping.raw, cluster);
     return cluster;
