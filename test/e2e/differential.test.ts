@@ -38,7 +38,7 @@ async function transcript(address: string, extraSteps: { send: string; replies: 
     connection.send(step.send);
     for (const line of await connection.readLines(step.replies)) lines.push(normaliseVersion(line));
   }
-  await connection.expectSilence(300);
+  await connection.expectNothingMore();
   connection.end();
   return lines;
 }

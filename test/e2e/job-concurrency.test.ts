@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { verdictOf, type BlockOperation, type HeldRole } from '../../src/opblockers/op-blockers.js';
 import { differentialPeers } from '../helpers/differential-peers.js';
-import { describeDifferences, runTranscript, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { describeDifferences, runTranscript, untilBlockJobGone, untilBlockJobIdle, untilBlockJobsRest, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, runQemuImg, SeededRandom, testSeeds } from '../helpers/qemu-tools.js';
 
 const LAYERS = ['i0', 'i1', 'i2', 'i3', 'i4'] as const;
@@ -189,20 +189,20 @@ function cellSteps(cell: Cell): { before: TranscriptStep[]; request: TranscriptS
     before: [
       ...LAYERS.map(add),
       { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `c${cell.index}-ov`, file: file('ov'), backing: null } },
-      ...(start ? [start, { pause: 150 }] : []),
+      ...(start ? [start, untilBlockJobIdle('A')] : []),
     ],
     request: cell.requested.command(cell.x, p, cell.index),
     after: [
-      ...(runsToItsEnd ? [{ awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id: 'B', status: 'null' } } }] : []),
-      { pause: 150 },
+      ...(runsToItsEnd ? [untilJob('B', 'null')] : []),
+      untilBlockJobsRest,
       { execute: 'block-job-set-speed', arguments: { device: 'A', speed: 0 } },
-      { pause: 400 },
+      untilBlockJobsRest,
       { execute: 'job-complete', arguments: { id: 'A' } },
-      { pause: 250 },
+      untilBlockJobGone('A'),
       { execute: 'job-complete', arguments: { id: 'B' } },
-      { pause: 300 },
+      untilBlockJobGone('B'),
       { execute: 'query-jobs' },
-      ...(cell.requested.name === 'export' ? [{ execute: 'block-export-del', arguments: { id: `e${cell.index}` } }, { pause: 100 }] : []),
+      ...(cell.requested.name === 'export' ? [{ execute: 'block-export-del', arguments: { id: `e${cell.index}` } }] : []),
     ],
   };
 }

@@ -9,19 +9,18 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { differentialPeers } from '../helpers/differential-peers.js';
-import { runTranscript, transcriptDifferences, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { runTranscript, transcriptDifferences, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 import { assertCheckClean } from '../helpers/qemu-tools.js';
 
 const peers = differentialPeers();
 
 const create = (id: string, options: object) => ({ execute: 'blockdev-create', arguments: { 'job-id': id, options } });
-const settle: TranscriptStep = { pause: 250 };
 
 const STEPS: TranscriptStep[] = [
   { execute: 'query-jobs' },
   { execute: 'query-block-jobs' },
   create('c1', { driver: 'file', filename: '$DIR/disk.qcow2', size: 0 }),
-  settle,
+  untilJob('c1', 'concluded'),
   { execute: 'query-jobs' },
   { execute: 'query-block-jobs' },
   create('c1', { driver: 'file', filename: '$DIR/other', size: 0 }),
@@ -35,52 +34,48 @@ const STEPS: TranscriptStep[] = [
   { execute: 'block-job-set-speed', arguments: { device: 'c1', speed: 1 } },
   { execute: 'job-dismiss', arguments: { id: 'nosuch' } },
   { execute: 'job-dismiss', arguments: { id: 'c1' } },
-  settle,
   { execute: 'query-jobs' },
   create('1x', { driver: 'file', filename: '$DIR/x', size: 0 }),
   create('', { driver: 'file', filename: '$DIR/x', size: 0 }),
   create('c2', { driver: 'raw', file: 'nothing' }),
   create('c2', { driver: 'null-co' }),
   create('c2', { driver: 'file', filename: '$DIR/nodir/x', size: 0 }),
-  settle,
+  untilJob('c2', 'concluded'),
   { execute: 'query-jobs' },
   { execute: 'job-dismiss', arguments: { id: 'c2' } },
-  settle,
   { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'f', filename: '$DIR/disk.qcow2' } },
   create('c3', { driver: 'qcow2', file: 'f', size: 67108864 }),
-  settle,
+  untilJob('c3', 'concluded'),
   { execute: 'job-dismiss', arguments: { id: 'c3' } },
   create('c4', { driver: 'qcow2', file: 'nosuch', size: 67108864 }),
-  settle,
+  untilJob('c4', 'concluded'),
   { execute: 'query-jobs' },
   { execute: 'job-dismiss', arguments: { id: 'c4' } },
   create('c5', { driver: 'qcow2', file: 'f', size: 67108864, 'cluster-size': 1000 }),
-  settle,
+  untilJob('c5', 'concluded'),
   { execute: 'query-jobs' },
   { execute: 'job-dismiss', arguments: { id: 'c5' } },
   { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'q', file: 'f' } },
   create('c6', { driver: 'qcow2', file: 'f', size: 1048576 }),
-  settle,
+  untilJob('c6', 'concluded'),
   { execute: 'query-jobs' },
   { execute: 'job-dismiss', arguments: { id: 'c6' } },
-  settle,
   { execute: 'blockdev-del', arguments: { 'node-name': 'q' } },
   create('c7', { driver: 'file', filename: '$DIR/small.qcow2', size: 0 }),
-  settle,
+  untilJob('c7', 'concluded'),
   { execute: 'job-dismiss', arguments: { id: 'c7' } },
   create('c8', { driver: 'qcow2', file: { driver: 'file', filename: '$DIR/small.qcow2' }, size: 1048576, 'cluster-size': 4096, 'refcount-bits': 8, 'lazy-refcounts': true, 'backing-file': 'disk.qcow2', 'backing-fmt': 'qcow2' }),
-  settle,
+  untilJob('c8', 'concluded'),
   { execute: 'job-dismiss', arguments: { id: 'c8' } },
   create('c9', { driver: 'file', filename: '$DIR/prealloc.raw', size: 1048576, preallocation: 'full' }),
-  settle,
+  untilJob('c9', 'concluded'),
   { execute: 'job-dismiss', arguments: { id: 'c9' } },
   create('c10', { driver: 'file', filename: '$DIR/meta.qcow2', size: 0 }),
-  settle,
+  untilJob('c10', 'concluded'),
   { execute: 'job-dismiss', arguments: { id: 'c10' } },
   create('c11', { driver: 'qcow2', file: { driver: 'file', filename: '$DIR/meta.qcow2' }, size: 8388608, 'cluster-size': 4096, preallocation: 'metadata' }),
-  settle,
+  untilJob('c11', 'concluded'),
   { execute: 'job-dismiss', arguments: { id: 'c11' } },
-  settle,
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
 ];
 

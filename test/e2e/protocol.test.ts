@@ -56,7 +56,7 @@ for (const transport of ['unix', 'tcp', 'ws']) {
       assert.equal(await connection.readLine(), `{"QMP": {"version": ${version}, "capabilities": ["oob"]}}`);
       await replay(connection, NEGOTIATION_STEPS);
       await replay(connection, COMMAND_MODE_STEPS);
-      await connection.expectSilence();
+      await connection.expectNothingMore();
       connection.end();
     });
 

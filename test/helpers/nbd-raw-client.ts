@@ -19,7 +19,7 @@ import {
   replyHeaderLength,
   type StatusExtent,
 } from '../../src/nbd/messages.js';
-import { ChunkType, ClientFlag, Info, Option, OptionReply } from '../../src/nbd/protocol.js';
+import { ChunkType, ClientFlag, Command, Info, Option, OptionReply } from '../../src/nbd/protocol.js';
 import { SocketReader } from '../../src/nbd/socket-reader.js';
 
 export interface OptionReplyMessage {
@@ -51,6 +51,7 @@ export class NbdRawClient {
 
   private constructor(readonly socket: net.Socket) {
     this.reader = new SocketReader(socket);
+    socket.on('error', () => {}); // a reset by the server shows as the close a test waits for
   }
 
   /** Connects and reads the greeting; nothing is sent yet. */
@@ -170,5 +171,11 @@ export class NbdRawClient {
 
   close(): void {
     this.socket.destroy();
+  }
+
+  /** Leaves as a client should (NBD_CMD_DISC) and resolves once the server has closed the connection. */
+  async disconnect(): Promise<void> {
+    if (this.socket.writable) this.request(Command.DISC, 0, 0);
+    await this.closed();
   }
 }

@@ -2,8 +2,9 @@
  * Runs a QMP script and records what comes back (replies and events, in wire
  * order) with directories, timestamps and generated node names normalised, so
  * differential tests can compare blockd's transcript with qemu-storage-daemon's.
- * Steps are commands, pauses (then the events that arrived are recorded), or
- * actions of the test's own (an NBD client connecting, say) that log a line.
+ * Steps are commands, waits for an event or for a polled state (never for a
+ * time: the events that arrive meanwhile are recorded), or actions of the
+ * test's own (an NBD client connecting, say) that log a line.
  */
 import { RawConnection } from './raw-connection.js';
 
@@ -13,7 +14,58 @@ export interface AwaitedEvent {
   data: Record<string, unknown>;
 }
 
-export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent };
+/** A query repeated until its result shows a state; its replies are not recorded (their number depends on timing). */
+export interface PolledState {
+  /** What is waited for, for the error when it never comes. */
+  what: string;
+  execute: string;
+  arguments?: object;
+  holds: (result: unknown) => boolean;
+}
+
+export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { poll: PolledState };
+
+/** Waits until query-block-jobs shows the job in a state (e.g. a rate-limited job idle after its first chunk). */
+export function untilBlockJob(device: string, holds: (job: { offset: number; busy: boolean; status: string }) => boolean): TranscriptStep {
+  return {
+    poll: {
+      what: `block job ${device} in the awaited state`,
+      execute: 'query-block-jobs',
+      holds: (jobs) => (jobs as { device: string; offset: number; busy: boolean; status: string }[]).some((job) => job.device === device && holds(job)),
+    },
+  };
+}
+
+/** A rate-limited job has copied its first chunk and sleeps. */
+export function untilBlockJobIdle(device: string): TranscriptStep {
+  return untilBlockJob(device, (job) => job.offset > 0 && !job.busy);
+}
+
+/** The block job has ended (or never started): query-block-jobs no longer lists it. */
+export function untilBlockJobGone(device: string): TranscriptStep {
+  return {
+    poll: {
+      what: `block job ${device} gone`,
+      execute: 'query-block-jobs',
+      holds: (jobs) => !(jobs as { device: string }[]).some((job) => job.device === device),
+    },
+  };
+}
+
+/** Every block job is READY or sleeps under a speed limit after some progress; the others have ended. */
+export const untilBlockJobsRest: TranscriptStep = {
+  poll: {
+    what: 'every block job at rest',
+    execute: 'query-block-jobs',
+    holds: (jobs) => (jobs as { status: string; speed: number; busy: boolean; offset: number }[])
+      .every((job) => job.status === 'ready' || (job.speed > 0 && !job.busy && job.offset > 0)),
+  },
+};
+
+/** Waits for a job's status change (its last event of a phase, so later ones cannot race the next reply). */
+export function untilJob(id: string, status: string): TranscriptStep {
+  return { awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id, status } } };
+}
 
 function isAwaited(line: string, awaited: AwaitedEvent): boolean {
   const message = JSON.parse(line) as { event?: string; data?: Record<string, unknown> };
@@ -23,9 +75,15 @@ function isAwaited(line: string, awaited: AwaitedEvent): boolean {
 export async function runTranscript(socket: string, dir: string, steps: readonly TranscriptStep[], normalise: (line: string) => string = (line) => line): Promise<string[]> {
   const connection = await RawConnection.negotiated(socket);
   const transcript: string[] = [];
-  const record = (line: string) => transcript.push(normalise(
-    line.replaceAll(dir, '$DIR').replace(/"timestamp": \{[^}]*\}/, '"timestamp": {}').replace(/#block\d+/g, '#blockN'),
-  ));
+  /** Lines as received, and how far awaited events have been looked for in them. */
+  const received: string[] = [];
+  let searchedUpTo = 0;
+  const record = (line: string) => {
+    received.push(line);
+    transcript.push(normalise(
+      line.replaceAll(dir, '$DIR').replace(/"timestamp": \{[^}]*\}/, '"timestamp": {}').replace(/#block\d+/g, '#blockN'),
+    ));
+  };
   for (const step of steps) {
     if ('pause' in step) {
       await new Promise((resolve) => setTimeout(resolve, step.pause));
@@ -36,15 +94,28 @@ export async function runTranscript(socket: string, dir: string, steps: readonly
           break;
         }
       }
+    } else if ('poll' in step) {
+      const { what, execute, arguments: args, holds } = step.poll;
+      for (let tries = 0; ; tries++) {
+        connection.send(JSON.stringify({ execute, ...(args ? { arguments: args } : {}) }));
+        let line: string;
+        while ((line = await connection.readLine(10_000)).startsWith('{"timestamp"')) record(line);
+        if (holds((JSON.parse(line) as { return?: unknown }).return)) break;
+        if (tries > 3000) throw new Error(`${what} never came; the last answer to ${execute}: ${line}`);
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
     } else if ('action' in step) {
       transcript.push(await step.action(dir));
     } else if ('awaitEvent' in step) {
-      // Events up to the awaited one, however long the job takes on this machine.
-      for (;;) {
+      // Events up to the awaited one, however long the job takes on this machine; it may
+      // already have come before the reply of the command that caused it.
+      let found = received.findIndex((line, index) => index >= searchedUpTo && isAwaited(line, step.awaitEvent));
+      while (found < 0) {
         const line = await connection.readLine(30_000);
         record(line);
-        if (isAwaited(line, step.awaitEvent)) break;
+        if (isAwaited(line, step.awaitEvent)) found = received.length - 1;
       }
+      searchedUpTo = found + 1;
     } else {
       connection.send(JSON.stringify(step).replaceAll('$DIR', dir));
       for (;;) {

@@ -102,10 +102,14 @@ export class RawConnection {
     return lines;
   }
 
-  /** Asserts nothing more arrives within the given time. */
-  async expectSilence(ms = 200): Promise<void> {
-    await new Promise((resolve) => setTimeout(resolve, ms));
-    if (this.lines.length) throw new Error(`unexpected message: ${this.lines[0]}`);
+  /**
+   * Asserts that the server has nothing more to say: the reply to a marker request must be the
+   * next line, since whatever the server still had to send (a stray reply, an event) comes first.
+   */
+  async expectNothingMore(): Promise<void> {
+    this.send('{"execute": "query-version", "id": "nothing-more"}');
+    const line = await this.readLine();
+    if (!line.includes('"id": "nothing-more"')) throw new Error(`unexpected message: ${line}`);
   }
 
   /** Waits until the peer closes the connection. */

@@ -135,7 +135,6 @@ test('ofdTestConflict sees other open file descriptions, ours and QEMU\'s, never
     const qemuIo = spawn('qemu-io', ['-f', 'raw', '-c', 'sleep 3000', path], { stdio: 'ignore' });
     const exited = once(qemuIo, 'exit');
     try {
-      await sleep(400);
       await eventually(() => ops.ofdTestConflict(first.fd, 100, 1), 'qemu-io holds byte 100');
     } finally {
       qemuIo.kill();

@@ -64,7 +64,7 @@ test('events go to every negotiated client, on every transport, and never to a n
   assert.equal(await unixClient.readLine(), expected);
   assert.equal(await wsClient.readLine(), expected);
   assert.equal(await tcpClient.readLine(), expected);
-  await negotiating.expectSilence(100);
+  await negotiating.expectNothingMore();
   server.broadcast({ event: 'NO_DATA', data: undefined, timestamp: { seconds: 1, microseconds: 2 } });
   assert.equal(await unixClient.readLine(), '{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "NO_DATA"}');
   negotiating.send('{"execute":"qmp_capabilities"}');
