@@ -105,6 +105,8 @@ export interface OpenContext {
   openChild(optionsKey: string, request: ChildRequest): Promise<ChildEdge>;
   /** A user-created object by id (object-add / --object), e.g. a throttle group. */
   findObject(id: string): unknown;
+  /** A node of the graph by name (QEMU's bdrv_find_node), for options that name a node which is not a child. */
+  findNode(name: string): BlockNode | undefined;
   /** Opens a backing file named by an image header: read-only, generated node name, not monitor-owned. */
   openBackingFromImage?(filename: string, format: string | undefined, request: ChildRequest): Promise<ChildEdge>;
 }

@@ -26,7 +26,8 @@ export class JobRegistry {
   /**
    * Creates a job, sets it up and starts it, as QEMU's block_job_create and job_start: the
    * job exists (and says so) before its speed is checked, and a set-up that fails is undone
-   * and the job goes again (job_early_fail).
+   * and the job goes again (job_early_fail). Resolves at the job's startup: a job that ends
+   * before its first real I/O (a stream with nothing to copy) has sent all its events by then.
    */
   async launch(kind: JobKind, options: JobOptions & { speed: number }, setUp: (job: Job) => Promise<void>, undo: () => Promise<void>): Promise<void> {
     const job = this.create(kind, options);
@@ -40,6 +41,7 @@ export class JobRegistry {
       throw error instanceof QmpError ? error : genericError((error as Error).message);
     }
     job.begin();
+    await job.startup;
   }
 
   create(kind: JobKind, options: JobOptions): Job {

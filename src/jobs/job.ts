@@ -168,11 +168,11 @@ export class Job {
     }
     this.executing = false;
     if (failure !== undefined || this.cancelled) return this.fail(this.cancelled ? new JobCancelled() : failure);
-    this.startupDone();
     this.transition('waiting');
     this.transition('pending');
     if (!this.autoFinalize) {
       if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+      this.startupDone();
       return;
     }
     await this.finalize();

@@ -68,8 +68,10 @@ class StreamJob implements JobKind {
   async run(job: Job): Promise<void> {
     const { top, bottom } = this.plan;
     const active = this.active!;
+    // Nothing between the top and the base (no backing file, or the base is the top's backing):
+    // as in QEMU the job ends at once, with length 0, before the command's reply.
+    if (top === bottom) return;
     job.startupReached();
-    if (top === bottom) return; // nothing between top and base
     const backing = top.backing()?.child;
     const endSerialising = top.beginSerialising();
     try {

@@ -5,7 +5,7 @@
  * disk reads (QEMU's write-unchanged permission).
  */
 import { genericError } from '../../errors.js';
-import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, DriverState, OpenContext, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import type { BlockNode } from '../node.js';
 import { PERM_WRITE_UNCHANGED, defaultChildPermissions, type PermissionPair } from '../permissions.js';
@@ -26,7 +26,7 @@ class CopyOnReadState implements DriverState {
   private async copyableRun(offset: number, length: number): Promise<{ length: number; copy: boolean }> {
     const top = this.file.child;
     const status = await top.blockStatus(offset, length);
-    if (status.allocated) return { length: status.length, copy: false };
+    if (status.allocated || this.bottom === top) return { length: status.length, copy: false };
     // Walk down to the layer the data comes from; stop at bottom.
     let layer = top.backing();
     while (layer) {
@@ -78,19 +78,26 @@ class CopyOnReadState implements DriverState {
   async close(): Promise<void> {}
 }
 
+/**
+ * The lowest layer reads copy from, checked as QEMU's cor_open checks it. The file's own node
+ * is allowed (nothing is then copied: a stream with nothing to stream inserts such a filter).
+ */
+function findBottom(context: OpenContext, top: BlockNode, name: string): BlockNode {
+  const node = context.findNode(name);
+  if (!node) throw genericError(`Bottom node '${name}' not found`);
+  if (node.driver.kind === 'filter') throw genericError(`Bottom node '${name}' is a filter`);
+  for (let layer: BlockNode | undefined = top; layer; layer = layer.backing()?.child) if (layer === node) return node;
+  // QEMU 7.2 hangs on a bottom outside the chain; blockd refuses it.
+  throw genericError(`Bottom node '${name}' not found in the backing chain`);
+}
+
 export const copyOnReadDriver: BlockDriver<CorOptions> = {
   name: 'copy-on-read',
   kind: 'filter',
   strongOptions: ['bottom'],
   async open(context, options) {
     const file = await context.openChild('file', { name: 'file', role: 'filtered' });
-    let bottom: BlockNode | undefined;
-    if (options.bottom !== undefined) {
-      for (let layer = file.child.backing(); layer; layer = layer.child.backing()) {
-        if (layer.child.name === options.bottom) bottom = layer.child;
-      }
-      if (!bottom) throw genericError(`Bottom node '${options.bottom}' not found in the backing chain`);
-    }
+    const bottom = options.bottom === undefined ? undefined : findBottom(context, file.child, options.bottom);
     return new CopyOnReadState(file, bottom, context.node);
   },
 };
