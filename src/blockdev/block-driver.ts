@@ -62,6 +62,8 @@ export interface DriverState {
   length(): number;
   /** Writes past the end grow the node (protocol drivers; the writer needs the resize permission). */
   readonly growsOnWrite?: boolean;
+  /** The unit the format allocates in (qcow2's cluster): copies into the node serialise whole units. */
+  readonly clusterSize?: number;
   read(offset: number, buffer: Buffer): Promise<void>;
   write?(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void>;
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
