@@ -8,6 +8,7 @@ import { BlockGraph } from './blockdev/graph.js';
 import { registerBlockCommands } from './blockdev/commands.js';
 import { NodeOpener } from './blockdev/node-opener.js';
 import { EventBus } from './event-bus.js';
+import { MainLoopLock } from './main-loop-lock.js';
 import { NbdService, registerExportCommands } from './exports/commands.js';
 import { ExportRegistry } from './exports/export-registry.js';
 import { registerJobCommands } from './jobs/commands.js';
@@ -30,6 +31,8 @@ import type { JsonObject, JsonValue } from './json/value.js';
 export class Daemon {
   readonly bus = new EventBus();
   readonly registry = new CommandRegistry();
+  /** Commands, job ends and the shutdown run one at a time, as in QEMU's main loop. */
+  readonly lock = new MainLoopLock();
   readonly qmp: QmpServer;
   readonly graph: BlockGraph;
   readonly opener: NodeOpener;
@@ -47,8 +50,7 @@ export class Daemon {
     registerControlCommands(this.registry, { stopServices: () => this.stopServices(), shutdown: (reason) => void this.shutdown(reason) });
     this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
     this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }), this.objects);
-    this.jobs = new JobRegistry(this.bus);
-    this.registry.settleBeforeCommands(() => this.jobs.released());
+    this.jobs = new JobRegistry(this.bus, { lock: this.lock, log: log.child({ component: 'jobs' }) });
     const blockLayer: BlockLayer = { graph: this.graph, opener: this.opener, blockers: this.blockers, pauseJobs: jobPauser(this.jobs) };
     registerBlockCommands(this.registry, blockLayer);
     registerObjectCommands(this.registry, this.objects);
@@ -60,13 +62,13 @@ export class Daemon {
     registerCreateCommand(this.registry, blockLayer, this.jobs);
     registerStreamCommand(this.registry, blockLayer, this.jobs);
     registerCommitCommand(this.registry, blockLayer, this.jobs);
-    this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
+    this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo, lock: this.lock });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     const missing = this.registry.missingHandlers();
     if (missing.length) throw new Error(`schema commands without a handler: ${missing.join(', ')}`);
   }
 
-  /** Runs a command outside any QMP session, as command-line options like --blockdev do. */
+  /** Runs a command outside any QMP session, as command-line options like --blockdev do (a section of the lock, as any command). */
   runCommand(name: string, args: JsonObject): Promise<JsonValue> {
     const session = {
       id: 0,
@@ -75,7 +77,7 @@ export class Daemon {
         throw new Error('no session');
       },
     };
-    return this.registry.call(name, args, { session, log: this.log, commandLog: (command) => this.log.child({ cmd: command }) });
+    return this.lock.run(() => this.registry.call(name, args, { session, log: this.log, commandLog: (command) => this.log.child({ cmd: command }) }));
   }
 
   addMonitor(options: MonitorOptions): Promise<Listener> {
@@ -87,31 +89,46 @@ export class Daemon {
     this.shutdownHooks.push(hook);
   }
 
-  /** Closes every node, users before what they use, so images are flushed and consistent. */
+  /** Closes every node, users before what they use, so images are flushed and consistent; one that fails is logged and left. */
   private async closeAllNodes(): Promise<void> {
+    const failed = new Set<string>();
     for (;;) {
-      const top = this.graph.list().find((node) => node.parents.length === 0);
+      const top = this.graph.list().find((node) => node.parents.length === 0 && !failed.has(node.name));
       if (!top) break;
-      await this.graph.close(top).catch((error: unknown) => this.log.error({ err: error, node: top.name }, 'closing node failed'));
+      await this.graph.close(top).catch((error: unknown) => {
+        failed.add(top.name);
+        this.log.error({ err: error, node: top.name }, 'closing node failed');
+      });
     }
   }
 
-  /** Cancels running jobs and ends the exports (their events still reach the clients), then stops the NBD server. */
+  /**
+   * As qemu-storage-daemon on its way out: the exports end, then the jobs are cancelled and
+   * dismissed (their events still reach the clients), then the NBD server stops.
+   */
   private async stopServices(): Promise<void> {
+    await this.jobs.lettingJobsEnd(this.exports.closeAll());
     await this.jobs.cancelAll();
-    await this.exports.closeAll();
     if (this.nbd.server) await this.nbd.stop();
   }
 
+  /**
+   * Stops the daemon once, in a section of the lock: a command or a job's end under way
+   * finishes first, and none starts after. Each step that fails is logged and the next one
+   * still runs, so the images are closed whatever happened before.
+   */
   shutdown(reason: string): Promise<void> {
-    this.stopping ??= (async () => {
+    const step = async (name: string, work: () => Promise<void>) => {
+      await work().catch((error: unknown) => this.log.error({ err: error, step: name }, 'shutdown step failed'));
+    };
+    this.stopping ??= this.lock.run(async () => {
       this.log.info({ reason }, 'shutting down');
       clearInterval(this.keepAlive);
-      await this.stopServices();
-      await this.qmp.close();
-      await this.closeAllNodes();
-      for (const hook of this.shutdownHooks) await hook();
-    })();
+      await step('stop services', () => this.stopServices());
+      await step('close monitors', () => this.qmp.close());
+      await step('close nodes', () => this.closeAllNodes());
+      for (const hook of this.shutdownHooks) await step('shutdown hook', async () => hook());
+    });
     return this.stopping;
   }
 }

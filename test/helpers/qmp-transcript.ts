@@ -2,8 +2,10 @@
  * Runs a QMP script and records what comes back (replies and events, in wire
  * order) with directories, timestamps and generated node names normalised, so
  * differential tests can compare blockd's transcript with qemu-storage-daemon's.
- * Steps are commands, pauses (then the events that arrived are recorded), or
- * actions of the test's own (an NBD client connecting, say) that log a line.
+ * Steps are commands, pauses (then the events that arrived are recorded), waits
+ * for an event (the next step is then sent at once, as a client reacting to it
+ * would), actions of the test's own (an NBD client connecting, a signal) that log
+ * a line, or the rest of what the daemon says until it closes the connection.
  */
 import { RawConnection } from './raw-connection.js';
 
@@ -13,7 +15,7 @@ export interface AwaitedEvent {
   data: Record<string, unknown>;
 }
 
-export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent };
+export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { untilClosed: true };
 
 function isAwaited(line: string, awaited: AwaitedEvent): boolean {
   const message = JSON.parse(line) as { event?: string; data?: Record<string, unknown> };
@@ -38,6 +40,18 @@ export async function runTranscript(socket: string, dir: string, steps: readonly
       }
     } else if ('action' in step) {
       transcript.push(await step.action(dir));
+    } else if ('untilClosed' in step) {
+      // The daemon is going away (quit, a signal): everything it still sends, then the end.
+      for (;;) {
+        const line = await connection.readLine(30_000).catch((error: Error) => {
+          if (error.message === 'connection closed') return undefined;
+          throw error;
+        });
+        if (line === undefined) break;
+        record(line);
+      }
+      transcript.push('(connection closed)');
+      return transcript;
     } else if ('awaitEvent' in step) {
       // Events up to the awaited one, however long the job takes on this machine.
       for (;;) {
