@@ -53,6 +53,8 @@ interface Scenario {
   steps: TranscriptStep[];
   /** What each chain's top names as its backing file afterwards (relative to the daemon's directory). */
   backing: Record<string, string | undefined>;
+  /** Other layers that must read as the chain did before (a base that received a commit). */
+  alsoReadAsTheChain?: string[];
   /** Masks what legitimately differs (a cancelled job's progress depends on timing). */
   normalise?: (line: string) => string;
 }
@@ -82,6 +84,31 @@ const SCENARIOS: Scenario[] = [
       { execute: 'query-jobs' },
     ],
     backing: { p: '$DIR/p-base.qcow2' },
+  },
+  {
+    name: "blockdev-del sent on 'pending' of an intermediate commit meets the committed layer let go of",
+    steps: [
+      ...addChain('p'),
+      { execute: 'block-commit', arguments: { 'job-id': 'c', device: 'p-top', 'top-node': 'p-mid', 'base-node': 'p-base' } },
+      status('c', 'pending'),
+      { execute: 'blockdev-del', arguments: { 'node-name': 'p-mid' } },
+      { execute: 'query-named-block-nodes', arguments: { flat: true } },
+    ],
+    backing: { p: '$DIR/p-base.qcow2' },
+  },
+  {
+    name: "an active commit completed: the graph asked for on 'pending' is the switched one",
+    steps: [
+      ...addChain('p'),
+      { execute: 'block-commit', arguments: { 'job-id': 'a', device: 'p-top' } },
+      { awaitEvent: { event: 'BLOCK_JOB_READY', data: { device: 'a' } } },
+      { execute: 'job-complete', arguments: { id: 'a' } },
+      status('a', 'pending'),
+      { execute: 'query-named-block-nodes', arguments: { flat: true } },
+      { execute: 'blockdev-del', arguments: { 'node-name': 'p-top' } },
+    ],
+    backing: { p: 'p-mid.qcow2' },
+    alsoReadAsTheChain: ['p-base'],
   },
   {
     name: "quit sent on 'waiting' lets the stream complete first",
@@ -157,6 +184,11 @@ for (const [index, scenario] of SCENARIOS.entries()) {
     assert.equal(describeDifferences(ours, theirs), '');
     assert.doesNotMatch(peers.blockdLog(), /unhandled promise rejection|job machinery failed/, 'the safety net was never needed');
     for (const dir of [peers.blockd.dir, peers.qsd.dir]) {
+      for (const layer of scenario.alsoReadAsTheChain ?? []) {
+        const image = join(dir, `${layer}.qcow2`);
+        qemuImgCompare(image, join(dir, `${layer.split('-')[0]}-expected.raw`), ['qcow2', 'raw'], `${dir} ${layer}`);
+        assertCheckClean(image, `${dir} ${layer}`);
+      }
       for (const chain of Object.keys(scenario.backing)) {
         const top = join(dir, `${chain}-top.qcow2`);
         qemuImgCompare(top, join(dir, `${chain}-expected.raw`), ['qcow2', 'raw'], `${dir} ${chain}`);
