@@ -13,6 +13,7 @@ import { BLOCKD_VERSION, QMP_LEVEL } from './version.js';
 import { splitArgv, type OptionSpec, type ParsedOption } from './cli/argv.js';
 import { CliError } from './cli/cli-error.js';
 import { isDaemonChild, reportStartup, runDetachedChild } from './cli/daemonize.js';
+import { keepServingOnUnhandledRejection } from './cli/last-resort.js';
 import { parseChardev, parseMonitor, parseQmpAddress, type Chardev } from './cli/monitor-options.js';
 import { removePidFile, writePidFile } from './cli/pidfile.js';
 import { USAGE } from './cli/usage.js';
@@ -97,6 +98,7 @@ export async function main(argv: string[]): Promise<void> {
   if (daemonize && !isDaemonChild()) await runDetachedChild();
 
   const log = createLogger(logLevel);
+  keepServingOnUnhandledRejection(log);
   const daemon = new Daemon(log);
   daemon.onShutdown(() => {
     if (pidfile) removePidFile(pidfile);

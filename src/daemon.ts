@@ -9,6 +9,7 @@ import { registerBlockCommands } from './blockdev/commands.js';
 import { NodeOpener } from './blockdev/node-opener.js';
 import { nativeAddonMissing } from './blockdev/native/native-file-ops.js';
 import { EventBus } from './event-bus.js';
+import { MainLoopLock } from './main-loop-lock.js';
 import { NbdService, registerExportCommands } from './exports/commands.js';
 import { ExportRegistry } from './exports/export-registry.js';
 import { registerJobCommands } from './jobs/commands.js';
@@ -31,6 +32,8 @@ import type { JsonObject, JsonValue } from './json/value.js';
 export class Daemon {
   readonly bus = new EventBus();
   readonly registry = new CommandRegistry();
+  /** Commands, job ends and the shutdown run one at a time, as in QEMU's main loop. */
+  readonly lock = new MainLoopLock();
   readonly qmp: QmpServer;
   readonly graph: BlockGraph;
   readonly opener: NodeOpener;
@@ -48,8 +51,7 @@ export class Daemon {
     registerControlCommands(this.registry, { stopServices: () => this.stopServices(), shutdown: (reason) => void this.shutdown(reason) });
     this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
     this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }), this.objects);
-    this.jobs = new JobRegistry(this.bus);
-    this.registry.settleBeforeCommands(() => this.jobs.released());
+    this.jobs = new JobRegistry(this.bus, { lock: this.lock, log: log.child({ component: 'jobs' }) });
     const blockLayer: BlockLayer = { graph: this.graph, opener: this.opener, blockers: this.blockers, pauseJobs: jobPauser(this.jobs) };
     registerBlockCommands(this.registry, blockLayer);
     registerObjectCommands(this.registry, this.objects);
@@ -61,7 +63,7 @@ export class Daemon {
     registerCreateCommand(this.registry, blockLayer, this.jobs);
     registerStreamCommand(this.registry, blockLayer, this.jobs);
     registerCommitCommand(this.registry, blockLayer, this.jobs);
-    this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo });
+    this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo, lock: this.lock });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     if (nativeAddonMissing !== undefined) {
       log.warn({ reason: nativeAddonMissing }, 'native addon not loaded: no image locking, so file nodes open only with locking=off');
@@ -70,7 +72,7 @@ export class Daemon {
     if (missing.length) throw new Error(`schema commands without a handler: ${missing.join(', ')}`);
   }
 
-  /** Runs a command outside any QMP session, as command-line options like --blockdev do. */
+  /** Runs a command outside any QMP session, as command-line options like --blockdev do (a section of the lock, as any command). */
   runCommand(name: string, args: JsonObject): Promise<JsonValue> {
     const session = {
       id: 0,
@@ -79,7 +81,7 @@ export class Daemon {
         throw new Error('no session');
       },
     };
-    return this.registry.call(name, args, { session, log: this.log, commandLog: (command) => this.log.child({ cmd: command }) });
+    return this.lock.run(() => this.registry.call(name, args, { session, log: this.log, commandLog: (command) => this.log.child({ cmd: command }) }));
   }
 
   addMonitor(options: MonitorOptions): Promise<Listener> {
@@ -91,31 +93,46 @@ export class Daemon {
     this.shutdownHooks.push(hook);
   }
 
-  /** Closes every node, users before what they use, so images are flushed and consistent. */
+  /** Closes every node, users before what they use, so images are flushed and consistent; one that fails is logged and left. */
   private async closeAllNodes(): Promise<void> {
+    const failed = new Set<string>();
     for (;;) {
-      const top = this.graph.list().find((node) => node.parents.length === 0);
+      const top = this.graph.list().find((node) => node.parents.length === 0 && !failed.has(node.name));
       if (!top) break;
-      await this.graph.close(top).catch((error: unknown) => this.log.error({ err: error, node: top.name }, 'closing node failed'));
+      await this.graph.close(top).catch((error: unknown) => {
+        failed.add(top.name);
+        this.log.error({ err: error, node: top.name }, 'closing node failed');
+      });
     }
   }
 
-  /** Cancels running jobs and ends the exports (their events still reach the clients), then stops the NBD server. */
+  /**
+   * As qemu-storage-daemon on its way out: the exports end, then the jobs are cancelled and
+   * dismissed (their events still reach the clients), then the NBD server stops.
+   */
   private async stopServices(): Promise<void> {
+    await this.jobs.lettingJobsEnd(this.exports.closeAll());
     await this.jobs.cancelAll();
-    await this.exports.closeAll();
     if (this.nbd.server) await this.nbd.stop();
   }
 
+  /**
+   * Stops the daemon once, in a section of the lock: a command or a job's end under way
+   * finishes first, and none starts after. Each step that fails is logged and the next one
+   * still runs, so the images are closed whatever happened before.
+   */
   shutdown(reason: string): Promise<void> {
-    this.stopping ??= (async () => {
+    const step = async (name: string, work: () => Promise<void>) => {
+      await work().catch((error: unknown) => this.log.error({ err: error, step: name }, 'shutdown step failed'));
+    };
+    this.stopping ??= this.lock.run(async () => {
       this.log.info({ reason }, 'shutting down');
       clearInterval(this.keepAlive);
-      await this.stopServices();
-      await this.qmp.close();
-      await this.closeAllNodes();
-      for (const hook of this.shutdownHooks) await hook();
-    })();
+      await step('stop services', () => this.stopServices());
+      await step('close monitors', () => this.qmp.close());
+      await step('close nodes', () => this.closeAllNodes());
+      for (const hook of this.shutdownHooks) await step('shutdown hook', async () => hook());
+    });
     return this.stopping;
   }
 }

@@ -62,6 +62,8 @@ export interface DriverState {
   length(): number;
   /** Writes past the end grow the node (protocol drivers; the writer needs the resize permission). */
   readonly growsOnWrite?: boolean;
+  /** The unit the format allocates in (qcow2's cluster): copies into the node serialise whole units. */
+  readonly clusterSize?: number;
   read(offset: number, buffer: Buffer): Promise<void>;
   write?(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void>;
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
@@ -105,6 +107,8 @@ export interface OpenContext {
   openChild(optionsKey: string, request: ChildRequest): Promise<ChildEdge>;
   /** A user-created object by id (object-add / --object), e.g. a throttle group. */
   findObject(id: string): unknown;
+  /** A node of the graph by name (QEMU's bdrv_find_node), for options that name a node which is not a child. */
+  findNode(name: string): BlockNode | undefined;
   /** Opens a backing file named by an image header: read-only, generated node name, not monitor-owned. */
   openBackingFromImage?(filename: string, format: string | undefined, request: ChildRequest): Promise<ChildEdge>;
 }

@@ -105,6 +105,7 @@ export class NodeOpener {
       node,
       log,
       findObject: (id) => this.objects?.find(id),
+      findNode: (name) => this.graph.find(name),
       openChild: async (key: string, child: ChildRequest): Promise<ChildEdge> => {
         if (key !== 'file') named();
         const reference = (options as unknown as Record<string, BlockdevRef | undefined>)[key];

@@ -98,6 +98,11 @@ export class BlockNode {
     return this.children.find((edge) => edge.role !== 'cow');
   }
 
+  /** The next node down the chain: a filter's child, or a format's backing file (QEMU's bdrv_filter_or_cow_bs). */
+  below(): BlockNode | undefined {
+    return this.driver.kind === 'filter' ? this.primaryChild()?.child : this.backing()?.child;
+  }
+
   length(): number {
     return this.state.length();
   }
@@ -185,7 +190,7 @@ export class BlockNode {
 
   // ---- serialised copies ----------------------------------------------------------------------
 
-  /** A job starts copying into this node; returns the function that ends it. */
+  /** A job or a copy-on-read filter starts copying into this node; returns the function that ends it. */
   beginSerialising(): () => void {
     this.serialising ??= { lock: new RangeLock(), users: 0 };
     this.serialising.users++;
@@ -197,10 +202,17 @@ export class BlockNode {
     };
   }
 
-  /** Runs a job's read-then-write copy of a range with no other write to it in between. */
+  /**
+   * Runs a read-then-write copy of a range with no other write to it in between. The range
+   * grows to whole clusters, as QEMU serialises at the cluster size: a write to another part
+   * of a cluster being copied waits too.
+   */
   async serialisedCopy<T>(offset: number, length: number, copy: () => Promise<T>): Promise<T> {
     if (!this.serialising) return copy();
-    const release = await this.serialising.lock.acquire(offset, offset + length, true);
+    const unit = this.state.clusterSize ?? 1;
+    const start = Math.floor(offset / unit) * unit;
+    const end = Math.ceil((offset + length) / unit) * unit;
+    const release = await this.serialising.lock.acquire(start, end, true);
     try {
       return await copy();
     } finally {

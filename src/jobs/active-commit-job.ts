@@ -96,29 +96,35 @@ export class ActiveCommitJob implements JobKind {
     this.completeRequested = true;
   }
 
-  /** In sync and completed: the base takes the top's place, then the filter goes (QEMU's mirror_exit_common). */
+  /** In sync and completed: the base takes the top's place (QEMU's mirror_exit_common); commit then takes the filter out. */
   async prepare(): Promise<void> {
-    if (this.completeRequested) {
-      const { graph } = this.layer;
-      const { top, base } = this.plan;
-      await this.nodes!.drop(this.target!);
-      // The base becomes what the top was: read-only only if the top was.
-      if (top.readOnly && !base.readOnly) await graph.reopenReadOnly(base);
-      await graph.replaceNode(top, base);
-    }
-    await this.finish();
+    if (!this.completeRequested) return;
+    const { graph } = this.layer;
+    const { top, base } = this.plan;
+    await this.nodes!.drop(this.target!);
+    // The base becomes what the top was: read-only only if the top was.
+    if (top.readOnly && !base.readOnly) await graph.reopenReadOnly(base);
+    await graph.replaceNode(top, base);
   }
 
-  async abort(): Promise<void> {
-    await this.finish();
+  async commit(job: Job): Promise<void> {
+    await this.finish(job);
   }
 
-  /** Once, whatever the outcome: stop watching, let go of the nodes, take the filter out, let the held writes go on. */
-  private async finish(): Promise<void> {
+  async abort(job: Job): Promise<void> {
+    await this.finish(job);
+  }
+
+  /**
+   * Once, whatever the outcome: stop watching, let go of the nodes, take the filter out, let the
+   * held writes go on. Each step runs even if one before failed: above all the drain ends, or
+   * the writes held in the filter would wait forever.
+   */
+  private async finish(job: Job): Promise<void> {
     if (this.finished) return;
     this.finished = true;
     this.stopWatching?.();
-    await this.nodes?.release();
+    await job.bestEffort('release the nodes', async () => this.nodes?.release());
     const filter = this.filter;
     this.filter = undefined;
     const endDrain = this.endDrain;
@@ -126,19 +132,19 @@ export class ActiveCommitJob implements JobKind {
     if (filter) {
       const moved = this.layer.graph.removeFilter(filter);
       endDrain?.(); // requests held in the filter go on to the node below it, before the filter closes
-      await moved;
+      await job.bestEffort('take the filter out', () => moved);
     } else {
       endDrain?.();
     }
   }
 
   /** Set-up failed before the job ran. */
-  async undo(): Promise<void> {
-    await this.finish();
-    if (this.baseWasReadOnly) await this.layer.graph.reopenReadOnly(this.plan.base).catch(() => {});
+  async undo(job: Job): Promise<void> {
+    await this.finish(job);
+    if (this.baseWasReadOnly) await job.bestEffort('reopen the base read-only', () => this.layer.graph.reopenReadOnly(this.plan.base));
   }
 
-  async release(): Promise<void> {
-    await this.finish();
+  async release(job: Job): Promise<void> {
+    await this.finish(job);
   }
 }

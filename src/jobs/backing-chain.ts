@@ -10,7 +10,7 @@ import type { BlockNode } from '../blockdev/node.js';
 
 /** The next node down the chain: a filter's child, or a format's backing file (QEMU's bdrv_filter_or_cow_bs). */
 export function below(node: BlockNode): BlockNode | undefined {
-  return node.driver.kind === 'filter' ? node.primaryChild()?.child : node.backing()?.child;
+  return node.below();
 }
 
 /** The chain below `node`, filters included, top first. */

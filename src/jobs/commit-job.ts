@@ -59,6 +59,8 @@ class IntermediateCommitJob implements JobKind {
   readonly blockJob = true;
   private nodes: JobNodes<'commit'> | undefined;
   private filter: BlockNode | undefined;
+  /** The commit_top filter once prepare has taken it out of the graph, for commit to close. */
+  private droppedFilter: BlockNode | undefined;
   private topReader: ChildEdge | undefined;
   private baseWriter: ChildEdge | undefined;
   private baseWasReadOnly = false;
@@ -116,19 +118,26 @@ class IntermediateCommitJob implements JobKind {
     }
     await this.layer.graph.replaceNode(filter, base);
     this.filter = undefined;
-    await this.layer.graph.close(filter);
+    this.droppedFilter = filter;
+  }
+
+  /** The filter left the graph in prepare; closing it is cleanup, which cannot fail the job. */
+  async commit(job: Job): Promise<void> {
+    const filter = this.droppedFilter;
+    this.droppedFilter = undefined;
+    if (filter) await job.bestEffort('close the commit filter', () => this.layer.graph.close(filter));
   }
 
   /** As QEMU's commit_abort: the filter goes and the job lets go of the nodes at once. */
-  async abort(): Promise<void> {
-    await this.dropFilter();
-    await this.nodes?.release();
+  async abort(job: Job): Promise<void> {
+    await job.bestEffort('drop the commit filter', () => this.dropFilter());
+    await job.bestEffort('release the nodes', async () => this.nodes?.release());
   }
 
   /** A base that was read-only becomes read-only again (QEMU's commit_clean). */
-  async clean(): Promise<void> {
+  async clean(job: Job): Promise<void> {
     if (this.baseWasReadOnly && this.layer.graph.find(this.plan.base.name) === this.plan.base) {
-      await this.layer.graph.reopenReadOnly(this.plan.base).catch(() => {});
+      await job.bestEffort('reopen the base read-only', () => this.layer.graph.reopenReadOnly(this.plan.base));
     }
   }
 
@@ -211,7 +220,7 @@ export function registerCommitCommand(registry: CommandTable, layer: BlockLayer,
       const baseWasReadOnly = await makeWritable(layer, base);
       const kind = new ActiveCommitJob(layer, plan, baseWasReadOnly);
       // The job is named after the device, which a storage daemon's nodes do not have.
-      return jobs.launch(kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), () => kind.undo()).catch(async (error: unknown) => {
+      return jobs.launch(kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), (job) => kind.undo(job)).catch(async (error: unknown) => {
         if (baseWasReadOnly) await graph.reopenReadOnly(base).catch(() => {});
         throw error;
       });
@@ -220,9 +229,9 @@ export function registerCommitCommand(registry: CommandTable, layer: BlockLayer,
     if (overlay) checkNotBlocked(blockers, overlay, 'commit-target');
     if (skipFilters(top) === skipFilters(base)) throw genericError('Invalid files for merge: top and base are the same');
     const kind = new IntermediateCommitJob(layer, plan, args['backing-file']);
-    return jobs.launch(kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), async () => {
-      await kind.abort();
-      await kind.clean();
+    return jobs.launch(kind, { id: args['job-id'] ?? '', ...options }, (job) => kind.setUp(job), async (job) => {
+      await kind.abort(job);
+      await kind.clean(job);
     });
   });
 }

@@ -104,6 +104,6 @@ export function createJobKind(layer: BlockLayer, options: BlockdevCreateOptions)
 
 export function registerCreateCommand(registry: CommandTable, layer: BlockLayer, jobs: JobRegistry): void {
   registry.register('blockdev-create', async ({ 'job-id': id, options }) => {
-    await jobs.start(createJobKind(layer, options), { id, autoFinalize: true, autoDismiss: false }).startup;
+    await jobs.start(createJobKind(layer, options), { id, autoFinalize: true, autoDismiss: false }).untilStartup();
   });
 }

@@ -80,13 +80,22 @@ export class JobNodes<H extends Exclude<HolderKind, 'graph'>> {
     await this.layer.graph.detach(edge);
   }
 
-  /** Lets go of everything; nodes left without users that the monitor does not own close. */
+  /**
+   * Lets go of everything; nodes left without users that the monitor does not own close. A
+   * step that fails does not keep the others from running; the first failure is thrown after.
+   */
   async release(): Promise<void> {
     for (const unblock of this.unblock.splice(0)) unblock();
     const { graph } = this.layer;
+    const failures: unknown[] = [];
     for (const edge of this.edges.splice(0)) {
-      await graph.detach(edge);
-      if (edge.child.parents.length === 0 && !edge.child.monitorOwned && graph.find(edge.child.name) === edge.child) await graph.close(edge.child);
+      try {
+        await graph.detach(edge);
+        if (edge.child.parents.length === 0 && !edge.child.monitorOwned && graph.find(edge.child.name) === edge.child) await graph.close(edge.child);
+      } catch (error) {
+        failures.push(error);
+      }
     }
+    if (failures.length > 0) throw failures[0];
   }
 }

@@ -3,18 +3,22 @@
  * jobs, lookups with the job-* and block-job-* commands' error texts, and the
  * query answers. A job leaves the registry when it reaches 'null'.
  */
+import { pino } from 'pino';
 import type { EventBus } from '../event-bus.js';
 import type { BlockJobInfo, JobInfo } from '../generated/qapi-types.js';
 import { isIdentifier } from '../blockdev/node-names.js';
 import { QmpError, genericError } from '../errors.js';
-import { Job, type JobKind, type JobOptions } from './job.js';
+import { MainLoopLock } from '../main-loop-lock.js';
+import { Job, type JobEnvironment, type JobKind, type JobOptions } from './job.js';
 
 export class JobRegistry {
   private jobs: Job[] = [];
-  /** Dismissed jobs still letting go of their nodes. */
-  private readonly releasing = new Set<Promise<void>>();
+  private readonly env: JobEnvironment;
 
-  constructor(private readonly bus: EventBus) {}
+  /** `lock`: the daemon's, which its commands take too (a registry of its own by default, for tests). */
+  constructor(bus: EventBus, options: { lock?: MainLoopLock; log?: JobEnvironment['log'] } = {}) {
+    this.env = { bus, lock: options.lock ?? new MainLoopLock(), log: options.log ?? pino({ level: 'silent' }) };
+  }
 
   /** Creates and starts a job: its 'created' and 'running' events are sent before this returns. */
   start(kind: JobKind, options: JobOptions): Job {
@@ -26,42 +30,31 @@ export class JobRegistry {
   /**
    * Creates a job, sets it up and starts it, as QEMU's block_job_create and job_start: the
    * job exists (and says so) before its speed is checked, and a set-up that fails is undone
-   * and the job goes again (job_early_fail).
+   * and the job goes again (job_early_fail). Resolves at the job's startup: a job that ends
+   * before its first real I/O (a stream with nothing to copy) has sent all its events by then.
    */
-  async launch(kind: JobKind, options: JobOptions & { speed: number }, setUp: (job: Job) => Promise<void>, undo: () => Promise<void>): Promise<void> {
+  async launch(kind: JobKind, options: JobOptions & { speed: number }, setUp: (job: Job) => Promise<void>, undo: (job: Job) => Promise<void>): Promise<void> {
     const job = this.create(kind, options);
     try {
       job.announce();
       if (options.speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
       await setUp(job);
     } catch (error) {
-      await undo();
+      await undo(job);
       job.abandon();
       throw error instanceof QmpError ? error : genericError((error as Error).message);
     }
     job.begin();
+    await job.untilStartup();
   }
 
   create(kind: JobKind, options: JobOptions): Job {
     this.checkNewId(options.id);
-    const job = new Job(options.id, kind, options, this.bus, (ended, released) => {
+    const job = new Job(options.id, kind, options, this.env, (ended) => {
       this.jobs = this.jobs.filter((candidate) => candidate !== ended);
-      if (released) {
-        this.releasing.add(released);
-        const forget = () => this.releasing.delete(released);
-        released.then(forget, forget);
-      }
     });
     this.jobs.unshift(job);
     return job;
-  }
-
-  /**
-   * Resolves once every dismissed job has let go of its nodes. In QEMU a job frees them in
-   * the same step as its last event, so the next command never meets them still held.
-   */
-  async released(): Promise<void> {
-    await Promise.allSettled([...this.releasing]);
   }
 
   checkNewId(id: string): void {
@@ -117,10 +110,22 @@ export class JobRegistry {
     return this.jobs.filter((job) => job.status !== 'concluded' && job.status !== 'null');
   }
 
-  /** Daemon shutdown: cancels what still runs and waits for it to end. */
+  /**
+   * For a section that waits for `work`: a job whose run ends meanwhile ends inside the
+   * section instead of behind it (its writes may be held until its end runs: an active
+   * commit drains its top from the moment it is in sync).
+   */
+  lettingJobsEnd<T>(work: Promise<T>): Promise<T> {
+    return this.live().reduce((waiting, job) => this.env.lock.lend(job, waiting), work);
+  }
+
+  /**
+   * Daemon shutdown, in its section of the lock, as QEMU's bdrv_drain_all_begin then
+   * job_cancel_sync_all: running jobs pause (a drain that never ends), then newest first each
+   * job is cancelled and waited for, and dismissed.
+   */
   async cancelAll(): Promise<void> {
-    const running = this.jobs.filter((job) => job.status !== 'concluded' && job.status !== 'null');
-    for (const job of running) job.cancel(true);
-    await Promise.all(running.map((job) => job.concluded()));
+    await Promise.all(this.live().map((job) => job.drainPause()));
+    for (const job of [...this.jobs]) await job.cancelAndDismiss();
   }
 }

@@ -3,11 +3,15 @@
  * verbs clients send and by its own run. A job kind supplies run / prepare /
  * commit / abort / clean (and complete for jobs that reach READY); this class
  * owns everything else: status changes and their events in QEMU's order,
- * pause points, cancellation, finalization and dismissal.
+ * pause points, cancellation, finalization and dismissal. Its end, from the
+ * run's end to its last event, is one section of the daemon's lock, as a QEMU
+ * job's end is one main-loop step: no command meets it half done.
  */
+import type { Logger } from 'pino';
 import type { EventBus } from '../event-bus.js';
 import type { JobStatus, JobType, JobVerb } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
+import type { MainLoopLock } from '../main-loop-lock.js';
 import { canTransition, verbAllowed } from './job-state-table.js';
 
 export interface JobKind {
@@ -16,15 +20,27 @@ export interface JobKind {
   readonly blockJob: boolean;
   /** The work; calls `job.pausePoint()` between steps. A thrown error fails the job. */
   run(job: Job): Promise<void>;
-  /** Graph changes that may still fail (the job then aborts). */
+  /** Graph changes that may still fail (the job then aborts): everything fallible of the job's end. */
   prepare?(job: Job): Promise<void>;
+  /**
+   * commit, abort and clean cannot fail, as in QEMU: the job goes on to its event and its
+   * conclusion whatever they meet (an error there is logged as the bug it is).
+   */
   commit?(job: Job): Promise<void>;
   abort?(job: Job): Promise<void>;
   clean?(job: Job): Promise<void>;
   /** job-complete on a READY job (mirror, active commit). */
   complete?(job: Job): void;
-  /** When the job object goes away (dismissed): what it holds until then (stream's node blockers, as in QEMU). */
+  /** When the job object goes away (dismissed): what it holds until then (stream's node blockers, as in QEMU). Logged if it fails. */
   release?(job: Job): Promise<void>;
+}
+
+/** What a job works with besides its kind. */
+export interface JobEnvironment {
+  bus: EventBus;
+  /** A job's end (from its run's end to its last event) is a section of the daemon's lock: no command meets it half done. */
+  lock: MainLoopLock;
+  log: Logger;
 }
 
 /** What a job does with an I/O error, by its on-error policy (QEMU's block_job_error_action). */
@@ -72,17 +88,24 @@ export class Job {
   private statusWaiters: { test: () => boolean; resolve: () => void }[] = [];
   private readonly endedWaiters: (() => void)[] = [];
   private startupDone!: () => void;
-  /**
-   * Resolves where QEMU's job coroutine would first yield (its first real I/O), or when the
-   * job ends before that. The command that starts a job replies after this, so a job failing
-   * in its synchronous part sends its events before the reply, as in QEMU.
-   */
-  readonly startup = new Promise<void>((resolve) => (this.startupDone = resolve));
+  private readonly startup = new Promise<void>((resolve) => (this.startupDone = resolve));
+  private readonly bus: EventBus;
 
-  constructor(readonly id: string, readonly kind: JobKind, options: JobOptions, private readonly bus: EventBus, private readonly onNull: (job: Job, released?: Promise<void>) => void) {
+  constructor(readonly id: string, readonly kind: JobKind, options: JobOptions, private readonly env: JobEnvironment, private readonly onNull: (job: Job) => void) {
     this.autoFinalize = options.autoFinalize;
     this.autoDismiss = options.autoDismiss;
     this.speed = options.speed ?? 0;
+    this.bus = env.bus;
+  }
+
+  /**
+   * For the command that starts the job: resolves where QEMU's job coroutine would first yield
+   * (its first real I/O), or once the job has ended if it ends before that. The command replies
+   * after this, so a job that fails or has nothing to do sends all its events before the reply,
+   * as in QEMU; its end then runs inside the command's section.
+   */
+  untilStartup(): Promise<void> {
+    return this.env.lock.lend(this, this.startup);
   }
 
   get type(): JobType {
@@ -153,7 +176,7 @@ export class Job {
     void this.execute().catch((error: unknown) => {
       // A bug in the job machinery must not take the daemon down; the job stays where it is.
       this.error = `internal error: ${(error as Error).message}`;
-      process.emitWarning(`job '${this.id}': ${(error as Error).stack ?? String(error)}`);
+      this.env.log.error({ err: error, job: this.id }, 'job machinery failed');
     });
   }
 
@@ -162,60 +185,81 @@ export class Job {
     try {
       await this.pausePoint();
       await this.kind.run(this);
-      if (this.cancelled) throw new JobCancelled();
     } catch (error) {
       failure = error;
     }
     this.executing = false;
+    // From here on the job changes the graph and its own state: one section, as QEMU's job_exit is one main-loop step.
+    await this.env.lock.run(() => this.end(failure), this);
+  }
+
+  private async end(failure: unknown): Promise<void> {
+    // A cancel that came while the job waited for its turn counts too (QEMU's job_update_rc).
     if (failure !== undefined || this.cancelled) return this.fail(this.cancelled ? new JobCancelled() : failure);
-    this.startupDone();
     this.transition('waiting');
     this.transition('pending');
     if (!this.autoFinalize) {
       if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+      this.startupDone();
       return;
     }
     await this.finalize();
   }
 
-  /** Applies the job's result (prepare, commit, clean) and concludes it. */
+  /** Applies the job's result (prepare, commit, clean) and concludes it. Runs in a section of the lock (the job's end, or job-finalize). */
   async finalize(): Promise<void> {
     try {
       await this.kind.prepare?.(this);
     } catch (error) {
       return this.fail(error);
     }
-    await this.kind.commit?.(this);
-    await this.kind.clean?.(this);
+    await this.infallible('commit', this.kind.commit);
+    await this.infallible('clean', this.kind.clean);
     if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_COMPLETED', this.blockEvent());
-    this.conclude();
+    await this.conclude();
   }
 
   private async fail(error: unknown): Promise<void> {
     this.error = (error as Error)?.message ?? String(error);
     this.transition('aborting');
-    await this.kind.abort?.(this);
-    await this.kind.clean?.(this);
+    await this.infallible('abort', this.kind.abort);
+    await this.infallible('clean', this.kind.clean);
     if (this.kind.blockJob) {
       if (this.cancelled) this.bus.emit('BLOCK_JOB_CANCELLED', this.blockEvent());
       else this.bus.emit('BLOCK_JOB_COMPLETED', { ...this.blockEvent(), error: this.error });
     }
-    this.conclude();
+    await this.conclude();
   }
 
-  private conclude(): void {
+  private async conclude(): Promise<void> {
     this.transition('concluded');
     this.startupDone();
     for (const wake of this.endedWaiters.splice(0)) wake();
-    if (this.autoDismiss) void this.dismiss();
+    if (this.autoDismiss) await this.dismiss();
   }
 
-  /** The job goes ('null'), then lets go of what it held; resolves once it has. */
+  /** The job goes ('null'), then lets go of what it held; resolves once it has (a release that fails is logged). */
   async dismiss(): Promise<void> {
     this.transition('null');
-    const released = this.kind.release?.(this) ?? Promise.resolve();
-    this.onNull(this, released);
-    await released;
+    this.onNull(this);
+    await this.infallible('release', this.kind.release);
+  }
+
+  /** Runs a phase of the job's end that cannot fail, as in QEMU: an error there is logged, and the job goes on. */
+  private async infallible(phase: string, step: ((job: Job) => Promise<void>) | undefined): Promise<void> {
+    if (step) await this.bestEffort(phase, () => step.call(this.kind, this));
+  }
+
+  /**
+   * One step of commit, abort, clean or release, which cannot fail: a failure is logged (it is
+   * a bug, or storage gone bad) and the caller's next step still runs.
+   */
+  async bestEffort(step: string, work: () => Promise<unknown>): Promise<void> {
+    try {
+      await work();
+    } catch (error) {
+      this.env.log.error({ err: error, job: this.id, step }, `job '${this.id}': ${step} failed; the job goes on`);
+    }
   }
 
   /**
@@ -370,7 +414,22 @@ export class Job {
     this.kickSleepers();
     this.wake();
     // Jobs that can complete drain their source on the way out, so like QEMU's their events follow the reply.
-    return idle && this.forceCancel && !this.kind.complete ? this.concluded() : Promise.resolve();
+    return idle && this.forceCancel && !this.kind.complete ? this.env.lock.lend(this, this.concluded()) : Promise.resolve();
+  }
+
+  /**
+   * Daemon shutdown, as QEMU's job_cancel_sync: a concluded job is dismissed; any other is
+   * cancelled (forced), waited for and dismissed. Runs in the shutdown's section.
+   */
+  async cancelAndDismiss(): Promise<void> {
+    if (this.status === 'null') return;
+    await this.env.lock.lend(this, (async () => {
+      if (this.status !== 'concluded') {
+        await this.cancel(true);
+        await this.concluded();
+      }
+      if (this.status === 'concluded') await this.dismiss();
+    })());
   }
 
   setSpeed(speed: number): void {

@@ -68,8 +68,10 @@ class StreamJob implements JobKind {
   async run(job: Job): Promise<void> {
     const { top, bottom } = this.plan;
     const active = this.active!;
+    // Nothing between the top and the base (no backing file, or the base is the top's backing):
+    // as in QEMU the job ends at once, with length 0, before the command's reply.
+    if (top === bottom) return;
     job.startupReached();
-    if (top === bottom) return; // nothing between top and base
     const backing = top.backing()?.child;
     const endSerialising = top.beginSerialising();
     try {
@@ -110,12 +112,14 @@ class StreamJob implements JobKind {
     });
   }
 
-  async clean(): Promise<void> {
-    await this.dropFilter();
+  /** Whatever the outcome: the filter goes (if prepare did not drop it), a node that was read-only is again. */
+  async clean(job: Job): Promise<void> {
+    await job.bestEffort('drop the copy-on-read filter', () => this.dropFilter());
     if (this.topWasReadOnly && this.layer.graph.find(this.plan.top.name) === this.plan.top) {
       this.topWasReadOnly = false;
-      if (this.active) await this.nodes?.relax(this.active);
-      await this.layer.graph.reopenReadOnly(this.plan.top).catch(() => {});
+      const active = this.active;
+      if (active) await job.bestEffort('give up writing the node', () => this.nodes!.relax(active));
+      await job.bestEffort('reopen the node read-only', () => this.layer.graph.reopenReadOnly(this.plan.top));
     }
   }
 
@@ -178,9 +182,9 @@ export function registerStreamCommand(registry: CommandTable, layer: BlockLayer,
     const plan: StreamPlan = { top, bottom: overlayOfBase, base: finalBase, backingFile: args['backing-file'] };
     const kind = new StreamJob(layer, plan, args['on-error'] ?? 'report');
     const options = { id: args['job-id'] ?? '', autoFinalize: args['auto-finalize'] ?? true, autoDismiss: args['auto-dismiss'] ?? true, speed: args.speed ?? 0 };
-    await jobs.launch(kind, options, (job) => kind.setUp(job, args['filter-node-name']), async () => {
-      await kind.clean();
-      await kind.release();
+    await jobs.launch(kind, options, (job) => kind.setUp(job, args['filter-node-name']), async (job) => {
+      await kind.clean(job);
+      await job.bestEffort('release the nodes', () => kind.release());
     });
   });
 }

@@ -16,8 +16,6 @@ type AnyHandler = (args: unknown, context: CommandContext) => unknown;
 
 export class CommandRegistry implements CommandTable {
   private readonly handlers = new Map<string, AnyHandler>();
-  /** What must have settled before any command runs (work the previous command or event left behind). */
-  private readonly settleFirst: (() => Promise<void>)[] = [];
   private readonly entries = new Map<string, CommandEntry>(commandCatalogue.map((entry) => [entry.name, entry]));
   readonly validator = new ArgumentValidator(validationDefs, commandArgumentRefs);
 
@@ -25,11 +23,6 @@ export class CommandRegistry implements CommandTable {
     if (!this.entries.has(name)) throw new Error(`command '${name}' is not declared in schema/`);
     if (this.handlers.has(name)) throw new Error(`command '${name}' registered twice`);
     this.handlers.set(name, handler as AnyHandler);
-  }
-
-  /** Runs `settle` before every command, after its arguments are checked. */
-  settleBeforeCommands(settle: () => Promise<void>): void {
-    this.settleFirst.push(settle);
   }
 
   entry(name: string): CommandEntry | undefined {
@@ -50,7 +43,6 @@ export class CommandRegistry implements CommandTable {
     this.validator.check(name, args);
     const handler = this.handlers.get(name);
     if (!handler) throw genericError(`The command ${name} has no implementation`);
-    for (const settle of this.settleFirst) await settle();
     const result = await handler(toPlain(args), { ...context, log: context.commandLog(name) });
     return (result ?? {}) as JsonValue;
   }

@@ -2,8 +2,11 @@
  * Runs in-band requests one at a time for the whole daemon, taking them
  * round-robin from the sessions that have some queued, as QEMU's single
  * dispatcher does: a session's replies stay in request order and no two
- * in-band commands ever interleave. Out-of-band requests bypass it.
+ * in-band commands ever interleave. Each runs, reply included, as a section
+ * of the daemon's lock, so a job's end never meets a command half done and
+ * what a command sets off follows its reply. Out-of-band requests bypass it.
  */
+import type { MainLoopLock } from '../main-loop-lock.js';
 
 export interface RequestQueueOwner {
   /** Runs this session's oldest queued request; false when it had none. */
@@ -13,6 +16,8 @@ export interface RequestQueueOwner {
 export class InBandScheduler {
   private readonly ready: RequestQueueOwner[] = [];
   private running = false;
+
+  constructor(private readonly lock?: MainLoopLock) {}
 
   /** Called when a session queues a request. */
   wake(owner: RequestQueueOwner): void {
@@ -33,7 +38,8 @@ export class InBandScheduler {
     try {
       while (this.ready.length) {
         const owner = this.ready.shift()!;
-        if (await owner.runNext()) this.ready.push(owner); // may have more; goes to the back of the line
+        const ran = await (this.lock ? this.lock.run(() => owner.runNext()) : owner.runNext());
+        if (ran) this.ready.push(owner); // may have more; goes to the back of the line
         // Let I/O (other clients, OOB requests, jobs) run between two commands.
         await new Promise<void>((resolve) => setImmediate(resolve));
       }

@@ -7,6 +7,7 @@
  */
 import type { Logger } from 'pino';
 import type { RaisedEvent } from '../event-bus.js';
+import type { MainLoopLock } from '../main-loop-lock.js';
 import type { CommandRegistry } from './command-registry.js';
 import { InBandScheduler } from './in-band-scheduler.js';
 import { QmpSession } from './session.js';
@@ -33,16 +34,19 @@ export interface QmpServerOptions {
   registry: CommandRegistry;
   log: Logger;
   version: () => JsonObject;
+  /** In-band commands, replies included, run as sections of this lock (the daemon's: job ends and the shutdown take it too). */
+  lock?: MainLoopLock;
 }
 
 export class QmpServer {
-  private readonly scheduler = new InBandScheduler();
+  private readonly scheduler: InBandScheduler;
   private readonly sessions = new Set<QmpSession>();
   private readonly listeners: Listener[] = [];
   private readonly log: Logger;
 
   constructor(private readonly options: QmpServerOptions) {
     this.log = options.log.child({ component: 'qmp' });
+    this.scheduler = new InBandScheduler(options.lock);
   }
 
   /** Opens a monitor; resolves once it is listening. */

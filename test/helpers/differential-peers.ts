@@ -1,18 +1,21 @@
 /*
  * The two daemons a differential test compares: qemu-storage-daemon and blockd, each with
- * its own directory (prepared alike by the test) and one QMP socket. Registers the
- * node:test before/after hooks that start and stop them.
+ * its own directory (prepared alike by the test), one QMP socket and a pid file. Either
+ * registered as the file's before/after hooks (differentialPeers), or started and stopped
+ * by a test itself when each scenario needs a fresh pair (startDifferentialPeers).
  */
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before } from 'node:test';
-import { runBlockd, type BlockdProcess } from './blockd-process.js';
+import { runBlockd } from './blockd-process.js';
 import { makeTempDir } from './paths.js';
-import { startQsd, type QsdProcess } from './qsd-process.js';
+import { startQsd } from './qsd-process.js';
 
 export interface Peer {
   dir: string;
   socket: string;
+  /** The daemon's pid file (actions of a transcript may signal it). */
+  pidfile: string;
 }
 
 export interface DifferentialPeers {
@@ -25,30 +28,48 @@ export interface DifferentialPeers {
   blockdLog(): string;
 }
 
+function peerDirs(root: string): { qsd: Peer; blockd: Peer } {
+  const qsdDir = join(root, 'qsd');
+  const blockdDir = join(root, 'blockd');
+  return {
+    qsd: { dir: qsdDir, socket: join(qsdDir, 'qsd-qmp.sock'), pidfile: join(qsdDir, 'qsd.pid') },
+    blockd: { dir: blockdDir, socket: join(blockdDir, 'blockd.sock'), pidfile: join(blockdDir, 'blockd.pid') },
+  };
+}
+
+/** Prepares root/qsd and root/blockd alike and starts a daemon in each. */
+export async function startDifferentialPeers(root: string, prepare: (dir: string) => void = () => {}): Promise<DifferentialPeers> {
+  const { qsd, blockd } = peerDirs(root);
+  for (const dir of [qsd.dir, blockd.dir]) {
+    mkdirSync(dir, { recursive: true });
+    prepare(dir);
+  }
+  const qsdProcess = await startQsd(qsd.dir);
+  const blockdProcess = await runBlockd(['--qmp', `unix:${blockd.socket}`, '--pidfile', blockd.pidfile]);
+  return {
+    qsd,
+    blockd,
+    stopBlockd: () => blockdProcess.stop(),
+    stopQsd: () => qsdProcess.stop(),
+    blockdLog: () => blockdProcess.stderr(),
+  };
+}
+
 export function differentialPeers(prepare: (dir: string) => void = () => {}): DifferentialPeers {
   const temp = makeTempDir();
-  const qsdDir = join(temp.dir, 'qsd');
-  const blockdDir = join(temp.dir, 'blockd');
-  let qsd: QsdProcess | undefined;
-  let blockd: BlockdProcess | undefined;
+  let running: DifferentialPeers | undefined;
   before(async () => {
-    for (const dir of [qsdDir, blockdDir]) {
-      mkdirSync(dir, { recursive: true });
-      prepare(dir);
-    }
-    qsd = await startQsd(qsdDir);
-    blockd = await runBlockd(['--qmp', `unix:${join(blockdDir, 'blockd.sock')}`]);
+    running = await startDifferentialPeers(temp.dir, prepare);
   });
   after(async () => {
-    await qsd?.stop();
-    await blockd?.stop();
+    await running?.stopQsd();
+    await running?.stopBlockd();
     temp.cleanup();
   });
   return {
-    qsd: { dir: qsdDir, socket: join(qsdDir, 'qsd-qmp.sock') },
-    blockd: { dir: blockdDir, socket: join(blockdDir, 'blockd.sock') },
-    stopBlockd: async () => blockd?.stop(),
-    stopQsd: async () => qsd?.stop(),
-    blockdLog: () => blockd?.stderr() ?? '',
+    ...peerDirs(temp.dir),
+    stopBlockd: async () => running?.stopBlockd(),
+    stopQsd: async () => running?.stopQsd(),
+    blockdLog: () => running?.blockdLog() ?? '',
   };
 }

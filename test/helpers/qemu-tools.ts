@@ -3,7 +3,7 @@
  * what QEMU reads, raw file access, and a seeded random generator so a failure names its seed.
  */
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
@@ -32,13 +32,40 @@ export function runQemuImg(...args: string[]): string {
   return result.stdout;
 }
 
-/** Runs qemu-io commands on one image and requires them all to succeed (a failed read -P exits 1). */
-export function qemuIo(path: string, commands: string[], flags: string[] = []): string {
-  const args = [...flags, ...commands.flatMap((command) => ['-c', command]), path];
-  const result = runTool('qemu-io', args);
+function qemuIoArgs(path: string, commands: string[], flags: string[]): string[] {
+  return [...flags, ...commands.flatMap((command) => ['-c', command]), path];
+}
+
+function requireQemuIoSuccess(args: string[], result: ToolResult): string {
   const failed = result.status !== 0 || /Pattern verification failed|error/i.test(result.stdout + result.stderr);
   assert.ok(!failed, `qemu-io ${args.join(' ')} failed (${result.status}): ${result.stderr}${result.stdout}`);
   return result.stdout;
+}
+
+/** Runs qemu-io commands on one image and requires them all to succeed (a failed read -P exits 1). */
+export function qemuIo(path: string, commands: string[], flags: string[] = []): string {
+  const args = qemuIoArgs(path, commands, flags);
+  return requireQemuIoSuccess(args, runTool('qemu-io', args));
+}
+
+/** qemu-io as qemuIo runs it, without blocking the test's event loop: several clients can work at once. */
+export function qemuIoInBackground(path: string, commands: string[], flags: string[] = []): Promise<string> {
+  const args = qemuIoArgs(path, commands, flags);
+  const child = spawn('qemu-io', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  return new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('close', (status) => {
+      try {
+        resolve(requireQemuIoSuccess(args, { status, stdout, stderr }));
+      } catch (error) {
+        reject(error);
+      }
+    });
+  });
 }
 
 export interface PatternRange {

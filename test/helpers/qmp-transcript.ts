@@ -2,9 +2,11 @@
  * Runs a QMP script and records what comes back (replies and events, in wire
  * order) with directories, timestamps and generated node names normalised, so
  * differential tests can compare blockd's transcript with qemu-storage-daemon's.
- * Steps are commands, waits for an event or for a polled state (never for a
- * time: the events that arrive meanwhile are recorded), or actions of the
- * test's own (an NBD client connecting, say) that log a line.
+ * Steps are commands, waits for an event (the next step is then sent at once, as
+ * a client reacting to it would) or for a polled state (never for a time: the
+ * events that arrive meanwhile are recorded), actions of the test's own (an NBD
+ * client connecting, a signal) that log a line, or the rest of what the daemon
+ * says until it closes the connection.
  */
 import { RawConnection } from './raw-connection.js';
 
@@ -23,7 +25,7 @@ export interface PolledState {
   holds: (result: unknown) => boolean;
 }
 
-export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { poll: PolledState };
+export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { poll: PolledState } | { untilClosed: true };
 
 /** Waits until query-block-jobs shows the job in a state (e.g. a rate-limited job idle after its first chunk). */
 export function untilBlockJob(device: string, holds: (job: { offset: number; busy: boolean; status: string }) => boolean): TranscriptStep {
@@ -106,6 +108,18 @@ export async function runTranscript(socket: string, dir: string, steps: readonly
       }
     } else if ('action' in step) {
       transcript.push(await step.action(dir));
+    } else if ('untilClosed' in step) {
+      // The daemon is going away (quit, a signal): everything it still sends, then the end.
+      for (;;) {
+        const line = await connection.readLine(30_000).catch((error: Error) => {
+          if (error.message === 'connection closed') return undefined;
+          throw error;
+        });
+        if (line === undefined) break;
+        record(line);
+      }
+      transcript.push('(connection closed)');
+      return transcript;
     } else if ('awaitEvent' in step) {
       // Events up to the awaited one, however long the job takes on this machine; it may
       // already have come before the reply of the command that caused it.

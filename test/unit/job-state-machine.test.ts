@@ -12,6 +12,7 @@ import type { Job, JobKind } from '../../src/jobs/job.js';
 import { QmpError } from '../../src/errors.js';
 import type { CommandContext } from '../../src/command-table.js';
 import { CommandRegistry } from '../../src/qmp/command-registry.js';
+import { MainLoopLock } from '../../src/main-loop-lock.js';
 
 /** A block job that advances one step per tick until released, or fails when told to. */
 function steppingKind(control: { finish: boolean; fail?: string }): JobKind {
@@ -39,7 +40,8 @@ function harness() {
     const record = data as Record<string, unknown>;
     events.push(event === 'JOB_STATUS_CHANGE' ? String(record.status) : `${event}${record.error ? ` (${String(record.error)})` : ''}`);
   });
-  return { jobs: new JobRegistry(bus), events };
+  const lock = new MainLoopLock();
+  return { jobs: new JobRegistry(bus, { lock }), events, lock };
 }
 
 const tick = (count = 5) => (async () => {
@@ -128,9 +130,8 @@ test('ids: invalid and duplicate ones are refused as QEMU words it', () => {
 });
 
 test('the next command runs only after a dismissed job has let go of its nodes', async () => {
-  const { jobs, events } = harness();
+  const { jobs, events, lock } = harness();
   const registry = new CommandRegistry();
-  registry.settleBeforeCommands(() => jobs.released());
   registry.register('query-jobs', () => jobs.queryJobs());
   let letGo!: () => void;
   const steps: string[] = [];
@@ -147,7 +148,8 @@ test('the next command runs only after a dismissed job has let go of its nodes',
   await tick(20);
   assert.equal(events.at(-1), 'null');
   // A client that saw 'null' sends a command now; it must not meet the job's nodes still held.
-  const command = registry.call('query-jobs', {}, { commandLog: () => undefined } as unknown as CommandContext).then(() => steps.push('command ran'));
+  // As the daemon runs a command: a section of its lock.
+  const command = lock.run(() => registry.call('query-jobs', {}, { commandLog: () => undefined } as unknown as CommandContext)).then(() => steps.push('command ran'));
   await tick(10);
   assert.deepEqual(steps, []);
   letGo();

@@ -5,7 +5,7 @@
  * disk reads (QEMU's write-unchanged permission).
  */
 import { genericError } from '../../errors.js';
-import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, DriverState, OpenContext, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import type { BlockNode } from '../node.js';
 import { PERM_WRITE_UNCHANGED, defaultChildPermissions, type PermissionPair } from '../permissions.js';
@@ -16,34 +16,55 @@ interface CorOptions {
 }
 
 class CopyOnReadState implements DriverState {
-  constructor(private readonly file: ChildEdge, private readonly bottom: BlockNode | undefined, private readonly node: BlockNode) {}
+  /** While the filter is open, copies into the top and writes to it never interleave (BlockNode.serialisedCopy). */
+  private readonly endSerialising: () => void;
+
+  constructor(private readonly file: ChildEdge, private readonly bottom: BlockNode | undefined, private readonly node: BlockNode) {
+    this.endSerialising = file.child.beginSerialising();
+  }
 
   length(): number {
     return this.file.length();
   }
 
-  /** Whether data at `offset` comes from a layer that may be copied up (below the top, above `bottom`). */
+  /** Whether data at `offset` comes from a layer that may be copied up (below the top, down to `bottom`). */
   private async copyableRun(offset: number, length: number): Promise<{ length: number; copy: boolean }> {
     const top = this.file.child;
     const status = await top.blockStatus(offset, length);
-    if (status.allocated) return { length: status.length, copy: false };
+    if (status.allocated || this.bottom === top) return { length: status.length, copy: false };
     // Walk down to the layer the data comes from; stop at bottom.
-    let layer = top.backing();
-    while (layer) {
-      const below = await layer.child.blockStatus(offset, Math.min(status.length, Math.max(1, layer.child.length() - offset)));
-      if (below.allocated || layer.child === this.bottom) return { length: Math.min(status.length, below.length), copy: below.allocated && !below.zero };
-      layer = layer.child.backing();
+    for (let layer = top.below(); layer; layer = layer.below()) {
+      const below = await layer.blockStatus(offset, Math.min(status.length, Math.max(1, layer.length() - offset)));
+      if (below.allocated || layer === this.bottom) return { length: Math.min(status.length, below.length), copy: below.allocated && !below.zero };
     }
     return { length: status.length, copy: false };
   }
 
-  async read(offset: number, buffer: Buffer): Promise<void> {
-    await this.file.read(offset, buffer);
-    for (let done = 0; done < buffer.length;) {
-      const run = await this.copyableRun(offset + done, buffer.length - done);
-      if (run.copy) await this.file.write(offset + done, buffer.subarray(done, done + run.length));
+  private async anythingToCopy(offset: number, length: number): Promise<boolean> {
+    for (let done = 0; done < length;) {
+      const run = await this.copyableRun(offset + done, length - done);
+      if (run.copy) return true;
       done += run.length;
     }
+    return false;
+  }
+
+  async read(offset: number, buffer: Buffer): Promise<void> {
+    // Most reads find nothing to copy up; they need no serialising.
+    if (!(await this.anythingToCopy(offset, buffer.length))) return this.file.read(offset, buffer);
+    // Read, then write back, with no write to these clusters in between (QEMU's serialising
+    // copy-on-read request): a client write acknowledged meanwhile would be overwritten with
+    // the older data read here. Under the lock the top's allocation cannot change, so what is
+    // copied is decided after the read.
+    const top = this.file.child;
+    await top.serialisedCopy(offset, buffer.length, async () => {
+      await this.file.read(offset, buffer);
+      for (let done = 0; done < buffer.length;) {
+        const run = await this.copyableRun(offset + done, buffer.length - done);
+        if (run.copy) await this.file.write(offset + done, buffer.subarray(done, done + run.length), { serialisedCopy: true });
+        done += run.length;
+      }
+    });
   }
 
   write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
@@ -75,7 +96,22 @@ class CopyOnReadState implements DriverState {
     return { filename: nodeFilename(this.node) };
   }
 
-  async close(): Promise<void> {}
+  async close(): Promise<void> {
+    this.endSerialising();
+  }
+}
+
+/**
+ * The lowest layer reads copy from, checked as QEMU's cor_open checks it. The file's own node
+ * is allowed (nothing is then copied: a stream with nothing to stream inserts such a filter).
+ */
+function findBottom(context: OpenContext, top: BlockNode, name: string): BlockNode {
+  const node = context.findNode(name);
+  if (!node) throw genericError(`Bottom node '${name}' not found`);
+  if (node.driver.kind === 'filter') throw genericError(`Bottom node '${name}' is a filter`);
+  for (let layer: BlockNode | undefined = top; layer; layer = layer.below()) if (layer === node) return node;
+  // QEMU 7.2 hangs on a bottom outside the chain; blockd refuses it.
+  throw genericError(`Bottom node '${name}' not found in the backing chain`);
 }
 
 export const copyOnReadDriver: BlockDriver<CorOptions> = {
@@ -84,13 +120,7 @@ export const copyOnReadDriver: BlockDriver<CorOptions> = {
   strongOptions: ['bottom'],
   async open(context, options) {
     const file = await context.openChild('file', { name: 'file', role: 'filtered' });
-    let bottom: BlockNode | undefined;
-    if (options.bottom !== undefined) {
-      for (let layer = file.child.backing(); layer; layer = layer.child.backing()) {
-        if (layer.child.name === options.bottom) bottom = layer.child;
-      }
-      if (!bottom) throw genericError(`Bottom node '${options.bottom}' not found in the backing chain`);
-    }
+    const bottom = options.bottom === undefined ? undefined : findBottom(context, file.child, options.bottom);
     return new CopyOnReadState(file, bottom, context.node);
   },
 };

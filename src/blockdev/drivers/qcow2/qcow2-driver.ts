@@ -32,6 +32,10 @@ class Qcow2State implements DriverState {
     return this.image.size;
   }
 
+  get clusterSize(): number {
+    return this.image.clusterSize;
+  }
+
   async read(offset: number, buffer: Buffer): Promise<void> {
     const release = await this.image.locks.acquire(offset, offset + buffer.length, false);
     try {
