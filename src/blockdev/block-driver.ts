@@ -118,6 +118,8 @@ export interface BlockDriver<Options = Record<string, unknown>> {
   namedAfterChild?: boolean;
   /** May have a backing child (qcow2). */
   supportsBacking?: boolean;
+  /** False for drivers QEMU cannot reopen (no bdrv_reopen_prepare): changing the node's read-only mode fails. */
+  reopenable?: boolean;
   /** Options that define what the node reads (QEMU's strong runtime options): they name it in json: filenames. */
   strongOptions: readonly string[];
   open(context: OpenContext, options: Options): Promise<DriverState>;
