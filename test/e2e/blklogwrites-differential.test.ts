@@ -18,6 +18,7 @@ const peers = differentialPeers((dir) => {
   qemuImg('create', '-q', '-f', 'qcow2', join(dir, 'base.qcow2'), '4M');
   qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'top.qcow2'));
   qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'over.qcow2'));
+  qemuImg('create', '-q', '-f', 'qcow2', join(dir, 'snap.qcow2'), '4M');
   qemuImg('create', '-q', '-f', 'raw', join(dir, 'junk.raw'), '64k');
   spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 7 0 64k', join(dir, 'junk.raw')]);
   for (const log of ['top.log', 'base.log', 'empty.log']) writeFileSync(join(dir, log), '');
@@ -39,6 +40,10 @@ const STEPS: object[] = [
   },
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
   { execute: 'query-named-block-nodes' },
+  // The snapshot's reopen of the old node read-only fails, and QEMU keeps the node writable.
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'snap', file: file('snap.qcow2'), backing: null } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'top', overlay: 'snap' } },
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
   {
     execute: 'blockdev-add',
     arguments: { driver: 'qcow2', 'node-name': 'base', 'read-only': true, file: { driver: 'blklogwrites', 'node-name': 'base-log', 'log-sector-size': 4096, file: file('base.qcow2'), log: file('base.log') } },
@@ -47,7 +52,7 @@ const STEPS: object[] = [
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
   { execute: 'block-commit', arguments: { 'job-id': 'c', device: 'over' } },
   { execute: 'query-jobs' },
-  ...['top', 'over', 'base'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
+  ...['snap', 'top', 'over', 'base'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
 ];
 

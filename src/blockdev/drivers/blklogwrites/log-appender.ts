@@ -32,6 +32,8 @@ export class LogAppender {
   private countedEntries: number;
   private recordedSequence: number | undefined;
   private started: Promise<void> | undefined;
+  /** Writes or discards were logged since the last flush (QEMU's write_gen against flushed_gen). */
+  private unflushed = false;
 
   constructor(private readonly log: ChildEdge, private readonly position: LogPosition, private readonly superInterval: number) {
     this.countedEntries = position.existing ? position.entries : -1;
@@ -45,21 +47,26 @@ export class LogAppender {
   /** Logs a write of whole sectors at byte `offset`: its bytes, or zeros for a write-zeroes. */
   async write(offset: number, data: Buffer | { zeroes: number }, fua: boolean): Promise<void> {
     const length = Buffer.isBuffer(data) ? data.length : data.zeroes;
+    this.unflushed = true;
     await this.append({ sector: offset / this.sectorSize, sectors: length / this.sectorSize, flags: fua ? LOG_FUA : 0, dataLength: 0 }, data);
     // A FUA write is durable now: what any log records from here on comes after it.
     if (fua) nextFlushSequence();
   }
 
   async discard(offset: number, length: number): Promise<void> {
+    this.unflushed = true;
     await this.append({ sector: offset / this.sectorSize, sectors: length / this.sectorSize, flags: LOG_DISCARD, dataLength: 0 });
   }
 
   /**
    * Logs a flush as it is issued, behind a mark with its new sequence number: what the
    * log holds before it is what the flush makes durable (a write that completes while
-   * the flush runs is logged after it, and is not covered by it).
+   * the flush runs is logged after it, and is not covered by it). As in QEMU, a flush with
+   * nothing written since the last one is not logged.
    */
   async flush(): Promise<void> {
+    if (!this.unflushed) return;
+    this.unflushed = false;
     nextFlushSequence();
     await this.append({ sector: 0, sectors: 0, flags: LOG_FLUSH, dataLength: 0 });
     await this.updateSuperblock();
