@@ -4,14 +4,15 @@
  * checker replays the logs at every flush and at random moments between
  * flushes with writes dropped: no replay may be corrupt, and every write the
  * guest saw flushed must read back. Scenarios: allocating writes (partial
- * clusters over a backing file, so a lost copy shows) and an external
- * snapshot taken under the writing guest. The checker's figures go to the test's diagnostics.
+ * clusters over a backing file, so a lost copy shows), an external snapshot
+ * taken under the writing guest, and an image made by blockdev-create then
+ * written. The checker's figures go to the test's diagnostics.
  */
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { makeTempDir } from '../helpers/paths.js';
 import { checkPowerLoss, describeReport, type PowerLossScenario } from '../helpers/power-loss/power-loss-checker.js';
-import { recordAllocatingWrites, recordExternalSnapshot } from '../helpers/power-loss/write-scenarios.js';
+import { recordAllocatingWrites, recordCreatedImage, recordExternalSnapshot } from '../helpers/power-loss/write-scenarios.js';
 
 async function assertNoLoss(t: TestContext, scenario: PowerLossScenario, seed: number): Promise<void> {
   const report = await checkPowerLoss(scenario, { seed, randomPerEpoch: 3, singleDrops: true });
@@ -35,6 +36,16 @@ test('an external snapshot taken under a writing guest survives a power loss (ba
   const temp = makeTempDir();
   try {
     await assertNoLoss(t, await recordExternalSnapshot(temp.dir, seed), seed);
+  } finally {
+    temp.cleanup();
+  }
+});
+
+test('an image made by blockdev-create is never a corrupt qcow2 and, once the job is done, holds what the guest flushed', async (t) => {
+  const seed = 1103;
+  const temp = makeTempDir();
+  try {
+    await assertNoLoss(t, await recordCreatedImage(temp.dir, seed), seed);
   } finally {
     temp.cleanup();
   }
