@@ -67,13 +67,27 @@ export class LogTimeline {
   }
 
   /**
+   * Where a moment in `epoch` can start in a log: after the earlier epochs, and after the flush
+   * that opened the epoch if this log holds it. Entries of the epoch in other logs were written
+   * after that flush was issued, often because it completed (a commit flushes the base, then
+   * rewrites the overlay's header): cutting them from it would invent states that cannot happen.
+   */
+  private epochStart(log: number, epoch: number): number {
+    const before = this.entriesBefore(log, epoch);
+    const end = this.entriesBefore(log, epoch + 1);
+    const opening = this.logs[log]!.entries.slice(before, end).find((entry) => entry.flags & LOG_FLUSH);
+    return opening ? opening.index + 1 : before;
+  }
+
+  /**
    * A random moment in `epoch`: in each log, a random number of that epoch's entries on top of
-   * the earlier epochs, then each write not yet durable dropped or kept at random.
+   * the earlier epochs (and of the flush that opened it), then each write not yet durable
+   * dropped or kept at random.
    */
   randomPoint(epoch: number, random: SeededRandom): CrashState {
     const prefix = this.logs.map((_, i) => {
-      const before = this.entriesBefore(i, epoch);
-      return before + random.int(this.entriesBefore(i, epoch + 1) - before + 1);
+      const floor = this.epochStart(i, epoch);
+      return floor + random.int(this.entriesBefore(i, epoch + 1) - floor + 1);
     });
     const dropped = this.logs.map((_, i) => new Set(this.volatileEntries(i, prefix[i]!).filter(() => random.chance(0.5))));
     const count = dropped.reduce((sum, set) => sum + set.size, 0);
