@@ -5,14 +5,15 @@
  * copy of the original file up to any point and see what a power loss there
  * would have left (test/helpers/power-loss/). Requests are done in whole log
  * sectors: an unaligned write reads the sectors around it first, holding them
- * so no other write slips in between. Where blockd goes beyond QEMU, for the
- * replay's sake: a flush is logged when it is issued, not when it completes
- * (what precedes it in the log is exactly what it makes durable); a FUA write
- * carries the FUA flag; and before the first entry after any flush or FUA
- * write of the process, each log records a mark "flush-seq=N" with the
- * process-wide sequence number, so that the logs of several nodes (a commit
- * writes the base, then the overlay's header) can be merged in one order.
- * Truncation passes through unlogged, as in QEMU (the format has no entry for it).
+ * so no other write slips in between. As in QEMU, the filter has no FUA of its
+ * own: the node turns a FUA write into a write and a flush, both logged.
+ * Where blockd goes beyond QEMU, for the replay's sake: a flush is logged when
+ * it is issued, not when it completes (what precedes it in the log is exactly
+ * what it makes durable), and before the first entry after any flush of the
+ * process, each log records a mark "flush-seq=N" with the process-wide
+ * sequence number, so that the logs of several nodes (a commit writes the
+ * base, then the overlay's header) can be merged in one order. Truncation
+ * passes through unlogged, as in QEMU (the format has no entry for it).
  */
 import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import type { ChildEdge } from '../../child-edge.js';
@@ -59,7 +60,7 @@ class BlklogwritesState implements DriverState {
     try {
       const bytes = padded ? await this.padToSectors(start, end, offset, buffer) : buffer;
       await this.file.write(start, bytes, flags);
-      await this.log.write(start, bytes, flags.fua === true);
+      await this.log.write(start, bytes);
     } finally {
       release();
     }
@@ -83,7 +84,7 @@ class BlklogwritesState implements DriverState {
     const release = await this.spans.acquire(offset, offset + length, false);
     try {
       await this.file.writeZeroes(offset, length, flags);
-      await this.log.write(offset, { zeroes: length }, flags.fua === true);
+      await this.log.write(offset, { zeroes: length });
     } finally {
       release();
     }

@@ -1,8 +1,8 @@
 /*
- * The process-wide order of durability events across every write log blockd
- * keeps: a flush (when it is issued) or a FUA write (when it completed) moves
- * the number on, and each log records the number in a mark before its next
- * entry, so the logs of several nodes can be merged and cut at one moment.
+ * The process-wide order of flushes across every write log blockd keeps: a
+ * flush moves the number on when it is issued, and each log records the
+ * number in a mark before its next entry, so the logs of several nodes can be
+ * merged and cut at one moment.
  */
 
 let sequence = 0;
@@ -11,7 +11,7 @@ export function currentFlushSequence(): number {
   return sequence;
 }
 
-/** A durability event: the number that orders it. */
+/** A flush being issued: the number that orders it. */
 export function nextFlushSequence(): number {
   return ++sequence;
 }

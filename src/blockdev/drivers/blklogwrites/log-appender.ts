@@ -11,7 +11,7 @@
 import type { ChildEdge } from '../../child-edge.js';
 import { Mutex } from '../../mutex.js';
 import { currentFlushSequence, nextFlushSequence } from './flush-sequence.js';
-import { LOG_DISCARD, LOG_FLUSH, LOG_FUA, LOG_MARK, encodeEntrySector, encodeSuperblock, sequenceMark, type LogEntryHeader } from './log-format.js';
+import { LOG_DISCARD, LOG_FLUSH, LOG_MARK, encodeEntrySector, encodeSuperblock, sequenceMark, type LogEntryHeader } from './log-format.js';
 
 /** Where the next entry goes, and what the log holds already (log-append). */
 export interface LogPosition {
@@ -45,12 +45,10 @@ export class LogAppender {
   }
 
   /** Logs a write of whole sectors at byte `offset`: its bytes, or zeros for a write-zeroes. */
-  async write(offset: number, data: Buffer | { zeroes: number }, fua: boolean): Promise<void> {
+  async write(offset: number, data: Buffer | { zeroes: number }): Promise<void> {
     const length = Buffer.isBuffer(data) ? data.length : data.zeroes;
     this.unflushed = true;
-    await this.append({ sector: offset / this.sectorSize, sectors: length / this.sectorSize, flags: fua ? LOG_FUA : 0, dataLength: 0 }, data);
-    // A FUA write is durable now: what any log records from here on comes after it.
-    if (fua) nextFlushSequence();
+    await this.append({ sector: offset / this.sectorSize, sectors: length / this.sectorSize, flags: 0, dataLength: 0 }, data);
   }
 
   async discard(offset: number, length: number): Promise<void> {

@@ -179,6 +179,7 @@ function resolveBacking(file: ChildEdge, name: string): string {
 export const qcow2Driver: BlockDriver<Qcow2Options> = {
   name: 'qcow2',
   kind: 'format',
+  handlesFua: true,
   supportsBacking: true,
   strongOptions: [],
   async open(context, options) {
