@@ -122,6 +122,10 @@ export interface BlockDriver<Options = Record<string, unknown>> {
   namedAfterChild?: boolean;
   /** May have a backing child (qcow2). */
   supportsBacking?: boolean;
+  /** Makes a FUA write durable by itself (qcow2's barrier, NBD's FUA flag); for other drivers the node writes, then flushes. */
+  handlesFua?: boolean;
+  /** False for drivers QEMU cannot reopen (no bdrv_reopen_prepare): changing the node's read-only mode fails. */
+  reopenable?: boolean;
   /** Options that define what the node reads (QEMU's strong runtime options): they name it in json: filenames. */
   strongOptions: readonly string[];
   open(context: OpenContext, options: Options): Promise<DriverState>;

@@ -256,6 +256,7 @@ export class BlockGraph implements NodeObserver {
       changed.push(current);
     };
     visit(node);
+    checkReopenable(changed);
     const reopened: BlockNode[] = [];
     try {
       for (const current of changed) {
@@ -283,6 +284,7 @@ export class BlockGraph implements NodeObserver {
       for (const edge of current.children) if (edge.role !== 'cow' && !edge.child.monitorOwned) visit(edge.child);
     };
     visit(node);
+    checkReopenable(changed);
     // Cached metadata (qcow2 tables) must reach the files while they are still writable.
     for (const current of changed) await current.drained(async () => current.state.flush?.());
     for (const current of changed) current.settings.readOnly = true;
@@ -346,6 +348,12 @@ export class BlockGraph implements NodeObserver {
       edge.shared = pair.shared;
     }
   }
+}
+
+/** QEMU refuses a reopen when a node it would change has a driver without a reopen handler. */
+function checkReopenable(nodes: readonly BlockNode[]): void {
+  const stuck = nodes.find((node) => node.driver.reopenable === false);
+  if (stuck) throw genericError(`Block format '${stuck.driver.name}' used by node '${stuck.name}' does not support reopening files`);
 }
 
 /**

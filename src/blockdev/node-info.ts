@@ -13,6 +13,9 @@ function filterOrBacking(node: BlockNode) {
 
 async function allocatedSize(node: BlockNode): Promise<number | undefined> {
   if (node.state.allocatedSize) return node.state.allocatedSize();
+  // QEMU: a filter counts its filtered child only (blklogwrites leaves its log out); others sum their children.
+  const filtered = node.driver.kind === 'filter' ? node.primaryChild() : undefined;
+  if (filtered) return allocatedSize(filtered.child);
   let total = 0;
   for (const edge of node.children) {
     if (edge.role === 'cow') continue;

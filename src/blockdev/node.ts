@@ -254,15 +254,27 @@ export class BlockNode {
     const write = this.state.write;
     if (!write) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
     this.noteWrite(offset, buffer.length);
-    return this.guarded(offset, buffer.length, () => this.changing(offset, buffer.length, () => this.track(() => write.call(this.state, offset, buffer, flags))), flags);
+    const emulateFua = this.emulatesFua(flags);
+    const driverFlags = emulateFua ? { ...flags, fua: false } : flags;
+    await this.guarded(offset, buffer.length, () => this.changing(offset, buffer.length, () => this.track(() => write.call(this.state, offset, buffer, driverFlags))), flags);
+    if (emulateFua) await this.flush();
+  }
+
+  /**
+   * A FUA write to a driver that cannot make it durable by itself is written plainly, then
+   * flushed before it completes, as QEMU's block layer emulates FUA (a file has no FUA).
+   */
+  private emulatesFua(flags: WriteFlags): boolean {
+    return flags.fua === true && !this.driver.handlesFua;
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
     this.checkWritable(offset, length);
     if (length === 0) return;
     this.noteWrite(offset, length);
-    const zeroFlags = { ...flags, mayUnmap: flags.mayUnmap === true && this.settings.discard === 'unmap' };
-    return this.guarded(offset, length, () => this.changing(offset, length, () => this.track(async () => {
+    const emulateFua = this.emulatesFua(flags);
+    const zeroFlags = { ...flags, fua: flags.fua === true && !emulateFua, mayUnmap: flags.mayUnmap === true && this.settings.discard === 'unmap' };
+    await this.guarded(offset, length, () => this.changing(offset, length, () => this.track(async () => {
       if (this.state.writeZeroes) {
         try {
           return await this.state.writeZeroes(offset, length, zeroFlags);
@@ -277,9 +289,10 @@ export class BlockNode {
       if (!write) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
       const zeros = Buffer.alloc(Math.min(length, ZERO_CHUNK));
       for (let done = 0; done < length; done += zeros.length) {
-        await write.call(this.state, offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)), flags);
+        await write.call(this.state, offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)), zeroFlags);
       }
     })), flags);
+    if (emulateFua) await this.flush();
   }
 
   async discard(offset: number, length: number): Promise<void> {

@@ -39,15 +39,16 @@ export function checkOverlay(overlay: BlockNode): void {
   if (!overlay.driver.supportsBacking) throw genericError('The overlay does not support backing images');
 }
 
-/** Appends the overlay and makes the old node read-only. */
+/** Appends the overlay and makes the old node read-only if it can be reopened. */
 export async function commitSnapshot(layer: BlockLayer, { old, overlay, created }: PreparedSnapshot): Promise<void> {
   try {
     await layer.graph.append(overlay, old);
   } catch (error) {
     throw asQmpError(error);
   }
-  // QEMU's reopen drains the whole subtree: jobs below pause meanwhile.
-  await drainedFor(layer, old, 'subtree', () => layer.graph.reopenReadOnly(old));
+  // QEMU's reopen drains the whole subtree: jobs below pause meanwhile. Like QEMU (which passes no
+  // error pointer), a node that cannot be reopened stays writable: the snapshot itself is done.
+  await drainedFor(layer, old, 'subtree', () => layer.graph.reopenReadOnly(old)).catch(() => {});
   // An overlay the command made lives only as long as something uses it (QEMU drops it at once otherwise).
   if (created && overlay.parents.length === 0) await layer.graph.close(overlay);
 }

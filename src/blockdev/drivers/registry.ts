@@ -7,6 +7,7 @@
 import { genericError } from '../../errors.js';
 import type { BlockDriver } from '../block-driver.js';
 import { blkdebugDriver } from './blkdebug.js';
+import { blklogwritesDriver } from './blklogwrites/blklogwrites.js';
 import { commitTopDriver } from './commit-top.js';
 import { copyOnReadDriver } from './copy-on-read.js';
 import { fileDriver } from './file.js';
@@ -19,6 +20,7 @@ import { throttleDriver } from './throttle.js';
 
 const DRIVERS = new Map<string, BlockDriver<never>>([
   ['blkdebug', blkdebugDriver],
+  ['blklogwrites', blklogwritesDriver],
   ['commit_top', commitTopDriver as BlockDriver<never>],
   ['copy-on-read', copyOnReadDriver],
   ['file', fileDriver],

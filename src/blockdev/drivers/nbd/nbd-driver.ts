@@ -67,6 +67,7 @@ function exportCheck(node: BlockNode): (info: ExportInfo) => void {
 export const nbdDriver: BlockDriver<BlockdevOptionsNbd> = {
   name: 'nbd',
   kind: 'protocol',
+  handlesFua: true,
   strongOptions: ['server', 'export', 'tls-creds', 'tls-hostname'],
   async open(context, options) {
     for (const option of ['tls-creds', 'tls-hostname', 'x-dirty-bitmap'] as const) {

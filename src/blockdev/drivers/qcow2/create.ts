@@ -312,22 +312,29 @@ export function layoutQcow2(options: Qcow2CreateOptions): { parts: [number, Buff
 /**
  * Writes a new qcow2 image to `target`: a path (created or truncated) or a writable
  * edge with the resize permission (emptied first). Throws Qcow2FormatError
- * with QEMU's text when the options are refused; nothing is written then.
+ * with QEMU's text when the options are refused; nothing is written then. The
+ * header goes last, behind a barrier: a power loss before it leaves a file that is
+ * no qcow2 image yet, never one whose header points at tables not on disk.
  */
 export async function createQcow2(target: ChildEdge | string, options: Qcow2CreateOptions): Promise<void> {
   const { parts, length } = layoutQcow2(options);
+  const [[, header], ...tables] = parts as [[0, Buffer], ...[number, Buffer][]];
   if (typeof target !== 'string') {
     // Sized first so that nodes which do not grow on write (raw over a file) take the writes too.
     await target.truncate(0);
     await target.truncate(length);
-    for (const [offset, bytes] of parts) await target.write(offset, bytes);
+    for (const [offset, bytes] of tables) await target.write(offset, bytes);
+    await target.flush();
+    await target.write(0, header);
     await target.flush();
     return;
   }
   const handle = await open(target, 'w');
   try {
-    for (const [offset, bytes] of parts) await handle.write(bytes, 0, bytes.length, offset);
+    for (const [offset, bytes] of tables) await handle.write(bytes, 0, bytes.length, offset);
     await handle.truncate(length);
+    await handle.datasync();
+    await handle.write(header, 0, header.length, 0);
     await handle.datasync();
   } finally {
     await handle.close();

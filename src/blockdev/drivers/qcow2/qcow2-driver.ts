@@ -163,7 +163,7 @@ function writeRefusal(header: Qcow2Header): string | undefined {
 /**
  * A backing name from the header, relative to the image's own directory as QEMU's
  * path_combine makes it: absolute names and names with a protocol prefix stay as
- * they are; otherwise the name replaces the last component of the image's name.
+ * they are; otherwise the name replaces the last component of the image file's name.
  */
 function resolveBacking(file: ChildEdge, name: string): string {
   const hasProtocol = (path: string) => {
@@ -171,7 +171,10 @@ function resolveBacking(file: ChildEdge, name: string): string {
     return colon > 0 && (path.indexOf('/') < 0 || colon < path.indexOf('/'));
   };
   if (name.startsWith('/') || hasProtocol(name)) return name;
-  const base = file.child.state.info().filename;
+  // Through filters (a write log, a throttle) to the file whose directory holds the image, as QEMU's bdrv_dirname.
+  let holder = file.child;
+  for (let below = holder.primaryChild(); holder.driver.kind === 'filter' && below; below = holder.primaryChild()) holder = below.child;
+  const base = holder.state.info().filename;
   let keep = base.lastIndexOf('/') + 1;
   if (hasProtocol(base)) keep = Math.max(keep, base.indexOf(':') + 1);
   return base.slice(0, keep) + name;
@@ -180,6 +183,7 @@ function resolveBacking(file: ChildEdge, name: string): string {
 export const qcow2Driver: BlockDriver<Qcow2Options> = {
   name: 'qcow2',
   kind: 'format',
+  handlesFua: true,
   supportsBacking: true,
   strongOptions: [],
   async open(context, options) {
