@@ -101,7 +101,7 @@ export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): P
     try {
       await work(index);
     } finally {
-      job.workers--;
+      job.workerEnded();
     }
   };
   const work = async (index: number) => {

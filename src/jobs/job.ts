@@ -78,6 +78,8 @@ export class Job {
   private forceCancel = false;
   private resumeWaiters: (() => void)[] = [];
   private parked = 0;
+  /** The job shows 'paused' or 'standby': every worker is parked. */
+  private shownPaused = false;
   private resumeStatus: JobStatus = 'running';
   /** Workers of the run (the copy engine sets this) and how many sleep (rate limit) right now. */
   workers = 1;
@@ -299,21 +301,37 @@ export class Job {
 
   /**
    * Where the run may stop: parks while paused, throws JobCancelled once cancelled. Several
-   * workers of one job may park at once; the first changes the status, the last restores it.
+   * workers of one job may park: the job shows 'paused' once every one has (as a QEMU job is
+   * paused only with no I/O of its own in flight, so its offset no longer moves), and the
+   * first to run again shows it running.
    */
   async pausePoint(): Promise<void> {
     if (this.cancelled) throw new JobCancelled();
     if (this.pauseCount === 0) return;
-    if (this.parked++ === 0) {
-      this.pauseGeneration++;
-      this.resumeStatus = this.status === 'ready' ? 'ready' : 'running';
-      this.transition(this.resumeStatus === 'ready' ? 'standby' : 'paused');
-    }
+    this.parked++;
+    this.kickSleepers(); // a worker sleeping under the speed limit parks now, not after its sleep
+    this.showPausedOnceParked();
     while (this.pauseCount > 0 && !this.cancelled) await new Promise<void>((resolve) => this.resumeWaiters.push(resolve));
-    if (--this.parked === 0) {
+    this.parked--;
+    if (this.shownPaused) {
+      this.shownPaused = false;
       this.transition(this.resumeStatus);
     }
     if (this.cancelled) throw new JobCancelled();
+  }
+
+  /** A worker of the run has ended (the copy engine's): the others may all be parked now. */
+  workerEnded(): void {
+    this.workers--;
+    this.showPausedOnceParked();
+  }
+
+  private showPausedOnceParked(): void {
+    if (this.shownPaused || this.parked === 0 || this.parked < this.workers || this.pauseCount === 0) return;
+    this.shownPaused = true;
+    this.pauseGeneration++;
+    this.resumeStatus = this.status === 'ready' ? 'ready' : 'running';
+    this.transition(this.resumeStatus === 'ready' ? 'standby' : 'paused');
   }
 
   /**
@@ -359,9 +377,9 @@ export class Job {
     if (this.userPaused) throw genericError('Job is already paused');
     this.userPaused = true;
     this.pauseCount++;
-    if (!this.quiescent || this.parked > 0) return Promise.resolve();
+    if (!this.quiescent || this.shownPaused) return Promise.resolve();
     this.kickSleepers();
-    return this.until(() => this.status === 'paused' || this.status === 'standby' || this.parked > 0);
+    return this.until(() => this.shownPaused);
   }
 
   userResume(): void {
@@ -379,16 +397,16 @@ export class Job {
    */
   drainPause(): Promise<void> {
     this.pauseCount++;
-    if (!this.executing || this.parked > 0) return Promise.resolve();
+    if (!this.executing || this.shownPaused) return Promise.resolve();
     this.kickSleepers();
-    return this.until(() => this.parked > 0 || !this.executing);
+    return this.until(() => this.shownPaused || !this.executing);
   }
 
   /** The drain ended: resolves once the job runs again (or stays paused for another reason). */
   drainResume(): Promise<void> {
     this.pauseCount--;
     this.wake();
-    return this.until(() => this.parked === 0 || this.pauseCount > 0 || !this.executing);
+    return this.until(() => !this.shownPaused || this.pauseCount > 0 || !this.executing);
   }
 
   get isUserPaused(): boolean {

@@ -4,8 +4,8 @@
  * commit kept until dismissed, auto-finalize off, a rate-limited job paused,
  * resumed and cancelled, on-error=stop via blkdebug then resume, the default
  * on-error=report, active commits completed, soft- and force-cancelled and
- * paused while READY, conflicting jobs, and jobs on disjoint segments of one
- * chain — must give the same transcript (events in order, replies, graphs).
+ * paused while READY, conflicting jobs, and a second stream onto a chain whose
+ * lower segment a stream holds — must give the same transcript (events in order, replies, graphs).
  * The images must then read as expected, pass qemu-img check and name the
  * expected backing files, in both daemons alike.
  */
@@ -13,13 +13,14 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { differentialPeers } from '../helpers/differential-peers.js';
-import { describeDifferences, maskImageSizes, runTranscript, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { describeDifferences, maskImageSizes, progressAfterResume, runTranscript, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
+import { RawConnection } from '../helpers/raw-connection.js';
 import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
 
 const CHAINS = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'];
 
-/** The pattern chains, and a deeper one for jobs on disjoint segments: base <- l1 <- l2 <- l3 <- top. */
+/** The pattern chains, and a deeper one for two streams on one chain: base <- l1 <- l2 <- l3 <- top. */
 function makeChains(dir: string): void {
   for (const chain of CHAINS) makePatternChain(dir, chain);
   const layers = ['base', 'l1', 'l2', 'l3', 'top'];
@@ -58,7 +59,8 @@ const addFailingChain = (chain: string): TranscriptStep[] => [
 ];
 const commit = (args: object): TranscriptStep => ({ execute: 'block-commit', arguments: args });
 const stream = (args: object): TranscriptStep => ({ execute: 'block-stream', arguments: args });
-const settle: TranscriptStep = { pause: 500 };
+const c4Progress = progressAfterResume('c4');
+const ready = (device: string): TranscriptStep => ({ awaitEvent: { event: 'BLOCK_JOB_READY', data: { device } } });
 const graph: TranscriptStep = { execute: 'query-named-block-nodes', arguments: { flat: true } };
 
 const STEPS: TranscriptStep[] = [
@@ -84,7 +86,7 @@ const STEPS: TranscriptStep[] = [
   commit({ device: 'a-top', 'top-node': 'a-mid', 'job-id': 'x', speed: -1 }),
   // an intermediate commit, kept until dismissed; other operations meet its blockers
   commit({ device: 'a-top', 'top-node': 'a-mid', 'base-node': 'a-base', 'job-id': 'c1', speed: 1, 'auto-dismiss': false }),
-  settle,
+  untilBlockJobIdle('c1'),
   graph,
   { execute: 'query-block-jobs' },
   stream({ device: 'a-top', 'job-id': 's1' }),
@@ -93,41 +95,39 @@ const STEPS: TranscriptStep[] = [
   { execute: 'blockdev-del', arguments: { 'node-name': 'a-mid' } },
   { execute: 'blockdev-del', arguments: { 'node-name': 'a-base' } },
   { execute: 'block-job-set-speed', arguments: { device: 'c1', speed: 0 } },
-  settle,
+  untilJob('c1', 'concluded'),
   { execute: 'query-jobs' },
   graph,
   { execute: 'job-dismiss', arguments: { id: 'c1' } },
   graph,
   // auto-finalize off; the whole chain below the top's overlay goes into the base named by file name
   commit({ device: 'b-top', 'top-node': 'b-mid', base: '$DIR/b-base.qcow2', 'job-id': 'c3', 'auto-finalize': false, 'backing-file': 'b-base.qcow2' }),
-  settle,
+  { awaitEvent: { event: 'BLOCK_JOB_PENDING', data: { id: 'c3' } } },
   { execute: 'query-block-jobs' },
   { execute: 'job-finalize', arguments: { id: 'c3' } },
-  settle,
   graph,
   // rate-limited: pause, resume, cancel
   commit({ device: 'c-top', 'top-node': 'c-mid', 'job-id': 'c4', speed: 1 }),
-  settle,
+  untilBlockJobIdle('c4'),
   { execute: 'block-job-pause', arguments: { device: 'c4' } },
-  settle,
+  c4Progress.mark,
   { execute: 'query-block-jobs' },
   { execute: 'block-job-cancel', arguments: { device: 'c4' } },
   { execute: 'block-job-resume', arguments: { device: 'c4' } },
-  settle,
+  c4Progress.moved,
   { execute: 'job-cancel', arguments: { id: 'c4' } },
-  settle,
   graph,
   // on-error=stop: the failed read pauses the job; after resume the chunk is retried
   ...addFailingChain('d'),
   commit({ device: 'd-top', 'top-node': 'd-mid', 'job-id': 'c5', 'on-error': 'stop' }),
-  settle,
+  untilJob('c5', 'paused'),
   { execute: 'query-block-jobs' },
   { execute: 'job-resume', arguments: { id: 'c5' } },
-  settle,
+  untilJob('c5', 'null'),
   // the default, report: the job fails and the chain stays as it was
   ...addFailingChain('e'),
   commit({ device: 'e-top', 'top-node': 'e-mid', 'job-id': 'c6' }),
-  settle,
+  untilJob('c6', 'null'),
   { execute: 'query-jobs' },
   // (blkdebug's json: filenames order two keys unlike QEMU, a known gap: those chains leave before the next graph query)
   ...['d', 'e'].flatMap((chain) => ['top', 'mid', 'base'].map((layer) => ({ execute: 'blockdev-del', arguments: { 'node-name': `${chain}-${layer}` } }))),
@@ -135,31 +135,29 @@ const STEPS: TranscriptStep[] = [
   ...addImplicitChain('f'),
   graph,
   commit({ device: 'f-top', 'job-id': 'c7', 'auto-dismiss': false }),
-  settle,
+  ready('c7'),
   { execute: 'query-block-jobs' },
   graph,
   commit({ device: 'f-top', 'job-id': 'c8' }),
   { execute: 'block-job-pause', arguments: { device: 'c7' } },
-  settle,
   { execute: 'query-block-jobs' },
   { execute: 'job-complete', arguments: { id: 'c7' } },
   { execute: 'block-job-resume', arguments: { device: 'c7' } },
-  settle,
+  untilJob('c7', 'concluded'),
   { execute: 'block-job-complete', arguments: { device: 'c7' } },
-  settle,
   graph,
   { execute: 'job-dismiss', arguments: { id: 'c7' } },
   // a soft cancel of a READY active commit ends it without switching over; a forced one cancels it
   ...addChain('g'),
   commit({ device: 'g-top', 'job-id': 'c9', 'filter-node-name': 'g-filter' }),
-  settle,
+  ready('c9'),
   graph,
   { execute: 'block-job-cancel', arguments: { device: 'c9' } },
-  settle,
+  untilJob('c9', 'null'),
   commit({ device: 'g-top', 'job-id': 'c10' }),
-  settle,
+  ready('c10'),
   { execute: 'block-job-cancel', arguments: { device: 'c10', force: true } },
-  settle,
+  untilJob('c10', 'null'),
   graph,
   // a base whose file the user opened read-only cannot become writable: refused before the job exists
   { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'j-base', 'read-only': true, file: { ...file('j-base'), 'read-only': true }, backing: null } },
@@ -170,34 +168,34 @@ const STEPS: TranscriptStep[] = [
   // an active commit that is not READY yet cannot complete, and a cancel is always forced
   ...addChain('h'),
   commit({ device: 'h-top', 'base-node': 'h-mid', 'job-id': 'c11', speed: 1 }),
-  settle,
+  untilBlockJobIdle('c11'),
   { execute: 'job-complete', arguments: { id: 'c11' } },
   { execute: 'block-job-cancel', arguments: { device: 'c11' } },
-  settle,
+  untilJob('c11', 'null'),
   // an active commit into the middle layer, completed
   ...addChain('i'),
   commit({ device: 'i-top', 'base-node': 'i-mid', 'job-id': 'c12' }),
-  settle,
+  ready('c12'),
   { execute: 'job-complete', arguments: { id: 'c12' } },
-  settle,
+  untilJob('c12', 'null'),
   graph,
-  // jobs on disjoint segments of one chain run side by side: l3 into top, and l1 into l2
+  // l1 streamed into l2; then l3 into top, whose base is that stream's node, is refused, as QEMU 7.2 does
   { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'z-top', file: file('z-top') } },
   { execute: 'query-named-block-nodes' },
   stream({ device: 'z-top', 'base-node': '#block000', 'job-id': 'placeholder' }),
 ];
 
-/** The disjoint-segment steps need the generated names of z's layers; they are read from the graph above. */
+/** The two-stream steps need the generated names of z's layers; they are read from the graph above. */
 function disjointSteps(names: Record<string, string>): TranscriptStep[] {
   return [
     stream({ device: names.l2, 'base-node': names.base, 'job-id': 's-low', speed: 1 }),
     stream({ device: 'z-top', 'base-node': names.l2, 'job-id': 's-high', speed: 1 }),
     stream({ device: 'z-top', 'job-id': 's-all' }),
-    settle,
+    untilBlockJobIdle('s-low'),
     { execute: 'query-jobs' },
     { execute: 'block-job-set-speed', arguments: { device: 's-low', speed: 0 } },
     { execute: 'block-job-set-speed', arguments: { device: 's-high', speed: 0 } },
-    settle,
+    untilJob('s-low', 'null'),
     { execute: 'query-jobs' },
   ];
 }
@@ -206,8 +204,11 @@ test('block-commit follows qemu-storage-daemon: events, refusals, graphs and the
   const steps = STEPS.slice(0, -1);
   const run = async (socket: string, dir: string) => {
     const transcript = await runTranscript(socket, dir, steps, maskImageSizes);
-    // Generated names differ between the daemons: find z's layers by file name in the last graph.
-    const nodes = JSON.parse(transcript.at(-1)!).return as { 'node-name': string; file: string; drv: string }[];
+    // Generated names differ between the daemons (the transcript masks them): find z's layers by file name.
+    const query = await RawConnection.negotiated(socket);
+    query.send('{"execute": "query-named-block-nodes"}');
+    const nodes = JSON.parse(await query.readLine()).return as { 'node-name': string; file: string; drv: string }[];
+    query.end();
     const names = Object.fromEntries(['base', 'l1', 'l2', 'l3'].map((layer) => [layer, nodes.find((node) => node.drv === 'qcow2' && node.file.endsWith(`z-${layer}.qcow2`))!['node-name']]));
     return [...transcript.slice(0, -1), ...(await runTranscript(socket, dir, disjointSteps(names), maskImageSizes))];
   };

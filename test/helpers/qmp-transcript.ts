@@ -25,7 +25,7 @@ export interface PolledState {
   holds: (result: unknown) => boolean;
 }
 
-export type TranscriptStep = object | { pause: number } | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { poll: PolledState } | { untilClosed: true };
+export type TranscriptStep = object | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { poll: PolledState } | { untilClosed: true };
 
 /** Waits until query-block-jobs shows the job in a state (e.g. a rate-limited job idle after its first chunk). */
 export function untilBlockJob(device: string, holds: (job: { offset: number; busy: boolean; status: string }) => boolean): TranscriptStep {
@@ -41,6 +41,18 @@ export function untilBlockJob(device: string, holds: (job: { offset: number; bus
 /** A rate-limited job has copied its first chunk and sleeps. */
 export function untilBlockJobIdle(device: string): TranscriptStep {
   return untilBlockJob(device, (job) => job.offset > 0 && !job.busy);
+}
+
+/**
+ * For a rate-limited job around a pause: `mark` notes where it stands (place it while the job is
+ * paused), `moved` waits until it has copied more and sleeps again (place it after the resume).
+ */
+export function progressAfterResume(device: string): { mark: TranscriptStep; moved: TranscriptStep } {
+  let pausedAt = 0;
+  return {
+    mark: untilBlockJob(device, (job) => ((pausedAt = job.offset), true)),
+    moved: untilBlockJob(device, (job) => job.offset > pausedAt && !job.busy),
+  };
 }
 
 /** The block job has ended (or never started): query-block-jobs no longer lists it. */
@@ -88,14 +100,7 @@ export async function runTranscript(socket: string, dir: string, steps: readonly
   };
   for (const step of steps) {
     if ('pause' in step) {
-      await new Promise((resolve) => setTimeout(resolve, step.pause));
-      for (;;) {
-        try {
-          record(await connection.readLine(100));
-        } catch {
-          break;
-        }
-      }
+      throw new Error('a transcript waits for an event or a polled state, never for a time');
     } else if ('poll' in step) {
       const { what, execute, arguments: args, holds } = step.poll;
       for (let tries = 0; ; tries++) {
