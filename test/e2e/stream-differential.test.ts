@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { differentialPeers } from '../helpers/differential-peers.js';
-import { describeDifferences, maskImageSizes, runTranscript, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { describeDifferences, maskImageSizes, progressAfterResume, runTranscript, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
 import { assertCheckClean, qemuImgCompare, runQemuImg } from '../helpers/qemu-tools.js';
 
@@ -38,7 +38,7 @@ const addFailingChain = (chain: string): TranscriptStep[] => [
   { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-top`, file: { driver: 'file', filename: `$DIR/${chain}-top.qcow2` }, backing: `${chain}-mid` } },
 ];
 const stream = (args: object) => ({ execute: 'block-stream', arguments: args });
-const settle: TranscriptStep = { pause: 500 };
+const s4Progress = progressAfterResume('s4');
 
 const STEPS: TranscriptStep[] = [
   ...addChain('a'),
@@ -58,48 +58,43 @@ const STEPS: TranscriptStep[] = [
   stream({ 'job-id': '1x', device: 'a-top', 'base-node': 'a-base' }),
   // a normal run, kept until dismissed
   stream({ 'job-id': 's1', device: 'a-top', 'base-node': 'a-base', 'auto-dismiss': false }),
-  settle,
+  untilJob('s1', 'concluded'),
   { execute: 'query-jobs' },
   { execute: 'query-block-jobs' },
-  // (QSD refuses a second stream here with "Node '#blockN' is busy", naming a node it still
-  // holds for the concluded job; which one is not yet understood, so the step waits for that.)
   { execute: 'blockdev-del', arguments: { 'node-name': 'a-mid' } },
   { execute: 'job-dismiss', arguments: { id: 's1' } },
-  settle,
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
   // auto-finalize off, the whole chain
   stream({ 'job-id': 's3', device: 'b-top', 'auto-finalize': false }),
-  settle,
+  { awaitEvent: { event: 'BLOCK_JOB_PENDING', data: { id: 's3' } } },
   { execute: 'job-dismiss', arguments: { id: 's3' } },
   { execute: 'query-block-jobs' },
   { execute: 'job-finalize', arguments: { id: 's3' } },
-  settle,
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
   // rate-limited: pause, resume, cancel
   stream({ 'job-id': 's4', device: 'c-top', 'base-node': 'c-base', speed: 1 }),
-  settle,
+  untilBlockJobIdle('s4'),
   { execute: 'block-job-pause', arguments: { device: 's4' } },
-  settle,
+  s4Progress.mark,
   { execute: 'block-job-cancel', arguments: { device: 's4' } },
   { execute: 'block-job-set-speed', arguments: { device: 's4', speed: -1 } },
   { execute: 'block-job-resume', arguments: { device: 's4' } },
-  settle,
+  s4Progress.moved,
   { execute: 'query-jobs' },
   { execute: 'job-cancel', arguments: { id: 's4' } },
-  settle,
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
   // on-error=stop: the failed read pauses the job; after resume the chunk is retried
   ...addFailingChain('d'),
   stream({ 'job-id': 's5', device: 'd-top', 'base-node': 'd-base', 'on-error': 'stop' }),
-  settle,
+  untilJob('s5', 'paused'),
   { execute: 'query-block-jobs' },
   { execute: 'block-job-cancel', arguments: { device: 's5' } },
   { execute: 'job-resume', arguments: { id: 's5' } },
-  settle,
+  untilJob('s5', 'null'),
   // the default, report: the job fails with the error
   ...addFailingChain('e'),
   stream({ 'job-id': 's6', device: 'e-top', 'base-node': 'e-base' }),
-  settle,
+  untilJob('s6', 'null'),
   // (Not query-named-block-nodes here: the json: filename of blkdebug's flattened rule keys differs
   // from QEMU's in the order of two keys that share a QDict bucket, a known gap of the filename code.)
   { execute: 'query-jobs' },
@@ -111,7 +106,7 @@ const STEPS: TranscriptStep[] = [
   { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'f-top', file: { driver: 'file', filename: '$DIR/f-top.qcow2' }, backing: 'f-mid' } },
   stream({ 'job-id': 's7', device: 'f-mid', speed: -1 }),
   stream({ 'job-id': 's7', device: 'f-mid', 'auto-dismiss': false }),
-  settle,
+  untilJob('s7', 'concluded'),
   { execute: 'job-dismiss', arguments: { id: 's7' } },
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
   ...['a', 'b', 'c', 'f'].flatMap((chain) => ['top', 'mid', 'base'].map((layer) => ({ execute: 'blockdev-del', arguments: { 'node-name': `${chain}-${layer}` } }))),
