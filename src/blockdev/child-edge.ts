@@ -73,4 +73,9 @@ export class ChildEdge {
   length(): number {
     return this.child.length();
   }
+
+  /** Writes past the end grow the child (a file, or a filter over one): a format above may allocate there. */
+  get growsOnWrite(): boolean {
+    return this.child.state.growsOnWrite === true;
+  }
 }

@@ -13,6 +13,7 @@ import { after, test } from 'node:test';
 import { pino } from 'pino';
 import { Daemon } from '../../src/daemon.js';
 import type { ChildEdge } from '../../src/blockdev/child-edge.js';
+import type { JsonObject } from '../../src/json/value.js';
 import { ThrottleGroup } from '../../src/objects/throttle-group.js';
 import { makeTempDir } from '../helpers/paths.js';
 
@@ -96,4 +97,32 @@ test('throttle: requests beyond the bucket wait, in order', async () => {
   await daemon.graph.detach(disk);
   await daemon.runCommand('blockdev-del', { 'node-name': 'thr' });
   await daemon.runCommand('object-del', { id: 'tg' });
+});
+
+test('a qcow2 image over a filter over its file allocates: the filter grows as its file does', async () => {
+  await daemon.runCommand('object-add', { 'qom-type': 'throttle-group', id: 'grow-tg', limits: { 'iops-total': 100000 } });
+  const filters: Record<string, Record<string, string>> = {
+    throttle: { driver: 'throttle', 'throttle-group': 'grow-tg' },
+    'copy-on-read': { driver: 'copy-on-read' },
+    blkdebug: { driver: 'blkdebug' },
+  };
+  for (const [name, filter] of Object.entries(filters)) {
+    const path = join(temp.dir, `grow-${name}.qcow2`);
+    spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, '4M']);
+    const file = { driver: 'file', filename: path };
+    await daemon.runCommand('blockdev-add', {
+      driver: 'qcow2', 'node-name': `grow-${name}`,
+      file: { ...filter, [name === 'blkdebug' ? 'image' : 'file']: file } as JsonObject,
+    });
+    const disk = await userOf(`grow-${name}`, true);
+    await disk.write(1 << 20, Buffer.alloc(65536, 0x6b)); // a new cluster: past the file's end
+    await disk.flush();
+    await daemon.graph.detach(disk);
+    await daemon.runCommand('blockdev-del', { 'node-name': `grow-${name}` });
+    const read = spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x6b 1M 64k', path], { encoding: 'utf8' });
+    assert.ok(read.status === 0 && !/fail/i.test(read.stdout), `${name}: ${read.stdout}${read.stderr}`);
+    const check = spawnSync('qemu-img', ['check', path], { encoding: 'utf8' });
+    assert.equal(check.status, 0, `${name}: ${check.stdout}`);
+  }
+  await daemon.runCommand('object-del', { id: 'grow-tg' });
 });

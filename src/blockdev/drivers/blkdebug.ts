@@ -78,6 +78,11 @@ class BlkdebugState implements DriverState {
     return this.image.length();
   }
 
+  /** A format above may write past the end when the file below grows on write. */
+  get growsOnWrite(): boolean {
+    return this.image.growsOnWrite;
+  }
+
   async read(offset: number, buffer: Buffer): Promise<void> {
     this.event('read_aio');
     this.check('read', offset, buffer.length);

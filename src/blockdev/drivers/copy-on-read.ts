@@ -27,6 +27,11 @@ class CopyOnReadState implements DriverState {
     return this.file.length();
   }
 
+  /** A format above may write past the end when the file below grows on write. */
+  get growsOnWrite(): boolean {
+    return this.file.growsOnWrite;
+  }
+
   /** Whether data at `offset` comes from a layer that may be copied up (below the top, down to `bottom`). */
   private async copyableRun(offset: number, length: number): Promise<{ length: number; copy: boolean }> {
     const top = this.file.child;

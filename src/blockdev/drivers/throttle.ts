@@ -21,6 +21,11 @@ class ThrottleState implements DriverState {
     return this.file.length();
   }
 
+  /** A format above may write past the end when the file below grows on write. */
+  get growsOnWrite(): boolean {
+    return this.file.growsOnWrite;
+  }
+
   async read(offset: number, buffer: Buffer): Promise<void> {
     await this.group.admit(false, buffer.length);
     return this.file.read(offset, buffer);

@@ -33,7 +33,7 @@ class BlklogwritesState implements DriverState {
 
   /** A format above may write past the end when the file below grows on write. */
   get growsOnWrite(): boolean {
-    return this.file.child.state.growsOnWrite === true;
+    return this.file.growsOnWrite;
   }
 
   length(): number {
