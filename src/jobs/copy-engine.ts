@@ -81,6 +81,16 @@ export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): P
   let failure: unknown;
   let lastYield = Date.now();
   let deciding = Promise.resolve();
+  // Progress is the prefix copied or skipped in full, as a job copying in order reports it: a run
+  // finished ahead of one still in flight (or failed) counts once the gap before it is closed.
+  const finishedAhead = new Map<number, number>();
+  const finished = (offset: number, length: number) => {
+    finishedAhead.set(offset, length);
+    for (let end = job.currentProgress, ahead; (ahead = finishedAhead.get(end)) !== undefined; end += ahead) {
+      finishedAhead.delete(end);
+      job.currentProgress = end + ahead;
+    }
+  };
 
   /** Claims the next run, deciding in order so runs never overlap. */
   const next = async (): Promise<{ offset: number; length: number; copy: boolean } | undefined> => {
@@ -130,10 +140,10 @@ export async function runCopy(job: Job, plan: CopyPlan, options: CopyOptions): P
             return;
           }
         }
-        job.currentProgress += run.length;
+        finished(run.offset, run.length);
         await limit.take(job, run.length);
       } else {
-        job.currentProgress += run.length;
+        finished(run.offset, run.length);
         // Even skipping yields now and then, so QMP stays responsive on huge sparse images.
         if (Date.now() - lastYield > 10) {
           await new Promise((resolve) => setImmediate(resolve));

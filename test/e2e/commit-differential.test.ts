@@ -193,8 +193,9 @@ function disjointSteps(names: Record<string, string>): TranscriptStep[] {
     stream({ device: 'z-top', 'job-id': 's-all' }),
     untilBlockJobIdle('s-low'),
     { execute: 'query-jobs' },
-    { execute: 'block-job-set-speed', arguments: { device: 's-low', speed: 0 } },
+    // s-high was refused; asked first, its answer cannot race the events of s-low finishing
     { execute: 'block-job-set-speed', arguments: { device: 's-high', speed: 0 } },
+    { execute: 'block-job-set-speed', arguments: { device: 's-low', speed: 0 } },
     untilJob('s-low', 'null'),
     { execute: 'query-jobs' },
   ];

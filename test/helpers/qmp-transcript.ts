@@ -38,9 +38,22 @@ export function untilBlockJob(device: string, holds: (job: { offset: number; bus
   };
 }
 
+/**
+ * The job sleeps where it stands: two polls in a row see it not busy at the same offset. One such
+ * poll is not enough: QEMU's job loop yields (busy false) between chunks it skips, for microseconds.
+ */
+function settledAt(accept: (offset: number) => boolean): (job: { offset: number; busy: boolean }) => boolean {
+  let seen: number | undefined;
+  return (job) => {
+    const settled = !job.busy && accept(job.offset) && seen === job.offset;
+    seen = job.busy ? undefined : job.offset;
+    return settled;
+  };
+}
+
 /** A rate-limited job has copied its first chunk and sleeps. */
 export function untilBlockJobIdle(device: string): TranscriptStep {
-  return untilBlockJob(device, (job) => job.offset > 0 && !job.busy);
+  return untilBlockJob(device, settledAt((offset) => offset > 0));
 }
 
 /**
@@ -51,7 +64,7 @@ export function progressAfterResume(device: string): { mark: TranscriptStep; mov
   let pausedAt = 0;
   return {
     mark: untilBlockJob(device, (job) => ((pausedAt = job.offset), true)),
-    moved: untilBlockJob(device, (job) => job.offset > pausedAt && !job.busy),
+    moved: untilBlockJob(device, settledAt((offset) => offset > pausedAt)),
   };
 }
 
