@@ -66,7 +66,7 @@ export class Daemon {
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo, lock: this.lock });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     if (nativeAddonMissing !== undefined) {
-      log.warn({ reason: nativeAddonMissing }, 'native addon not loaded: no image locking, so file nodes open only with locking=off');
+      log.warn({ reason: nativeAddonMissing }, 'native addon not loaded: no image locking, so file nodes open only with locking=off and image files are created without seeing other users\' locks');
     }
     const missing = this.registry.missingHandlers();
     if (missing.length) throw new Error(`schema commands without a handler: ${missing.join(', ')}`);

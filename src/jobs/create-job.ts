@@ -1,17 +1,16 @@
 /*
  * blockdev-create: image creation as a job (QEMU's 'create' job: always
  * finalized automatically, always dismissed by hand, no BLOCK_JOB_* events).
- * 'file' creates a host file with the preallocation asked for; 'qcow2' lays
+ * 'file' creates a host file with the preallocation asked for, refused
+ * unchanged when another user holds it (image-file-creation.ts); 'qcow2' lays
  * out a new image on an existing node, through a user edge holding the write
  * and resize permissions, so a node in use by a format is refused.
  */
-import { constants } from 'node:fs';
-import { open } from 'node:fs/promises';
 import type { BlockLayer } from '../blockdev/block-layer.js';
 import { COMMAND_USER, lookupDeviceOrNode } from '../blockdev/block-layer.js';
 import { createQcow2, layoutQcow2 } from '../blockdev/drivers/qcow2/create.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
-import { nativeFileOps } from '../blockdev/native/native-file-ops.js';
+import { createImageFile } from '../blockdev/image-file-creation.js';
 import { PERM_ALL, PERM_RESIZE, PERM_WRITE } from '../blockdev/permissions.js';
 import type { BlockdevCreateOptions, BlockdevCreateOptionsFile, BlockdevCreateOptionsQcow2 } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
@@ -19,31 +18,13 @@ import type { CommandTable } from '../command-table.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job, JobKind } from './job.js';
 
-const ZERO_CHUNK = 1 << 20;
-
-async function createFile(job: Job, { filename, size, preallocation = 'off' }: BlockdevCreateOptionsFile): Promise<void> {
-  if (preallocation === 'metadata') throw new Error('Unsupported preallocation mode: metadata');
-  let handle;
+/** The file, locked against other users before it changes (image-file-creation.ts). */
+async function createFile(job: Job, { filename, size, preallocation }: BlockdevCreateOptionsFile): Promise<void> {
+  const handle = await createImageFile(filename, { size, preallocation, locked: () => job.startupReached() });
   try {
-    handle = await open(filename, constants.O_RDWR | constants.O_CREAT, 0o644);
-  } catch (error) {
-    throw new Error(`Could not create '${filename}': ${describeErrno(errnoOf(error))}`);
-  }
-  job.startupReached();
-  try {
-    await handle.truncate(0);
-    if (preallocation === 'falloc') {
-      await nativeFileOps.fallocate(handle.fd, 0, 0, size).catch((error: unknown) => {
-        throw new Error(`Could not preallocate data for the new file: ${describeErrno(errnoOf(error))}`);
-      });
-    } else if (preallocation === 'full') {
-      const zeros = Buffer.alloc(Math.min(ZERO_CHUNK, size));
-      for (let done = 0; done < size; done += zeros.length) {
-        await handle.write(zeros, 0, Math.min(zeros.length, size - done), done);
-      }
-    }
-    await handle.truncate(size);
-    await handle.datasync();
+    await handle.datasync().catch((error: unknown) => {
+      throw genericError(`Could not flush file to disk: ${describeErrno(errnoOf(error))}`);
+    });
   } finally {
     await handle.close();
   }
@@ -56,6 +37,8 @@ async function createQcow2Image(job: Job, layer: BlockLayer, options: BlockdevCr
   if (preallocation !== 'off' && preallocation !== 'metadata') throw new Error(`Preallocation mode '${preallocation}' for qcow2 is not supported by blockd yet`);
   const { graph, opener } = layer;
   const file = options.file;
+  // QEMU's job yields before it opens a file given inline (the reply comes first), not before it looks up a node.
+  if (typeof file !== 'string') job.startupReached();
   const node = typeof file === 'string' ? lookupDeviceOrNode(graph, file, file) : await opener.open({ options: file, monitorOwned: false });
   try {
     const edge = await graph.attachUser(COMMAND_USER, node, 'root', { perm: PERM_WRITE | PERM_RESIZE, shared: PERM_ALL });

@@ -3,10 +3,13 @@
  * create's option syntax (-o key=value,...), its checks in bdrv_img_create's order and
  * its "Formatting 'FILE', fmt=... " line, options listed in QEMU's order.
  */
-import { open, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
 import { ImageTooLargeError, createQcow2, type Qcow2CreateOptions } from '../blockdev/drivers/qcow2/create.js';
+import { createImageFile } from '../blockdev/image-file-creation.js';
 import { openImage, probeImageFormat } from '../blockdev/image-session.js';
+import type { PreallocMode } from '../generated/qapi-types.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
+import { QmpError } from '../errors.js';
 import { ImgError, getopt, hasOption, lastOption, parseSize, short, sizeOperand, usageError } from './img-args.js';
 import { combinePath } from './img-open.js';
 
@@ -139,17 +142,32 @@ function qcow2Options(values: Map<string, OptionValue>, size: number): Qcow2Crea
   };
 }
 
+/** A raw image's preallocation, parsed as the file protocol parses it (before the file is touched). */
+function rawPreallocation(values: Map<string, OptionValue>): PreallocMode {
+  const text = values.get('preallocation')?.text ?? 'off';
+  if (text !== 'off' && text !== 'metadata' && text !== 'falloc' && text !== 'full') throw new Error(`invalid parameter value: ${text}`);
+  return text;
+}
+
+/**
+ * The file first, as QEMU creates it before the format parses its options: refused,
+ * unchanged, when another user holds it. A format refusing its options then deletes
+ * the file, as QEMU does.
+ */
 async function createImage(filename: string, format: string, values: Map<string, OptionValue>, size: number): Promise<void> {
+  const handle = format === 'qcow2'
+    ? await createImageFile(filename, { size: 0 })
+    : await createImageFile(filename, { size: Math.ceil(size / 512) * 512, preallocation: rawPreallocation(values) });
   try {
-    if (format === 'qcow2') return await createQcow2(filename, qcow2Options(values, size));
-    const handle = await open(filename, 'w');
-    await handle.truncate(Math.ceil(size / 512) * 512).finally(() => handle.close());
+    if (format === 'qcow2') await createQcow2(handle, qcow2Options(values, size));
   } catch (error) {
     if (!(error instanceof Error) || 'code' in error) throw new Error(`Could not create '${filename}': ${describeErrno(errnoOf(error))}`);
-    await unlink(filename).catch(() => {}); // QEMU deletes the file it created when the format refuses the options
+    await unlink(filename).catch(() => {});
     if (!(error instanceof ImageTooLargeError)) throw error;
     const hint = values.has('cluster_size') ? ' (try using a larger cluster size)' : '';
     throw new Error(`The image size is too large for file format '${format}'${hint}`);
+  } finally {
+    await handle.close();
   }
 }
 
@@ -208,7 +226,8 @@ export async function createCommand(argv: string[]): Promise<number> {
     await run(filename, lastOption(args, 'f') ?? 'raw', optionText, sizeText, flags);
   } catch (error) {
     if (error instanceof ImgError) throw error;
-    throw new ImgError(`${filename}: ${(error as Error).message}`);
+    const hint = error instanceof QmpError && error.hint ? `\n${error.hint}` : '';
+    throw new ImgError(`${filename}: ${(error as Error).message}${hint}`);
   }
   return 0;
 }

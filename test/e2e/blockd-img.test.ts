@@ -9,6 +9,7 @@ import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { REPO_ROOT, makeTempDir } from '../helpers/paths.js';
+import { holdImage, sha256File, type HeldImage } from '../helpers/qemu-tools.js';
 
 const BLOCKD_IMG = join(REPO_ROOT, 'bin', 'blockd-img');
 const { dir, cleanup } = makeTempDir('blockd-img-test-');
@@ -168,8 +169,32 @@ describe('create', () => {
     ['-f', 'qcow2', '-o', 'refcount_bits=3', 'NEW', '64M'], ['-f', 'qcow2', '-o', 'compat=0.10,lazy_refcounts=on', 'NEW', '64M'],
     ['-f', 'qcow2', '-o', 'cluster_size=1000', 'NEW', '64M'], ['-f', 'qcow2', '-o', 'foo=bar', 'NEW', '64M'],
     ['-f', 'qcow2', 'NEW'], ['-f', 'qcow2', 'NEW', '12Q'], ['-f', 'qcow2', '-o', 'size=1M', 'NEW', '2M'],
+    ...['full', 'falloc', 'metadata', 'xyz'].map((mode) => ['-f', 'raw', '-o', `preallocation=${mode}`, 'NEW', '1000']),
   ];
   for (const args of cases) test(args.join(' '), () => created(args));
+});
+
+describe('create over an image another process holds', () => {
+  const image = join(dir, 'held.qcow2');
+  let holder: HeldImage | undefined;
+  let hashBefore = '';
+  before(async () => {
+    succeed('qemu-img', 'create', '-q', '-f', 'qcow2', 'held.qcow2', '16M');
+    qemuIo('held.qcow2', 'qcow2', 'write -P 0x5a 0 1M');
+    hashBefore = sha256File(image);
+    holder = await holdImage(image);
+  });
+  after(() => holder?.release());
+  // Refused before the first write, as qemu-img refuses; an option the format refuses must not delete the file either.
+  for (const args of [['-f', 'qcow2'], ['-f', 'raw'], ['-f', 'qcow2', '-o', 'cluster_size=1000'], ['-f', 'raw', '-o', 'preallocation=full']]) {
+    test(args.join(' '), () => same(['create', ...args, 'held.qcow2', '1M']));
+  }
+  test('the held image is as it was', async () => {
+    await holder?.release();
+    assert.equal(sha256File(image), hashBefore);
+    qemuIo('held.qcow2', 'qcow2', 'read -P 0x5a 0 1M');
+    succeed('qemu-img', 'check', 'held.qcow2');
+  });
 });
 
 describe('the command line', () => {

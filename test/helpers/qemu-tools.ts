@@ -1,6 +1,7 @@
 /*
- * What the qcow2 interop tests share: running qemu-img and qemu-io, comparing what blockd reads with
- * what QEMU reads, raw file access, and a seeded random generator so a failure names its seed.
+ * What the qcow2 interop tests share: running qemu-img and qemu-io (also as another process
+ * holding an image), comparing what blockd reads with what QEMU reads, raw file access, and a
+ * seeded random generator so a failure names its seed.
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
@@ -9,6 +10,7 @@ import { open } from 'node:fs/promises';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import type { ChildEdge } from '../../src/blockdev/child-edge.js';
 import type { MapEntry } from '../../src/tools/img-map.js';
+import { waitUntil } from './wait-until.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -66,6 +68,33 @@ export function qemuIoInBackground(path: string, commands: string[], flags: stri
       }
     });
   });
+}
+
+/** Another process using an image: qemu-io holding it open read-write (its image locks taken) until released. */
+export interface HeldImage {
+  release(): Promise<void>;
+}
+
+/** Opens `path` in a qemu-io that sleeps; resolves once qemu-img sees its locks (a plain `qemu-img info` is refused). */
+export async function holdImage(path: string, format = 'qcow2'): Promise<HeldImage> {
+  const child = spawn('qemu-io', ['-f', format, '-c', 'sleep 3600000', path], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const release = async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+    await exited;
+  };
+  try {
+    await waitUntil(() => {
+      if (child.exitCode !== null) throw new Error(`qemu-io could not hold ${path}: ${stderr}`);
+      return /Failed to get shared "write" lock/.test(runTool('qemu-img', ['info', '-f', format, path]).stderr);
+    }, `qemu-io holds ${path}`);
+  } catch (error) {
+    await release();
+    throw error;
+  }
+  return { release };
 }
 
 export interface PatternRange {

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ImageTooLargeError, createQcow2, layoutQcow2, type Qcow2CreateOptions } from '../../src/blockdev/drivers/qcow2/create.js';
 import { Qcow2FormatError } from '../../src/blockdev/drivers/qcow2/format-constants.js';
+import { createImageFile } from '../../src/blockdev/image-file-creation.js';
 import { openImage } from '../../src/blockdev/image-session.js';
 import { makeTempDir } from '../helpers/paths.js';
 
@@ -59,7 +60,8 @@ describe('createQcow2 writes what qemu-img create writes', () => {
       const ours = join(dir, 'blockd.qcow2');
       const created = qemuImg('create', '-q', '-f', 'qcow2', '-u', ...(options ? ['-o', options] : []), theirs, size);
       assert.equal(created.status, 0, created.stderr);
-      await createQcow2(ours, createOptions);
+      const file = await createImageFile(ours, { size: 0 });
+      await createQcow2(file, createOptions).finally(() => file.close());
       assert.equal(statSync(ours).size, statSync(theirs).size);
       assert.ok(readFileSync(ours).equals(readFileSync(theirs)), 'files differ');
       const check = qemuImg('check', ours);

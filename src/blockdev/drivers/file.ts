@@ -1,9 +1,8 @@
 /*
  * The `file` protocol driver: a regular file through async fs calls. Block
  * status comes from SEEK_DATA/SEEK_HOLE, write-zeroes and discard from
- * fallocate, and image locking uses QEMU's OFD lock bytes (100+i for a
- * permission used, 200+i for one not shared) so blockd and QEMU never both
- * write one image. The node is the file's size rounded up to 512 bytes, the
+ * fallocate, and image locking uses QEMU's OFD lock bytes (image-locks.ts)
+ * so blockd and QEMU never both write one image. The node is the file's size rounded up to 512 bytes, the
  * tail reading as zeros, as in QEMU. cache.direct=on is accepted and
  * reported but I/O stays buffered: Node cannot guarantee O_DIRECT-aligned
  * buffers, and durability is the same (data is durable after a flush).
@@ -14,7 +13,8 @@ import type { BlockDriver, DriverExtent, DriverState, ZeroFlags } from '../block
 import { IoError, describeErrno, errnoOf } from '../io-error.js';
 import { preadFull, pwriteFull } from '../native/batched-io.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, nativeAddonMissing, nativeFileOps } from '../native/native-file-ops.js';
-import { permissionNames, type PermissionPair } from '../permissions.js';
+import { changeImageLocks, takeLockBytes } from '../image-locks.js';
+import type { PermissionPair } from '../permissions.js';
 
 interface FileOptions {
   filename: string;
@@ -24,27 +24,14 @@ interface FileOptions {
 }
 
 const SECTOR = 512;
-const LOCK_USED_BASE = 100;
-const LOCK_UNSHARED_BASE = 200;
-const PERM_BITS = 4;
 
 function roundUp(value: number, to: number): number {
   return Math.ceil(value / to) * to;
 }
 
-/** The lock bytes a set of permissions occupies. */
-function lockBytes(needs: PermissionPair): Set<number> {
-  const bytes = new Set<number>();
-  for (let bit = 0; bit < PERM_BITS; bit++) {
-    if (needs.perm & (1 << bit)) bytes.add(LOCK_USED_BASE + bit);
-    if (!(needs.shared & (1 << bit))) bytes.add(LOCK_UNSHARED_BASE + bit);
-  }
-  return bytes;
-}
-
 class FileState implements DriverState {
   private size: number;
-  private held = new Set<number>();
+  private held: ReadonlySet<number> = new Set<number>();
   private flushFailed: Error | undefined;
   readonly growsOnWrite = true;
 
@@ -60,7 +47,7 @@ class FileState implements DriverState {
   async reopen(writable: boolean): Promise<void> {
     const handle = await openFile(this.path, writable);
     try {
-      if (this.locking) for (const byte of this.held) await nativeFileOps.ofdLock(handle.fd, byte, 1, 'shared');
+      if (this.locking) await takeLockBytes(handle.fd, this.held);
     } catch (error) {
       await handle.close();
       throw error;
@@ -155,34 +142,7 @@ class FileState implements DriverState {
   }
 
   async setPermissions(needs: PermissionPair): Promise<void> {
-    if (!this.locking) return;
-    const wanted = lockBytes(needs);
-    const added = [...wanted].filter((byte) => !this.held.has(byte));
-    try {
-      // Lock first, then test: two processes opening at once then both see each other and both fail.
-      for (const byte of added) await nativeFileOps.ofdLock(this.handle.fd, byte, 1, 'shared');
-      await this.checkOthers(needs);
-    } catch (error) {
-      for (const byte of added) await nativeFileOps.ofdLock(this.handle.fd, byte, 1, 'unlock').catch(() => {});
-      throw error;
-    }
-    for (const byte of this.held) {
-      if (!wanted.has(byte)) await nativeFileOps.ofdLock(this.handle.fd, byte, 1, 'unlock');
-    }
-    this.held = wanted;
-  }
-
-  private async checkOthers(needs: PermissionPair): Promise<void> {
-    for (let bit = 0; bit < PERM_BITS; bit++) {
-      if (needs.perm & (1 << bit) && (await nativeFileOps.ofdTestConflict(this.handle.fd, LOCK_UNSHARED_BASE + bit, 1))) {
-        throw genericError(`Failed to get "${permissionNames(1 << bit)[0]}" lock`);
-      }
-    }
-    for (let bit = 0; bit < PERM_BITS; bit++) {
-      if (!(needs.shared & (1 << bit)) && (await nativeFileOps.ofdTestConflict(this.handle.fd, LOCK_USED_BASE + bit, 1))) {
-        throw genericError(`Failed to get shared "${permissionNames(1 << bit)[0]}" lock`);
-      }
-    }
+    if (this.locking) this.held = await changeImageLocks(this.handle.fd, this.held, needs, this.path);
   }
 
   info() {

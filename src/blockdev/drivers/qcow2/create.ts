@@ -4,7 +4,7 @@
  * table next, the file ending right after the L1 entries (or after a later refcount block);
  * with metadata preallocation, L2 tables and data clusters follow, range by range.
  */
-import { open } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import type { ChildEdge } from '../../child-edge.js';
 import {
   CompatibleFeature, CompressionType, IncompatibleFeature, L1_ENTRY_SIZE, L2_ENTRY_SIZE, MAX_CLUSTER_BITS, MAX_L1_TABLE_BYTES,
@@ -310,16 +310,17 @@ export function layoutQcow2(options: Qcow2CreateOptions): { parts: [number, Buff
 }
 
 /**
- * Writes a new qcow2 image to `target`: a path (created or truncated) or a writable
- * edge with the resize permission (emptied first). Throws Qcow2FormatError
- * with QEMU's text when the options are refused; nothing is written then. The
- * header goes last, behind a barrier: a power loss before it leaves a file that is
- * no qcow2 image yet, never one whose header points at tables not on disk.
+ * Writes a new qcow2 image to `target`: a file just made by createImageFile (empty,
+ * locked against other users) or a writable edge with the resize permission (emptied
+ * first). Throws Qcow2FormatError with QEMU's text when the options are refused;
+ * nothing is written then. The header goes last, behind a barrier: a power loss
+ * before it leaves a file that is no qcow2 image yet, never one whose header points
+ * at tables not on disk.
  */
-export async function createQcow2(target: ChildEdge | string, options: Qcow2CreateOptions): Promise<void> {
+export async function createQcow2(target: ChildEdge | FileHandle, options: Qcow2CreateOptions): Promise<void> {
   const { parts, length } = layoutQcow2(options);
   const [[, header], ...tables] = parts as [[0, Buffer], ...[number, Buffer][]];
-  if (typeof target !== 'string') {
+  if (!('fd' in target)) {
     // Sized first so that nodes which do not grow on write (raw over a file) take the writes too.
     await target.truncate(0);
     await target.truncate(length);
@@ -329,14 +330,9 @@ export async function createQcow2(target: ChildEdge | string, options: Qcow2Crea
     await target.flush();
     return;
   }
-  const handle = await open(target, 'w');
-  try {
-    for (const [offset, bytes] of tables) await handle.write(bytes, 0, bytes.length, offset);
-    await handle.truncate(length);
-    await handle.datasync();
-    await handle.write(header, 0, header.length, 0);
-    await handle.datasync();
-  } finally {
-    await handle.close();
-  }
+  for (const [offset, bytes] of tables) await target.write(bytes, 0, bytes.length, offset);
+  await target.truncate(length);
+  await target.datasync();
+  await target.write(header, 0, header.length, 0);
+  await target.datasync();
 }
