@@ -200,6 +200,17 @@ export function writeAt(path: string, offset: number, bytes: Buffer): void {
   }
 }
 
+/** A big-endian 64-bit field of an image file (qcow2 header fields and table entries). */
+export function readU64(path: string, offset: number): bigint {
+  return readAt(path, offset, 8).readBigUInt64BE();
+}
+
+export function writeU64(path: string, offset: number, value: bigint): void {
+  const bytes = Buffer.alloc(8);
+  bytes.writeBigUInt64BE(value);
+  writeAt(path, offset, bytes);
+}
+
 export function sha256File(path: string): string {
   return createHash('sha256').update(readFileSync(path)).digest('hex');
 }

@@ -10,6 +10,7 @@
  */
 import { IoError } from '../../io-error.js';
 import { L1_ENTRY_SIZE, L2_ENTRY_SIZE } from './format-constants.js';
+import { MetadataKind } from './metadata-index.js';
 import type { RefcountContext, Refcounts } from './refcounts.js';
 import { decodeL1Entry, decodeL2Entry, encodeL1Entry, type L2Entry, type L2EntryContext } from './table-entries.js';
 
@@ -35,8 +36,6 @@ export class ClusterTables {
   private readonly dirty = new Map<number, [number, number]>();
   /** L1 entries to write once the tables they link are durable. */
   private readonly pendingL1 = new Map<number, bigint>();
-  /** Bumped when metadata moves (new tables, a new L1): readers cache derived data by it. */
-  layoutVersion = 0;
   private readonly maxCachedTables: number;
   private readonly entryContext: L2EntryContext;
 
@@ -59,15 +58,9 @@ export class ClusterTables {
       if (entry.type === 'INVALID') this.context.corrupt(`${entry.reason} (L1 index: ${hex(BigInt(i))})`);
       this.l1.push(raw);
     }
-  }
-
-  /** Offsets of the L2 tables the active L1 links (metadata, for overlap checks). */
-  activeTables(): number[] {
-    return this.l1.map((raw) => this.l2Offset(raw)).filter((offset) => offset !== 0);
-  }
-
-  l1Span(): [number, number] {
-    return [this.context.header.l1TableOffset, this.context.header.l1Size * L1_ENTRY_SIZE];
+    const { overlaps } = this.context;
+    overlaps.add(MetadataKind.ActiveL1, header.l1TableOffset, header.l1Size * L1_ENTRY_SIZE);
+    for (const raw of this.l1) overlaps.add(MetadataKind.ActiveL2, this.l2Offset(raw), this.l2Offset(raw) ? this.clusterSize : 0);
   }
 
   private l2Offset(raw: bigint): number {
@@ -175,9 +168,11 @@ export class ClusterTables {
     this.setInTable(offset!, table, entries);
     this.dirty.set(offset!, [0, this.entriesPerTable - 1]); // the whole table goes to disk
     const raw = encodeL1Entry(offset!, true);
+    // The table it replaces is no longer active: QEMU's default check does not cover inactive L2 tables.
+    if (sharedOffset) this.context.overlaps.remove(MetadataKind.ActiveL2, sharedOffset, this.clusterSize);
+    this.context.overlaps.add(MetadataKind.ActiveL2, offset!, this.clusterSize);
     this.l1[l1Index] = raw;
     this.pendingL1.set(l1Index, raw);
-    this.layoutVersion++;
     if (sharedOffset) this.context.releaseLater(sharedOffset, this.clusterSize);
   }
 
@@ -189,6 +184,11 @@ export class ClusterTables {
     const { file, refcounts } = this.context;
     await refcounts.writeBack();
     await this.context.flush();
+    // QEMU checks whole tables before writing them, and each L1 entry (as it writes them one by one).
+    for (const offset of this.dirty.keys()) this.context.checkWrite(offset, this.clusterSize, MetadataKind.ActiveL2);
+    for (const l1Index of this.pendingL1.keys()) {
+      this.context.checkWrite(this.context.header.l1TableOffset + l1Index * L1_ENTRY_SIZE, L1_ENTRY_SIZE, MetadataKind.ActiveL1);
+    }
     for (const [offset, [low, high]] of this.dirty) {
       const table = this.cache.get(offset)!;
       await file.write(offset + low * L2_ENTRY_SIZE, table.subarray(low * L2_ENTRY_SIZE, (high + 1) * L2_ENTRY_SIZE));
@@ -222,15 +222,17 @@ export class ClusterTables {
     entries.forEach((raw, i) => bytes.writeBigUInt64BE(raw, i * L1_ENTRY_SIZE));
     const clusters = bytes.length / this.clusterSize;
     const offsets = await refcounts.allocate(clusters, { contiguous: true });
+    this.context.checkWrite(offsets[0]!, bytes.length);
     await file.write(offsets[0]!, bytes);
     await refcounts.writeBack(); // the new table's clusters are counted before the header points at them
     await this.context.flush();
     const old = { offset: header.l1TableOffset, size: header.l1Size };
+    this.context.overlaps.remove(MetadataKind.ActiveL1, header.l1TableOffset, header.l1Size * L1_ENTRY_SIZE);
     header.l1TableOffset = offsets[0]!;
     header.l1Size = needed;
+    this.context.overlaps.add(MetadataKind.ActiveL1, header.l1TableOffset, header.l1Size * L1_ENTRY_SIZE);
     await this.context.writeHeader();
     this.l1 = entries;
-    this.layoutVersion++;
     if (old.size > 0) await refcounts.release(old.offset, old.size * L1_ENTRY_SIZE);
   }
 }

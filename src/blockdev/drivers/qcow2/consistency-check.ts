@@ -155,6 +155,16 @@ async function readBitmaps(file: ImageReader, header: Qcow2Header): Promise<Bitm
   return entries;
 }
 
+/** The snapshot table of an open image and its length in bytes; throws Qcow2FormatError with QEMU's text when it is broken. */
+export async function readSnapshotTable(source: Qcow2Source, header: Qcow2Header): Promise<{ snapshots: SnapshotEntry[]; size: number }> {
+  const file = await ImageReader.open(source);
+  try {
+    return await readSnapshots(file, header);
+  } finally {
+    await file.close();
+  }
+}
+
 /** The header of a qcow2 image; throws Qcow2FormatError with QEMU's text when it cannot be opened. */
 export async function readQcow2Header(source: Qcow2Source): Promise<Qcow2Header> {
   const file = await ImageReader.open(source);

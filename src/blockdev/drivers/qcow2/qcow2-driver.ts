@@ -37,6 +37,7 @@ class Qcow2State implements DriverState {
   }
 
   async read(offset: number, buffer: Buffer): Promise<void> {
+    this.image.checkUsable();
     const release = await this.image.locks.acquire(offset, offset + buffer.length, false);
     try {
       await this.image.readUnlocked(offset, buffer);
@@ -57,12 +58,14 @@ class Qcow2State implements DriverState {
     return discard(this.image, offset, length);
   }
 
-  flush(): Promise<void> {
+  async flush(): Promise<void> {
+    this.image.checkUsable();
     // The node flushes the file after this.
     return this.image.flushMetadata();
   }
 
   async blockStatus(offset: number, length: number): Promise<DriverExtent> {
+    this.image.checkUsable();
     const run = await this.image.firstRun(offset, length);
     const { entry } = run.mapping;
     const inCluster = offset % this.image.clusterSize;

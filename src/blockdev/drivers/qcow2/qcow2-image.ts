@@ -13,10 +13,12 @@ import { Mutex } from '../../mutex.js';
 import type { BlockNode } from '../../node.js';
 import { RangeLock } from '../../range-lock.js';
 import { ClusterTables, type MappedCluster } from './cluster-tables.js';
-import { IncompatibleFeature, Qcow2FormatError } from './format-constants.js';
+import { readSnapshotTable } from './consistency-check.js';
+import { IncompatibleFeature, L1_ENTRY_SIZE, Qcow2FormatError } from './format-constants.js';
 import { serializeHeader, type Qcow2Header } from './header.js';
 import { Refcounts } from './refcounts.js';
 import { inflateAtMost } from './inflate.js';
+import { MetadataIndex, MetadataKind, metadataName } from './metadata-index.js';
 
 /** One run of guest clusters with the same kind of mapping. */
 export interface MappedRun {
@@ -40,7 +42,8 @@ export class Qcow2Image {
   private readonly inflated = new Map<bigint, Buffer>();
   /** References to drop once the entries that held them are durable. */
   private pendingReleases: [number, number][] = [];
-  private metadataMap: { version: string; clusters: Map<number, string> } | undefined;
+  /** Where the metadata is, for the overlap check before every write. */
+  readonly overlaps: MetadataIndex;
 
   constructor(
     readonly node: BlockNode,
@@ -52,12 +55,15 @@ export class Qcow2Image {
   ) {
     this.clusterSize = 2 ** header.clusterBits;
     this.barrier = new FlushCoalescer(() => file.flush());
+    this.overlaps = new MetadataIndex(this.clusterSize);
     const context = {
       file,
       header,
       flush: () => this.barrier.flush(),
       writeHeader: () => this.writeHeader(),
       corrupt: (message: string): never => this.corrupt(message),
+      overlaps: this.overlaps,
+      checkWrite: (offset: number, length: number, ignore?: MetadataKind) => this.checkWrite(offset, length, ignore),
     };
     this.refcounts = new Refcounts(context);
     this.tables = new ClusterTables({ ...context, refcounts: this.refcounts, releaseLater: (offset, length) => this.releaseLater(offset, length) }, cacheBytes);
@@ -83,7 +89,8 @@ export class Qcow2Image {
     this.pendingReleases = [];
     for (const [offset, length] of releases) {
       await this.refcounts.release(offset, length);
-      if (length === this.clusterSize && (await this.refcounts.get(offset / this.clusterSize)) === 0) {
+      // A corrupt entry may have named a metadata cluster: its refcount drops as in QEMU, but its contents stay.
+      if (length === this.clusterSize && (await this.refcounts.get(offset / this.clusterSize)) === 0 && this.overlaps.overlap(offset, length) === undefined) {
         await this.file.discard(offset, length).catch(() => {});
       }
     }
@@ -95,27 +102,25 @@ export class Qcow2Image {
     return this.metadata.run(() => this.writeBackMetadata());
   }
 
-  /** Clusters holding metadata, by what they hold (QEMU's overlap check); cached until metadata moves. */
-  metadataClusters(): Map<number, string> {
-    const [l1Offset, l1Length] = this.tables.l1Span();
-    const version = `${this.tables.layoutVersion}/${this.refcounts.layoutVersion}/${l1Offset}`;
-    if (this.metadataMap?.version === version) return this.metadataMap.clusters;
-    const clusters = new Map<number, string>([[0, 'qcow2_header']]);
-    const mark = (offset: number, length: number, what: string) => {
-      for (let c = Math.floor(offset / this.clusterSize); c * this.clusterSize < offset + length; c++) clusters.set(c, what);
-    };
-    mark(l1Offset, l1Length, 'active L1 table');
-    for (const l2 of this.tables.activeTables()) mark(l2, this.clusterSize, 'active L2 table');
-    const { blocks, table } = this.refcounts.metadataClusters();
-    mark(table[0], table[1], 'refcount table');
-    for (const block of blocks) mark(block, this.clusterSize, 'refcount block');
-    this.metadataMap = { version, clusters };
-    return clusters;
+  /**
+   * QEMU's qcow2_pre_write_overlap_check, before every write to the file: one that would land
+   * on metadata (other than `ignore`, the structure being written) marks the image corrupt.
+   */
+  checkWrite(offset: number, length: number, ignore?: MetadataKind): void {
+    const kind = this.overlaps.overlap(offset, length, ignore);
+    if (kind !== undefined) this.corrupt(`Preventing invalid write on metadata (overlaps with ${metadataName(kind)})`, offset, length);
   }
 
   async load(): Promise<void> {
+    const { header } = this;
+    this.overlaps.add(MetadataKind.Header, 0, this.clusterSize);
     await this.refcounts.load();
     await this.tables.load();
+    const snapshots = await readSnapshotTable(this.file, header);
+    this.overlaps.add(MetadataKind.SnapshotTable, header.snapshotsOffset, snapshots.size);
+    for (const snapshot of snapshots.snapshots) this.overlaps.add(MetadataKind.InactiveL1, snapshot.l1TableOffset, snapshot.l1Size * L1_ENTRY_SIZE);
+    // QEMU knows the directory only while the bitmaps are valid (the autoclear bit set): so does the parsed header.
+    if (header.bitmaps) this.overlaps.add(MetadataKind.BitmapDirectory, header.bitmaps.directoryOffset, header.bitmaps.directorySize);
     this.loaded = true;
   }
 
@@ -158,8 +163,12 @@ export class Qcow2Image {
     return this.failed === undefined || this.node.readOnly;
   }
 
+  /**
+   * After a fatal corruption QEMU takes the driver away from the node (bs->drv = NULL): every
+   * later request, reads and flushes too, fails with ENOMEDIUM, which NBD clients see as EINVAL.
+   */
   checkUsable(): void {
-    if (this.failed !== undefined && !this.node.readOnly) throw new IoError('EIO', `qcow2 image '${this.node.name}' is corrupt: ${this.failed}`);
+    if (!this.usable()) throw new IoError('ENOMEDIUM', `qcow2 image '${this.node.name}' is corrupt: ${this.failed}`);
   }
 
   /** The guest range [offset, offset+length) cut into runs of consecutive clusters with one kind of mapping. */

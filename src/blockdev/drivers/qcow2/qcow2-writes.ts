@@ -32,23 +32,23 @@ async function lookupClusters(image: Qcow2Image, first: number, count: number): 
   return mappings;
 }
 
-/** QEMU's overlap check: a data write that would land on metadata means the image is corrupt. */
-function checkNotMetadata(image: Qcow2Image, host: number, length: number): void {
-  checkOverlaps(image, [[host, length]], 'write on');
-}
-
-/** A mapping that points into metadata must not drop a reference on it either: the table would become free space. */
-function checkReleasable(image: Qcow2Image, released: [number, number][]): void {
-  if (released.length) checkOverlaps(image, released, 'free of');
-}
-
-function checkOverlaps(image: Qcow2Image, ranges: [number, number][], action: string): void {
-  const clusters = image.metadataClusters();
-  for (const [host, length] of ranges) {
-    for (let cluster = Math.floor(host / image.clusterSize); cluster * image.clusterSize < host + length; cluster++) {
-      const what = clusters.get(cluster);
-      if (what) image.corrupt(`Preventing invalid ${action} metadata (overlaps with ${what})`, host, length);
+/**
+ * The overlap check of new clusters, on the guest data as QEMU makes it (its host range, over
+ * clusters that follow each other on the host), so that a refusal names the same offset and size.
+ * The check is per cluster: the parts around the guest data are checked with it.
+ */
+function checkGuestData(image: Qcow2Image, contents: { cluster: number; host?: number; guest: [number, number] }[]): void {
+  for (let i = 0; i < contents.length;) {
+    const first = contents[i]!;
+    let length = first.guest[1];
+    let next = i + 1;
+    for (; next < contents.length; next++) {
+      const [previous, content] = [contents[next - 1]!, contents[next]!];
+      if (content.cluster !== previous.cluster + 1 || content.host !== previous.host! + image.clusterSize) break;
+      length += content.guest[1];
     }
+    image.checkWrite(first.host! + first.guest[0], length);
+    i = next;
   }
 }
 
@@ -82,7 +82,7 @@ export async function writeData(image: Qcow2Image, offset: number, buffer: Buffe
       let done = 0;
       for (const run of runs) {
         const host = (run.mapping.entry as { hostOffset: number }).hostOffset + (run.offset % image.clusterSize);
-        checkNotMetadata(image, host, run.length);
+        image.checkWrite(host, run.length);
         await image.file.write(host, buffer.subarray(done, done + run.length));
         done += run.length;
       }
@@ -101,7 +101,7 @@ async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer
   const release = await image.locks.acquire(first * cs, (last + 1) * cs, true);
   try {
     const mappings = await lookupClusters(image, first, last - first + 1);
-    const contents: { cluster: number; data: Buffer; host?: number }[] = [];
+    const contents: { cluster: number; data: Buffer; host?: number; guest: [number, number] }[] = [];
     const released: [number, number][] = [];
     for (let i = 0; i < mappings.length; i++) {
       const cluster = first + i;
@@ -112,7 +112,7 @@ async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer
       const slice = buffer.subarray(from - offset, to - offset);
       const owned = ownedHost(mapping);
       if (mapping.entry.type === 'NORMAL' && owned !== undefined) {
-        checkNotMetadata(image, owned + from - clusterStart, slice.length);
+        image.checkWrite(owned + from - clusterStart, slice.length);
         await image.file.write(owned + from - clusterStart, slice);
         continue;
       }
@@ -123,11 +123,10 @@ async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer
         if (mapping.entry.type !== 'ZERO_ALLOC' && mapping.entry.type !== 'ZERO_PLAIN') await image.readUnlocked(clusterStart, data);
         slice.copy(data, from - clusterStart);
       }
-      contents.push({ cluster, data, host: owned });
+      contents.push({ cluster, data, host: owned, guest: [from - clusterStart, slice.length] });
       if (owned === undefined) released.push(...referencedClusters(image, mapping));
       if (mapping.entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     }
-    checkReleasable(image, released);
     if (!contents.length) return;
 
     const needHosts = contents.filter((content) => content.host === undefined);
@@ -135,10 +134,8 @@ async function allocatingWrite(image: Qcow2Image, offset: number, buffer: Buffer
       const hosts = await image.metadata.run(() => image.refcounts.allocate(needHosts.length));
       needHosts.forEach((content, i) => (content.host = hosts[i]));
     }
-    await Promise.all(contents.map((content) => {
-      checkNotMetadata(image, content.host!, cs);
-      return image.file.write(content.host!, content.data);
-    }));
+    checkGuestData(image, contents);
+    await Promise.all(contents.map((content) => image.file.write(content.host!, content.data)));
     // The new entries stay in memory until a write-back, which first makes this data durable.
     await setEntries(image, new Map(contents.map((content) => [content.cluster, BigInt(content.host!) | OFLAG_COPIED])), released);
   } finally {
@@ -164,7 +161,6 @@ async function zeroClusters(image: Qcow2Image, first: number, count: number, may
       if (keep === undefined) released.push(...referencedClusters(image, mapping));
       if (entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     });
-    checkReleasable(image, released);
     await setEntries(image, updates, released);
   } finally {
     release();
@@ -207,7 +203,6 @@ export async function discard(image: Qcow2Image, offset: number, length: number)
       released.push(...referencedClusters(image, mapping));
       if (mapping.entry.type === 'COMPRESSED') image.forgetInflated(mapping.raw);
     });
-    checkReleasable(image, released);
     await setEntries(image, updates, released);
   } finally {
     release();
@@ -259,7 +254,6 @@ export async function resize(image: Qcow2Image, size: number): Promise<void> {
           updates.set(first + i, 0n);
           released.push(...referencedClusters(image, mapping));
         });
-        checkReleasable(image, released);
         await setEntries(image, updates, released);
       }
     }

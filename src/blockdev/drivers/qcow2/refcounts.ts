@@ -14,6 +14,7 @@ import { REFCOUNT_TABLE_ENTRY_SIZE } from './format-constants.js';
 import type { Qcow2Header } from './header.js';
 import { getRefcount, maxSafeRefcount, refcountBitsFromOrder, refcountBlockEntries, setRefcount, type RefcountBits } from './refcount-block.js';
 import { decodeRefcountTableEntry, encodeRefcountTableEntry } from './table-entries.js';
+import { MetadataKind, type MetadataIndex } from './metadata-index.js';
 
 export interface RefcountContext {
   file: ChildEdge;
@@ -22,6 +23,10 @@ export interface RefcountContext {
   writeHeader(): Promise<void>;
   /** Reports metadata found broken (the image is then marked corrupt). */
   corrupt(message: string): never;
+  /** Where the metadata is: kept up to date as structures are allocated and freed. */
+  overlaps: MetadataIndex;
+  /** QEMU's pre-write overlap check: a write onto metadata other than `ignore` marks the image corrupt. */
+  checkWrite(offset: number, length: number, ignore?: MetadataKind): void;
 }
 
 export class Refcounts {
@@ -34,8 +39,6 @@ export class Refcounts {
   private readonly dirty = new Map<number, [number, number]>();
   /** Lowest cluster index that may be free. */
   private freeHint = 0;
-  /** Bumped when refcount structures move (new blocks, a new table). */
-  layoutVersion = 0;
 
   constructor(private readonly context: RefcountContext) {
     const { header } = context;
@@ -54,12 +57,14 @@ export class Refcounts {
       if (entry.type === 'INVALID') this.context.corrupt(`Refblock offset invalid (refcount table index ${i}): ${entry.reason}`);
       this.table.push(entry.type === 'ALLOCATED' ? entry.blockOffset : 0);
     }
+    this.indexMetadata('add');
   }
 
-  /** Offsets of every refcount block and of the table's clusters (metadata, for overlap checks). */
-  metadataClusters(): { blocks: number[]; table: [number, number] } {
-    const { header } = this.context;
-    return { blocks: this.table.filter((offset) => offset !== 0), table: [header.refcountTableOffset, header.refcountTableClusters * this.clusterSize] };
+  /** Enters (or takes out) the table and every block in the overlap index. */
+  private indexMetadata(change: 'add' | 'remove'): void {
+    const { header, overlaps } = this.context;
+    overlaps[change](MetadataKind.RefcountTable, header.refcountTableOffset, header.refcountTableClusters * this.clusterSize);
+    for (const offset of this.table) if (offset) overlaps[change](MetadataKind.RefcountBlock, offset, this.clusterSize);
   }
 
   private async block(tableIndex: number): Promise<Buffer | undefined> {
@@ -106,6 +111,8 @@ export class Refcounts {
 
   /** Writes the changed parts of the blocks (the caller puts a barrier after it). */
   async writeBack(): Promise<void> {
+    // Every block is checked before any is written: a corrupt image gets no partial write-back.
+    for (const tableIndex of this.dirty.keys()) this.context.checkWrite(this.table[tableIndex]!, this.clusterSize, MetadataKind.RefcountBlock);
     const writes = [...this.dirty].map(([tableIndex, [first, last]]) => {
       const offset = this.table[tableIndex]!;
       return this.context.file.write(offset + first, this.blocks.get(offset)!.subarray(first, last + 1));
@@ -166,15 +173,18 @@ export class Refcounts {
     const block = Buffer.alloc(this.clusterSize);
     setRefcount(block, 0, this.bits, 1); // the block describes itself
     const offset = selfCluster * this.clusterSize;
-    const { file, header } = this.context;
+    const { file, header, overlaps } = this.context;
+    const entryOffset = header.refcountTableOffset + tableIndex * REFCOUNT_TABLE_ENTRY_SIZE;
+    this.context.checkWrite(offset, this.clusterSize, MetadataKind.RefcountBlock);
+    this.context.checkWrite(entryOffset, REFCOUNT_TABLE_ENTRY_SIZE, MetadataKind.RefcountTable);
     await file.write(offset, block);
     await this.context.flush();
     this.table[tableIndex] = offset;
     this.blocks.set(offset, block);
-    this.layoutVersion++;
+    overlaps.add(MetadataKind.RefcountBlock, offset, this.clusterSize);
     const entry = Buffer.alloc(REFCOUNT_TABLE_ENTRY_SIZE);
     entry.writeBigUInt64BE(encodeRefcountTableEntry(offset));
-    await file.write(header.refcountTableOffset + tableIndex * REFCOUNT_TABLE_ENTRY_SIZE, entry);
+    await file.write(entryOffset, entry);
     await this.context.flush();
     return block;
   }
@@ -199,16 +209,19 @@ export class Refcounts {
     newTable[range] = blockOffset;
     const bytes = Buffer.alloc(tableClusters * this.clusterSize);
     newTable.forEach((offset, i) => bytes.writeBigUInt64BE(offset ? encodeRefcountTableEntry(offset) : 0n, i * REFCOUNT_TABLE_ENTRY_SIZE));
+    this.context.checkWrite(blockOffset, this.clusterSize);
+    this.context.checkWrite(tableOffset, bytes.length);
     await file.write(blockOffset, block);
     await file.write(tableOffset, bytes);
     await this.context.flush();
     const old = { offset: header.refcountTableOffset, clusters: header.refcountTableClusters };
+    this.indexMetadata('remove');
     header.refcountTableOffset = tableOffset;
     header.refcountTableClusters = tableClusters;
-    await this.context.writeHeader();
     this.table = newTable;
+    this.indexMetadata('add');
+    await this.context.writeHeader();
     this.blocks.set(blockOffset, block);
-    this.layoutVersion++;
     await this.release(old.offset, old.clusters * this.clusterSize);
   }
 
@@ -226,6 +239,7 @@ export class Refcounts {
 
   /** Drops cached blocks (after a refcount rebuild rewrote them on disk). */
   async reload(): Promise<void> {
+    this.indexMetadata('remove');
     this.blocks.clear();
     this.dirty.clear();
     this.freeHint = 0;
