@@ -26,10 +26,10 @@ async function allocatedSize(node: BlockNode): Promise<number | undefined> {
   return total;
 }
 
-/** Filters answer QEMU's get_info with their child's: cluster size and dirty flag come from below. */
+/** Filters and raw answer QEMU's get_info with their child's: cluster size and dirty flag come from below. */
 function infoThroughFilters(node: BlockNode): Partial<ImageInfo> {
   const own = (node.state.info().image ?? {}) as Partial<ImageInfo>;
-  const child = node.driver.kind === 'filter' ? node.primaryChild() : undefined;
+  const child = node.driver.kind === 'filter' || node.driver.name === 'raw' ? node.primaryChild() : undefined;
   if (!child) return own;
   const below = infoThroughFilters(child.child);
   return {
