@@ -128,6 +128,7 @@ export class BlockGraph implements NodeObserver {
    * attach; on a conflict the graph is left as it was.
    */
   async append(overlay: BlockNode, old: BlockNode): Promise<void> {
+    refuseCycle(overlay, old, 'backing');
     await old.drained(async () => {
       const moved = old.parents.slice();
       const backing = this.linkChild(overlay, old, 'backing', 'cow');
@@ -223,6 +224,7 @@ export class BlockGraph implements NodeObserver {
     const edge = node.backing();
     const old = edge?.child;
     if (old === backing) return;
+    if (backing) refuseCycle(node, backing, 'backing');
     await node.drained(async () => {
       if (edge && backing) {
         this.moveParents([edge], backing);
@@ -373,5 +375,17 @@ function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>)
   }
   if (node.readOnly && node.neededPermissions(node.parents, proposed).perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) {
     throw genericError('Block node is read-only');
+  }
+}
+
+/** QEMU's check before an edge is added: `child` must not already reach `parent` (walked without recursion). */
+function refuseCycle(parent: BlockNode, child: BlockNode, edgeName: string): void {
+  const seen = new Set<BlockNode>();
+  for (const stack = [child]; stack.length;) {
+    const node = stack.pop()!;
+    if (node === parent) throw genericError(`Making '${child.name}' a ${edgeName} child of '${parent.name}' would create a cycle`);
+    if (seen.has(node)) continue;
+    seen.add(node);
+    for (const edge of node.children) stack.push(edge.child);
   }
 }

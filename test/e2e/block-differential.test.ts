@@ -17,7 +17,7 @@ import { runTranscript, transcriptDifferences } from '../helpers/qmp-transcript.
 const peers = differentialPeers((dir) => {
   mkdirSync(join(dir, 'sub'), { recursive: true });
   writeFileSync(join(dir, 'disk.raw'), Buffer.alloc(8192, 1));
-  for (const name of ['base0.qcow2', 'base.qcow2', 'o2.qcow2', 'o3.qcow2']) spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, name), '4M']);
+  for (const name of ['base0.qcow2', 'base.qcow2', 'o2.qcow2', 'o3.qcow2', 'o5.qcow2']) spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, name), '4M']);
 });
 
 /** The script; "$DIR" is each server's own directory. */
@@ -104,6 +104,12 @@ const STEPS: object[] = [
   { execute: 'blockdev-snapshot', arguments: { node: 'ov1', overlay: 'o4' } },
   { execute: 'blockdev-snapshot', arguments: { node: 'ov1', overlay: 'o2' } },
   { execute: 'query-named-block-nodes' },
+  // an overlay put under a node that already stands on it would close a cycle
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'o5', file: { driver: 'file', filename: '$DIR/o5.qcow2' }, backing: null } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'o5-raw', file: 'o5' } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'o5-raw', overlay: 'o5' } },
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
+  ...['o5-raw', 'o5'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
   { execute: 'blockdev-del', arguments: { 'node-name': 'base' } },
   { execute: 'blockdev-del', arguments: { 'node-name': 'user' } },
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
