@@ -139,6 +139,10 @@ export class Job {
     const changed = this.status !== to;
     this.status = to;
     if (changed) this.bus.emit('JOB_STATUS_CHANGE', { id: this.id, status: to });
+    this.recheckWaiters();
+  }
+
+  private recheckWaiters(): void {
     this.statusWaiters = this.statusWaiters.filter((waiter) => (waiter.test() ? (waiter.resolve(), false) : true));
   }
 
@@ -191,6 +195,9 @@ export class Job {
       failure = error;
     }
     this.executing = false;
+    // A drain waiting for this job to park is done with it now: it pauses no more (its end, a
+    // section of the lock, may have to wait for that very drain's command).
+    this.recheckWaiters();
     // From here on the job changes the graph and its own state: one section, as QEMU's job_exit is one main-loop step.
     await this.env.lock.run(() => this.end(failure), this);
   }
