@@ -130,7 +130,9 @@ export class BlockGraph implements NodeObserver {
   async append(overlay: BlockNode, old: BlockNode): Promise<void> {
     refuseCycle(overlay, old, 'backing');
     await old.drained(async () => {
-      const moved = old.parents.slice();
+      // As QEMU's should_update_child: a parent below the overlay keeps `old` (moving it would close a loop).
+      const below = nodesBelow(overlay);
+      const moved = old.parents.filter((edge) => !('node' in edge.parent && below.has(edge.parent.node)));
       const backing = this.linkChild(overlay, old, 'backing', 'cow');
       for (const edge of moved) {
         old.parents.splice(old.parents.indexOf(edge), 1);
@@ -169,13 +171,7 @@ export class BlockGraph implements NodeObserver {
    * On a permission conflict the graph is left as it was.
    */
   async replaceNode(from: BlockNode, to: BlockNode): Promise<void> {
-    const below = new Set<BlockNode>();
-    const collect = (node: BlockNode) => {
-      if (below.has(node)) return;
-      below.add(node);
-      for (const edge of node.children) collect(edge.child);
-    };
-    collect(to);
+    const below = nodesBelow(to);
     const moved = from.parents.filter((edge) => ('node' in edge.parent ? !below.has(edge.parent.node) : !edge.parent.user.job));
     await from.drained(async () => {
       this.moveParents(moved, to);
@@ -378,14 +374,19 @@ function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>)
   }
 }
 
-/** QEMU's check before an edge is added: `child` must not already reach `parent` (walked without recursion). */
-function refuseCycle(parent: BlockNode, child: BlockNode, edgeName: string): void {
+/** `top` and every node below it, walked without recursion (a chain may be thousands deep). */
+function nodesBelow(top: BlockNode): Set<BlockNode> {
   const seen = new Set<BlockNode>();
-  for (const stack = [child]; stack.length;) {
+  for (const stack = [top]; stack.length;) {
     const node = stack.pop()!;
-    if (node === parent) throw genericError(`Making '${child.name}' a ${edgeName} child of '${parent.name}' would create a cycle`);
     if (seen.has(node)) continue;
     seen.add(node);
     for (const edge of node.children) stack.push(edge.child);
   }
+  return seen;
+}
+
+/** QEMU's check before an edge is added: `child` must not already reach `parent`. */
+function refuseCycle(parent: BlockNode, child: BlockNode, edgeName: string): void {
+  if (nodesBelow(child).has(parent)) throw genericError(`Making '${child.name}' a ${edgeName} child of '${parent.name}' would create a cycle`);
 }

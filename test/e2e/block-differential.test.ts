@@ -110,6 +110,13 @@ const STEPS: object[] = [
   { execute: 'blockdev-snapshot', arguments: { node: 'o5-raw', overlay: 'o5' } },
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
   ...['o5-raw', 'o5'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
+  // an overlay standing on the node it is put on: the parents below the overlay keep the node
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'o6-file', filename: '$DIR/o5.qcow2' } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'o6-raw', file: 'o6-file' } },
+  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'o6', file: 'o6-raw', backing: null } },
+  { execute: 'blockdev-snapshot', arguments: { node: 'o6-file', overlay: 'o6' } },
+  { execute: 'query-named-block-nodes', arguments: { flat: true } },
+  ...['o6', 'o6-raw', 'o6-file'].map((name) => ({ execute: 'blockdev-del', arguments: { 'node-name': name } })),
   { execute: 'blockdev-del', arguments: { 'node-name': 'base' } },
   { execute: 'blockdev-del', arguments: { 'node-name': 'user' } },
   { execute: 'query-named-block-nodes', arguments: { flat: true } },
