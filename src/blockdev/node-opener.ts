@@ -118,10 +118,10 @@ export class NodeOpener {
       openBackingFromImage: async (filename: string, format: string | undefined, child: ChildRequest): Promise<ChildEdge> => {
         named();
         const driverName = format ?? (await probeFormat(filename, log));
-        const backingOptions = {
-          driver: driverName,
-          file: { driver: 'file', filename },
-        } as unknown as BlockdevOptions;
+        // A backing format naming the protocol itself (a snapshot of a file node writes "file") opens the file as it is.
+        const backingOptions = (driverName === 'file'
+          ? { driver: 'file', filename }
+          : { driver: driverName, file: { driver: 'file', filename } }) as unknown as BlockdevOptions;
         try {
           const target = await this.openTree({ options: backingOptions, monitorOwned: false, parent: settings, asBacking: true }, created);
           return await this.attach(node, target, child);
