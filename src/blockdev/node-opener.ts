@@ -119,8 +119,9 @@ export class NodeOpener {
           ? this.lookup(reference)
           : await this.openTree({ options: reference, monitorOwned: false, parent: settings, asBacking: child.role === 'cow' }, created);
         const edge = await this.attach(node, target, child);
-        if (key === 'file' && request.trail) {
+        if (key === 'file' && request.trail && node.driver.supportsBacking) {
           // After the attach, so that a read-write chain fails on the image lock first, as in QEMU.
+          // A repeat that cannot have a backing file (raw over the same file) ends the chain: QEMU opens it.
           image = imageFileIdentity(node);
           request.trail.refuseRepeat(await image, target.state.info().filename);
         }

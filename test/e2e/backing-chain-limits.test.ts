@@ -2,7 +2,8 @@
  * Backing chains that image headers make endless or very long. Any image can name any
  * file as its backing file: itself ("self.qcow2", "./dot.qcow2", a hard link to itself)
  * or one that names it back (A -> B -> A). Read-write, the image locks stop such a
- * chain, and blockd answers as qemu-storage-daemon does (compared below). Read-only,
+ * chain, and blockd answers as qemu-storage-daemon does (compared below), as it does for
+ * an image naming its own file as a raw backing file (a repeat, but no loop). Read-only,
  * qemu-storage-daemon 7.2 opens the same files without end and stops answering QMP;
  * blockd refuses the first repeat with qemu-img's words for it, keeps answering and
  * leaves no descriptor open. A chain of a thousand backing files opens, lists, streams
@@ -57,6 +58,8 @@ const peers = differentialPeers((dir) => {
   createQcow2(join(dir, 'b.qcow2'), 16 * MiB, { backing: { path: 'a.qcow2', format: 'qcow2' } });
   nameAsBacking(dir, 'a.qcow2', 'b.qcow2');
   createQcow2(join(dir, 'plain.qcow2'), 16 * MiB);
+  createQcow2(join(dir, 'raw-self.qcow2'), 16 * MiB);
+  runQemuImg('rebase', '-u', '-F', 'raw', '-b', 'raw-self.qcow2', join(dir, 'raw-self.qcow2'));
 });
 
 const add = (name: string, image: string, readOnly: boolean) => ({
@@ -72,18 +75,24 @@ function openDescriptors(): number {
   return readdirSync(`/proc/${blockdPid()}/fd`).length;
 }
 
-test('a read-write loop fails on the image lock, as in qemu-storage-daemon', async () => {
+test('what qemu-storage-daemon answers reads the same: read-write loops fail on the image lock, raw over its own file opens', async () => {
   const steps: TranscriptStep[] = [
     add('s', 'self.qcow2', false),
     add('a', 'a.qcow2', false),
     add('b', 'b.qcow2', false),
     add('d', 'dot.qcow2', false),
+    // Its own file as a raw backing file: no loop (raw has no backing file), QEMU opens it.
+    add('r', 'raw-self.qcow2', false),
+    { execute: 'blockdev-del', arguments: { 'node-name': 'r' } },
+    add('r', 'raw-self.qcow2', true),
     { execute: 'query-named-block-nodes' },
+    { execute: 'blockdev-del', arguments: { 'node-name': 'r' } },
   ];
   const theirs = await runTranscript(peers.qsd.socket, peers.qsd.dir, steps);
   const ours = await runTranscript(peers.blockd.socket, peers.blockd.dir, steps);
   assert.equal(describeDifferences(ours, theirs), '');
   assert.match(ours[0]!, /Could not open backing file: Failed to get shared \\"write\\" lock/);
+  assert.deepEqual([ours[4], ours[6]], ['{"return": {}}', '{"return": {}}'], 'raw over its own file opens');
 });
 
 test('a read-only loop is refused at its first repeat; the daemon answers on and keeps no descriptor', async () => {
