@@ -9,7 +9,7 @@ import { genericError } from '../errors.js';
 import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
 import { blockdevSnapshot, blockdevSnapshotSync } from './snapshot.js';
-import { blockDeviceInfo } from './node-info.js';
+import { blockDeviceInfo, checkListable } from './node-info.js';
 
 export function registerBlockCommands(registry: CommandTable, layer: BlockLayer): void {
   const { graph, opener, blockers } = layer;
@@ -30,7 +30,9 @@ export function registerBlockCommands(registry: CommandTable, layer: BlockLayer)
 
   registry.register('query-named-block-nodes', async ({ flat }) => {
     const nodes = graph.list();
-    return Promise.all(nodes.map((node) => blockDeviceInfo(node, flat ?? false)));
+    if (!flat) checkListable(nodes);
+    const known = new Map();
+    return Promise.all(nodes.map((node) => blockDeviceInfo(node, flat ?? false, known)));
   });
 
   registry.register('block_resize', async ({ device, 'node-name': nodeName, size }) => {

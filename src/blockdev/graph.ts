@@ -305,13 +305,15 @@ export class BlockGraph implements NodeObserver {
    */
   async refreshPermissions(roots: BlockNode[], fixed = new Map<ChildEdge, PermissionPair>()): Promise<void> {
     const proposed = new Map<ChildEdge, PermissionPair>(fixed);
-    const reached: BlockNode[] = [];
+    const reached = new Set<BlockNode>(); // in the order first reached
     const queue = [...roots];
-    // Compute top-down; a node is (re)visited when one of its parents changed. Graphs are small and acyclic.
-    for (let guard = 0; queue.length; guard++) {
-      if (guard > 10_000) throw new Error('permission refresh does not converge (cycle in the graph?)');
-      const node = queue.shift()!;
-      if (!reached.includes(node)) reached.push(node);
+    // Compute top-down; a node is (re)visited when one of its parents changed. Graphs are acyclic, but
+    // may be long (a backing chain of a thousand images): the guard grows with the graph.
+    const limit = 10_000 + 100 * this.nodes.size;
+    for (let guard = 0, next = 0; next < queue.length; guard++) {
+      if (guard > limit) throw new Error('permission refresh does not converge (cycle in the graph?)');
+      const node = queue[next++]!;
+      reached.add(node);
       const needs = node.neededPermissions(node.parents, proposed);
       for (const edge of node.children) {
         const computed = node.state?.childPermissions?.(edge, needs) ?? defaultChildPermissions(edge.role, needs, !node.readOnly);

@@ -22,6 +22,10 @@ const DESCRIPTIONS: Record<string, string> = {
   EACCES: 'Permission denied',
   EISDIR: 'Is a directory',
   ENOTDIR: 'Not a directory',
+  // A backing name that grows at every level ('./a' naming './a') ends here, as in QEMU.
+  ENAMETOOLONG: 'File name too long',
+  ELOOP: 'Too many levels of symbolic links',
+  EMFILE: 'Too many open files',
   EEXIST: 'File exists',
   EBADF: 'Bad file descriptor',
   ENXIO: 'No such device or address',

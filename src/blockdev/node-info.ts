@@ -4,7 +4,17 @@
  * ImageInfo of each node below it along filter and backing links.
  */
 import type { BlockDeviceInfo, ImageInfo } from '../generated/qapi-types.js';
+import { genericError } from '../errors.js';
 import type { BlockNode } from './node.js';
+
+/**
+ * The most ImageInfo entries a listing may nest under its nodes' "backing-image". Each node
+ * lists its whole chain, so a chain of n images lists about n²/2 of them: a thousand-deep
+ * chain would make a reply of hundreds of megabytes, nested deeper than QEMU's own JSON
+ * parser accepts (qemu-storage-daemon works on it for minutes, answering nothing else).
+ * Past this, the listing is refused; flat=true lists any chain.
+ */
+export const MAX_LISTED_BACKING_IMAGES = 100_000;
 
 /** The node's filter or backing child: where query output continues down the chain. */
 function filterOrBacking(node: BlockNode) {
@@ -51,15 +61,36 @@ export async function imageInfo(node: BlockNode): Promise<ImageInfo> {
   };
 }
 
-export async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<BlockDeviceInfo> {
+/** Refuses a non-flat listing of these nodes that would nest more than MAX_LISTED_BACKING_IMAGES image infos. */
+export function checkListable(nodes: readonly BlockNode[]): void {
+  let listed = 0;
+  for (const node of nodes) {
+    for (let below = filterOrBacking(node); below; below = filterOrBacking(below.child)) {
+      if (++listed > MAX_LISTED_BACKING_IMAGES) {
+        throw genericError(`Backing chains too long to list in full (more than ${MAX_LISTED_BACKING_IMAGES} backing images); use flat=true`);
+      }
+    }
+  }
+}
+
+/**
+ * A node's BlockDeviceInfo. `known` keeps the ImageInfo of each node met during one listing,
+ * so that a chain listed under each of its nodes is read once (each use is a copy: it nests differently).
+ */
+export async function blockDeviceInfo(node: BlockNode, flat: boolean, known = new Map<BlockNode, ImageInfo>()): Promise<BlockDeviceInfo> {
+  const infoOf = async (of: BlockNode): Promise<ImageInfo> => {
+    let info = known.get(of);
+    if (!info) known.set(of, (info = await imageInfo(of)));
+    return { ...info };
+  };
   const backing = node.backing();
-  const image = await imageInfo(node);
+  const image = await infoOf(node);
   let depth = 0;
   if (!flat) {
     let current: ImageInfo = image;
     for (let below = filterOrBacking(node); below; below = filterOrBacking(below.child)) {
       depth++;
-      current['backing-image'] = await imageInfo(below.child);
+      current['backing-image'] = await infoOf(below.child);
       current = current['backing-image'];
     }
   }

@@ -12,6 +12,7 @@ import type { BlockdevOptions, BlockdevRef } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
 import type { ChildRequest, OpenContext } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
+import { BackingChainTooLong, BackingTrail, imageFileIdentity, storageOf } from './backing-trail.js';
 import { driverFor } from './drivers/registry.js';
 import type { BlockGraph } from './graph.js';
 import { checkNodeName, generateNodeName } from './node-names.js';
@@ -24,6 +25,8 @@ export interface OpenRequest {
   parent?: NodeSettings;
   /** Opened as a backing file: read-only unless the options say otherwise. */
   asBacking?: boolean;
+  /** Opened because an image header names it: the images above it in that chain (backing-trail.ts). */
+  trail?: BackingTrail;
 }
 
 function resolveSettings(options: BlockdevOptions, request: OpenRequest): NodeSettings {
@@ -100,6 +103,8 @@ export class NodeOpener {
     const named = () => {
       if (node.sequence === 0) node.sequence = ++nodeSequence;
     };
+    // This node's image, once its file is open, for the loop check of the chain below it.
+    let image: Promise<string | undefined> | undefined;
 
     const context: OpenContext = {
       node,
@@ -113,19 +118,29 @@ export class NodeOpener {
         const target = typeof reference === 'string'
           ? this.lookup(reference)
           : await this.openTree({ options: reference, monitorOwned: false, parent: settings, asBacking: child.role === 'cow' }, created);
-        return this.attach(node, target, child);
+        const edge = await this.attach(node, target, child);
+        if (key === 'file' && request.trail && node.driver.supportsBacking) {
+          // After the attach, so that a read-write chain fails on the image lock first, as in QEMU.
+          // A repeat that cannot have a backing file (raw over the same file) ends the chain: QEMU opens it.
+          image = imageFileIdentity(node);
+          request.trail.refuseRepeat(await image, target.state.info().filename);
+        }
+        return edge;
       },
       openBackingFromImage: async (filename: string, format: string | undefined, child: ChildRequest): Promise<ChildEdge> => {
         named();
+        image ??= imageFileIdentity(node);
+        const trail = request.trail ? request.trail.next(await image) : BackingTrail.below(await image, storageOf(node)?.state.info().filename ?? name);
         const driverName = format ?? (await probeFormat(filename, log));
         // A backing format naming the protocol itself (a snapshot of a file node writes "file") opens the file as it is.
         const backingOptions = (driverName === 'file'
           ? { driver: 'file', filename }
           : { driver: driverName, file: { driver: 'file', filename } }) as unknown as BlockdevOptions;
         try {
-          const target = await this.openTree({ options: backingOptions, monitorOwned: false, parent: settings, asBacking: true }, created);
+          const target = await this.openTree({ options: backingOptions, monitorOwned: false, parent: settings, asBacking: true, trail }, created);
           return await this.attach(node, target, child);
         } catch (error) {
+          if (error instanceof BackingChainTooLong) throw error;
           throw genericError(`Could not open backing file: ${(error as Error).message}`);
         }
       },
