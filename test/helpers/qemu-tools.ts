@@ -75,26 +75,31 @@ export interface HeldImage {
   release(): Promise<void>;
 }
 
-/** Opens `path` in a qemu-io that sleeps; resolves once qemu-img sees its locks (a plain `qemu-img info` is refused). */
+/**
+ * Opens `path` in a qemu-io that sleeps; resolves once qemu-img sees its locks (a plain `qemu-img
+ * info` is refused). The probe holds the image for a moment too: a qemu-io that met it starts again.
+ */
 export async function holdImage(path: string, format = 'qcow2'): Promise<HeldImage> {
-  const child = spawn('qemu-io', ['-f', format, '-c', 'sleep 3600000', path], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  const release = async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-    await exited;
-  };
-  try {
-    await waitUntil(() => {
-      if (child.exitCode !== null) throw new Error(`qemu-io could not hold ${path}: ${stderr}`);
-      return /Failed to get shared "write" lock/.test(runTool('qemu-img', ['info', '-f', format, path]).stderr);
-    }, `qemu-io holds ${path}`);
-  } catch (error) {
-    await release();
-    throw error;
+  for (let attempt = 1; ; attempt++) {
+    const child = spawn('qemu-io', ['-f', format, '-c', 'sleep 3600000', path], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    const release = async () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      await exited;
+    };
+    try {
+      await waitUntil(() => {
+        if (child.exitCode !== null) throw new Error(`qemu-io could not hold ${path}: ${stderr}`);
+        return /Failed to get shared "write" lock/.test(runTool('qemu-img', ['info', '-f', format, path]).stderr);
+      }, `qemu-io holds ${path}`);
+      return { release };
+    } catch (error) {
+      await release();
+      if (attempt >= 10 || !/Failed to get "write" lock/.test(stderr)) throw error;
+    }
   }
-  return { release };
 }
 
 export interface PatternRange {
