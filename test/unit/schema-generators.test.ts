@@ -4,7 +4,7 @@
  * order of first use, int kinds as "int", unions flattened, features kept).
  */
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -19,7 +19,13 @@ function schemaWith(definitions: unknown[]): () => unknown {
   const dir = mkdtempSync(join(tmpdir(), 'blockd-schema-'));
   writeFileSync(join(dir, 'qapi-schema.json'), JSON.stringify({ include: ['m.json'] }));
   writeFileSync(join(dir, 'm.json'), JSON.stringify(definitions));
-  return () => loadSchema(dir);
+  return () => {
+    try {
+      return loadSchema(dir);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
 }
 
 test('malformed schemas are rejected with the definition named', () => {
