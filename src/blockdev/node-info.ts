@@ -100,7 +100,7 @@ export async function blockDeviceInfo(node: BlockNode, flat: boolean, known = ne
     ro: node.readOnly,
     drv: node.driver.name,
     ...(backing ? { backing_file: backing.child.state.info().filename } : {}),
-    ...(node.dirtyBitmaps.size > 0 ? { 'dirty-bitmaps': [...node.dirtyBitmaps].reverse().map((bitmap) => bitmap.info()) } : {}),
+    ...(node.bitmaps.size > 0 ? { 'dirty-bitmaps': node.bitmaps.list().map((bitmap) => bitmap.info()) } : {}),
     backing_file_depth: depth,
     encrypted: false,
     detect_zeroes: node.settings.detectZeroes,

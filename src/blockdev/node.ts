@@ -8,7 +8,7 @@
 import type { BlockdevOptions } from '../generated/qapi-types.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
-import type { DirtyBitmap } from './dirty-bitmap.js';
+import { BitmapRegistry } from './bitmaps/bitmap-registry.js';
 import { IoError } from './io-error.js';
 import { RangeLock } from './range-lock.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, type PermissionPair } from './permissions.js';
@@ -65,7 +65,7 @@ export class BlockNode {
   /** While a job copies into this node: its copies and other writes to the same bytes never overlap (QEMU's serialising requests). */
   private serialising: { lock: RangeLock; users: number } | undefined;
   /** Bitmaps that record every range written, zeroed or discarded here (a job's, like active commit's, or a user's). */
-  readonly dirtyBitmaps = new Set<DirtyBitmap>();
+  readonly bitmaps = new BitmapRegistry();
   /** A filter a job inserted without a name from the user: QEMU names it after its child (bs->implicit). */
   implicit = false;
   /** When QEMU would have named the node (after its "file" child, before its backing file): the order nodes are listed in. */
@@ -175,7 +175,7 @@ export class BlockNode {
     try {
       return await request();
     } finally {
-      for (const bitmap of this.dirtyBitmaps) if (bitmap.recording) bitmap.set(offset, length);
+      this.bitmaps.markDirty(offset, length);
     }
   }
 
@@ -334,7 +334,9 @@ export class BlockNode {
     if (this.readOnly) throw new IoError('EPERM', `node '${this.name}' is read-only`);
     const truncate = this.state.truncate;
     if (!truncate) throw new IoError('ENOTSUP', 'Image format driver does not support resize');
-    return this.track(() => truncate.call(this.state, size));
+    await this.track(() => truncate.call(this.state, size));
+    // QEMU's bdrv_dirty_bitmap_truncate: the bitmaps follow the new size.
+    this.bitmaps.resize(this.length());
   }
 
   // ---- block status ----------------------------------------------------------------------

@@ -11,7 +11,7 @@
  */
 import type { BlockLayer } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
-import { DirtyBitmap } from '../blockdev/dirty-bitmap.js';
+import { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
 import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
@@ -57,8 +57,8 @@ export class ActiveCommitJob implements JobKind {
     const granularity = Math.max(MIN_GRANULARITY, Number((base.state.info().image ?? {})['cluster-size'] ?? 0));
     const bitmap = new DirtyBitmap(top.length(), granularity);
     this.bitmap = bitmap;
-    top.dirtyBitmaps.add(bitmap);
-    this.stopWatching = () => top.dirtyBitmaps.delete(bitmap);
+    top.bitmaps.add(bitmap);
+    this.stopWatching = () => top.bitmaps.remove(bitmap);
   }
 
   async run(job: Job): Promise<void> {

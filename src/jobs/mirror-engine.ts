@@ -8,7 +8,7 @@
  * then ends the drain.
  */
 import type { ChildEdge } from '../blockdev/child-edge.js';
-import type { DirtyBitmap } from '../blockdev/dirty-bitmap.js';
+import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
 import { errnoOf } from '../blockdev/io-error.js';
 import { CopyError, copyRange } from './copy-engine.js';
 import type { ErrorPolicy, Job } from './job.js';

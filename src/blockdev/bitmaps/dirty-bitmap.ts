@@ -1,0 +1,109 @@
+/*
+ * Which parts of a node changed, at a granularity (QEMU's BdrvDirtyBitmap): one bit per
+ * granule in a GranuleBits, with QEMU's attributes. A bitmap records writes while it is
+ * enabled and has no successor; a job that owns it (busy) gives it a successor that records
+ * meanwhile, so no write is lost whichever way the job ends.
+ */
+import { GranuleBits } from './granule-bits.js';
+
+/** query-named-block-nodes' BlockDirtyInfo. */
+export interface BlockDirtyInfo {
+  name?: string;
+  count: number;
+  granularity: number;
+  recording: boolean;
+  busy: boolean;
+  persistent: boolean;
+  inconsistent?: boolean;
+}
+
+export class DirtyBitmap {
+  private readonly bits: GranuleBits;
+  private lengthInBytes: number;
+  /** Writes to the node mark the bitmap (block-dirty-bitmap-disable turns this off). */
+  enabled = true;
+  /** Kept in the image (qcow2's bitmaps extension). */
+  persistent = false;
+  /** Owned by a job or an export: the user cannot change it meanwhile. */
+  busy = false;
+  /** Found in use in an image after a crash: its bits cannot be trusted. */
+  inconsistent = false;
+  /** Records in this bitmap's place while a job owns it. */
+  successor: DirtyBitmap | undefined;
+
+  /** `name` is undefined for a job's own bitmap (listed, but not addressable). */
+  constructor(length: number, readonly granularity: number, readonly name?: string) {
+    this.lengthInBytes = length;
+    this.bits = new GranuleBits(Math.ceil(length / granularity));
+  }
+
+  get length(): number {
+    return this.lengthInBytes;
+  }
+
+  /** Whether writes to the node mark it now. */
+  get recording(): boolean {
+    return this.enabled && this.successor === undefined && !this.inconsistent;
+  }
+
+  info(): BlockDirtyInfo {
+    return {
+      ...(this.name === undefined ? {} : { name: this.name }),
+      count: this.count(),
+      granularity: this.granularity,
+      recording: this.recording,
+      busy: this.busy,
+      persistent: this.persistent,
+      ...(this.inconsistent ? { inconsistent: true } : {}),
+    };
+  }
+
+  /** The granules a byte range touches. */
+  private span(offset: number, length: number): [number, number] {
+    return [Math.floor(offset / this.granularity), Math.ceil((offset + length) / this.granularity)];
+  }
+
+  set(offset: number, length: number): void {
+    this.bits.set(...this.span(offset, length));
+  }
+
+  clear(offset: number, length: number): void {
+    this.bits.clear(...this.span(offset, length));
+  }
+
+  isDirty(offset: number): boolean {
+    return this.bits.has(Math.floor(offset / this.granularity));
+  }
+
+  /** Dirty bytes (the last granule counts only up to the end). */
+  count(): number {
+    const granules = this.bits.size;
+    if (granules === 0) return 0;
+    const tailShort = this.bits.has(granules - 1) ? granules * this.granularity - this.lengthInBytes : 0;
+    return this.bits.count() * this.granularity - tailShort;
+  }
+
+  /** The node was resized: granules beyond a smaller end go, new ones start clean. */
+  resize(length: number): void {
+    this.lengthInBytes = length;
+    this.bits.resize(Math.ceil(length / this.granularity));
+  }
+
+  /**
+   * The first dirty run at or after `from` (wrapping to the start), at most `maxLength`
+   * long and clipped to the end, or undefined when nothing is dirty.
+   */
+  nextRun(from: number, maxLength: number): { offset: number; length: number } | undefined {
+    if (this.bits.count() === 0) return undefined;
+    const granules = this.bits.size;
+    const start = Math.min(Math.floor(from / this.granularity), granules);
+    let first = this.bits.findSet(start);
+    if (first < 0) first = this.bits.findSet(0, start);
+    if (first < 0) return undefined;
+    const limit = Math.min(granules, first + Math.max(1, Math.floor(maxLength / this.granularity)));
+    const clean = this.bits.findClear(first + 1, limit);
+    const end = clean < 0 ? limit : clean;
+    const offset = first * this.granularity;
+    return { offset, length: Math.min(end * this.granularity, this.lengthInBytes) - offset };
+  }
+}
