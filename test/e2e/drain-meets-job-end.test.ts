@@ -35,10 +35,8 @@ test('a snapshot taken while blockdev-create is still writing answers once the c
     assert.deepEqual(jobs.map((job) => [job.id, job.status, job.error]), [['create', 'concluded', undefined]]);
     await client.close();
   } finally {
-    // A daemon stuck in the snapshot would not honour SIGTERM (quit waits for commands): the test fails, not hangs.
-    const stuck = setTimeout(() => daemon.child.kill('SIGKILL'), 10_000);
-    const exit = await daemon.stop();
-    clearTimeout(stuck);
+    // A daemon stuck in the snapshot would not honour SIGTERM: the test fails, not hangs.
+    const exit = await daemon.stop('SIGTERM', 10_000);
     assert.equal(exit.signal, null, 'blockd ended on SIGTERM');
   }
   assert.equal(statSync(join(dir, 'big.raw')).size, 512 * MiB);

@@ -14,7 +14,11 @@ export interface BlockdProcess {
   /** Addresses from the "QMP monitor listening" log lines, in order. */
   addresses: string[];
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  stop(signal?: NodeJS.Signals): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /**
+   * Sends `signal` and waits for the exit. With `killAfterMs`, a daemon still running then (stuck in a
+   * command: quit waits for commands) is killed, so the test fails on its exit signal instead of hanging.
+   */
+  stop(signal?: NodeJS.Signals, killAfterMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
 export interface StartOptions {
@@ -44,9 +48,14 @@ export function runBlockd(args: string[], options: StartOptions = {}): Promise<B
     stdout: () => stdout,
     addresses,
     exited,
-    async stop(signal = 'SIGTERM') {
+    async stop(signal = 'SIGTERM', killAfterMs?: number) {
       if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-      return exited;
+      const stuck = killAfterMs === undefined ? undefined : setTimeout(() => child.kill('SIGKILL'), killAfterMs);
+      try {
+        return await exited;
+      } finally {
+        clearTimeout(stuck);
+      }
     },
   };
   child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
