@@ -48,6 +48,12 @@ for (const seed of [1, 2, 3]) {
       assert.equal(bits.findSet(from, to), modelFind(model, from, to, true), `step ${step}: findSet(${from}, ${to})`);
       assert.equal(bits.findClear(from, to), modelFind(model, from, to, false), `step ${step}: findClear(${from}, ${to})`);
       assert.equal(bits.has(from), model[from], `step ${step}: has(${from})`);
+      const at = Math.floor(from / 32) * 32;
+      const bytes = bits.toBytes(at, size - at);
+      for (let i = at; i < size; i++) assert.equal((bytes[(i - at) >> 3]! >> ((i - at) & 7)) & 1, model[i] ? 1 : 0, `step ${step}: toBytes bit ${i}`);
+      const copy = new GranuleBits(size);
+      copy.orBytes(at, bytes);
+      assert.equal(copy.count(), model.slice(at).filter(Boolean).length, `step ${step}: orBytes`);
     }
   });
 }

@@ -26,6 +26,8 @@ export class DirtyBitmap {
   persistent = false;
   /** Owned by a job or an export: the user cannot change it meanwhile. */
   busy = false;
+  /** Loaded from an image opened read-only: neither writes nor commands may change it (QEMU's readonly). */
+  readonly = false;
   /** Found in use in an image after a crash: its bits cannot be trusted. */
   inconsistent = false;
   /** Records in this bitmap's place while a job owns it. */
@@ -81,6 +83,21 @@ export class DirtyBitmap {
     if (granules === 0) return 0;
     const tailShort = this.bits.has(granules - 1) ? granules * this.granularity - this.lengthInBytes : 0;
     return this.bits.count() * this.granularity - tailShort;
+  }
+
+  /** Granules [first, first + count) as bytes, lowest bit first; `first` is a multiple of 32. */
+  granuleBytes(first: number, count: number): Buffer {
+    return this.bits.toBytes(first, count);
+  }
+
+  /** Marks the granules `bytes` has set (as granuleBytes lays them out), from granule `first`. */
+  orGranuleBytes(first: number, bytes: Buffer): void {
+    this.bits.orBytes(first, bytes);
+  }
+
+  /** How many granules the bitmap has. */
+  get granules(): number {
+    return this.bits.size;
   }
 
   /** The node was resized: granules beyond a smaller end go, new ones start clean. */

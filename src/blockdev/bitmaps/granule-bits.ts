@@ -66,6 +66,36 @@ export class GranuleBits {
     }
   }
 
+  /**
+   * Bits [first, first + count) as bytes, the lowest bit of each byte first (qcow2's bitmap
+   * data and QEMU's serialisation); `first` is a multiple of 32. Bits past the end read clear.
+   */
+  toBytes(first: number, count: number): Buffer {
+    const bytes = Buffer.alloc(Math.ceil(count / 8));
+    const words = new Uint32Array(Math.ceil(count / 32));
+    words.set(this.words.subarray(first >>> 5, (first >>> 5) + words.length));
+    for (let i = 0; i < words.length; i++) {
+      const at = i * 4;
+      if (at + 4 <= bytes.length) bytes.writeUInt32LE(words[i]!, at);
+      else for (let b = at; b < bytes.length; b++) bytes[b] = (words[i]! >>> ((b - at) * 8)) & 0xff;
+    }
+    if (count & 7) bytes[bytes.length - 1]! &= (1 << (count & 7)) - 1;
+    return bytes;
+  }
+
+  /** Sets the bits `bytes` has set (as toBytes lays them out) from bit `first`, a multiple of 32. */
+  orBytes(first: number, bytes: Buffer): void {
+    for (let at = 0; at < bytes.length; at += 4) {
+      let word = 0;
+      for (let b = 0; b < 4 && at + b < bytes.length; b++) word |= bytes[at + b]! << (b * 8);
+      const index = (first >>> 5) + at / 4;
+      if (word === 0 || index >= this.words.length) continue;
+      if (index === this.words.length - 1 && this.bits & 31) word &= mask(0, this.bits & 31);
+      const merged = (this.words[index]! | word) >>> 0;
+      if (merged !== this.words[index]) this.replaceWord(index, merged);
+    }
+  }
+
   /** The first set bit in [from, to), or -1. */
   findSet(from: number, to: number = this.bits): number {
     return this.find(from, to, true);
