@@ -86,6 +86,10 @@ export interface DriverState {
   changeBackingFile?(name: string | undefined, format: string | undefined): Promise<void>;
   /** Told that the node's backing child changed (a snapshot put a node under it); formats with backing files only. */
   setBacking?(backing: ChildEdge | undefined): void;
+  /** Whether the image can keep a new persistent dirty bitmap; throws with QEMU's reason when not (formats that store bitmaps). */
+  canStoreNewDirtyBitmap?(name: string, granularity: number): Promise<void>;
+  /** Removes a persistent dirty bitmap from the image now (formats that store bitmaps). */
+  removePersistentDirtyBitmap?(name: string): Promise<void>;
   info(): DriverInfo;
   /** Bytes the node occupies on the host (ImageInfo actual-size; undefined: unknown, not reported); default: the sum over its storage children. */
   allocatedSize?(): Promise<number | undefined>;

@@ -10,9 +10,11 @@ import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type Blo
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
 import { blockdevSnapshot, blockdevSnapshotSync } from './snapshot.js';
 import { blockDeviceInfo, checkListable } from './node-info.js';
+import { registerBitmapCommands } from './bitmaps/bitmap-commands.js';
 
 export function registerBlockCommands(registry: CommandTable, layer: BlockLayer): void {
   const { graph, opener, blockers } = layer;
+  registerBitmapCommands(registry, layer);
   registry.register('blockdev-add', async (options) => {
     if (options['node-name'] === undefined) throw genericError("'node-name' must be specified for the root node");
     await opener.open({ options, monitorOwned: true });

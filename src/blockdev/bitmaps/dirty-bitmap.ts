@@ -100,6 +100,26 @@ export class DirtyBitmap {
     return this.bits.size;
   }
 
+  /** Marks every byte `other` marks (a merge); `other` covers the same length at any granularity. */
+  merge(other: DirtyBitmap): void {
+    if (other.granularity === this.granularity) {
+      this.bits.or(other.bits);
+      return;
+    }
+    for (const run of other.dirtyRuns()) this.set(run.offset, run.length);
+  }
+
+  /** The dirty byte ranges, in order, each as long as it runs. */
+  *dirtyRuns(): Generator<{ offset: number; length: number }> {
+    for (let first = this.bits.findSet(0); first >= 0; ) {
+      const clean = this.bits.findClear(first + 1);
+      const end = clean < 0 ? this.bits.size : clean;
+      const offset = first * this.granularity;
+      yield { offset, length: Math.min(end * this.granularity, this.lengthInBytes) - offset };
+      first = clean < 0 ? -1 : this.bits.findSet(clean);
+    }
+  }
+
   /** The node was resized: granules beyond a smaller end go, new ones start clean. */
   resize(length: number): void {
     this.lengthInBytes = length;

@@ -1,0 +1,139 @@
+/*
+ * The block-dirty-bitmap-* commands and x-debug-block-dirty-bitmap-sha256, with
+ * qemu-storage-daemon's checks in its order and its texts. Each action is a function of its
+ * own (the transaction command will run the same ones).
+ */
+import { createHash } from 'node:crypto';
+import type { CommandTable } from '../../command-table.js';
+import { genericError } from '../../errors.js';
+import type { BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapOrStr } from '../../generated/qapi-types.js';
+import { lookupDeviceOrNode, type BlockLayer } from '../block-layer.js';
+import type { BlockGraph } from '../graph.js';
+import type { BlockNode } from '../node.js';
+import { DirtyBitmap } from './dirty-bitmap.js';
+
+const MIN_GRANULARITY = 512;
+
+/** What a command may not do to a bitmap (QEMU's BDRV_BITMAP_* check flags). */
+interface Refusals {
+  busy?: boolean;
+  readonly?: boolean;
+  inconsistent?: boolean;
+}
+
+const ANY_CHANGE: Refusals = { busy: true, readonly: true, inconsistent: true };
+/** Enabling and disabling is allowed on a read-only image's bitmaps. */
+const TOGGLE: Refusals = { busy: true, inconsistent: true };
+
+/** QEMU's bdrv_dirty_bitmap_check. */
+export function checkBitmap(bitmap: DirtyBitmap, refusals: Refusals): void {
+  const name = bitmap.name ?? '';
+  if (refusals.busy && bitmap.busy) throw genericError(`Bitmap '${name}' is currently in use by another operation and cannot be used`);
+  if (refusals.readonly && bitmap.readonly) throw genericError(`Bitmap '${name}' is readonly and cannot be modified`);
+  if (refusals.inconsistent && bitmap.inconsistent) throw genericError(`Bitmap '${name}' is inconsistent and cannot be used`);
+}
+
+/** QEMU's block_dirty_bitmap_lookup: the node by name, then its bitmap. */
+export function lookupBitmap(graph: BlockGraph, nodeName: string, name: string): { node: BlockNode; bitmap: DirtyBitmap } {
+  const node = graph.find(nodeName);
+  if (!node) throw genericError(`Node '${nodeName}' not found`);
+  const bitmap = node.bitmaps.find(name);
+  if (!bitmap) throw genericError(`Dirty bitmap '${name}' not found`);
+  return { node, bitmap };
+}
+
+/** QEMU's bdrv_get_default_bitmap_granularity: the cluster size kept within [4 KiB, 64 KiB], else 64 KiB. */
+export function defaultGranularity(node: BlockNode): number {
+  const cluster = node.state.clusterSize;
+  return cluster ? Math.min(65536, Math.max(4096, cluster)) : 65536;
+}
+
+function isPowerOfTwo(value: number): boolean {
+  return value > 0 && Number.isInteger(Math.log2(value));
+}
+
+export async function addBitmap(graph: BlockGraph, args: BlockDirtyBitmapAdd): Promise<DirtyBitmap> {
+  if (args.name === '') throw genericError('Bitmap name cannot be empty');
+  const node = lookupDeviceOrNode(graph, args.node, args.node);
+  if (args.granularity !== undefined && (args.granularity < MIN_GRANULARITY || !isPowerOfTwo(args.granularity))) {
+    throw genericError('Granularity must be power of 2 and at least 512');
+  }
+  const granularity = args.granularity ?? defaultGranularity(node);
+  if (args.persistent) {
+    const canStore = node.state.canStoreNewDirtyBitmap;
+    if (!canStore) throw genericError(`Can't store persistent bitmaps to ${node.name}: Operation not supported`);
+    await canStore.call(node.state, args.name, granularity);
+  }
+  const bitmap = new DirtyBitmap(node.length(), granularity, args.name);
+  node.bitmaps.add(bitmap);
+  bitmap.enabled = !args.disabled;
+  bitmap.persistent = args.persistent ?? false;
+  return bitmap;
+}
+
+export async function removeBitmap(graph: BlockGraph, nodeName: string, name: string): Promise<void> {
+  const { node, bitmap } = lookupBitmap(graph, nodeName, name);
+  checkBitmap(bitmap, { busy: true, readonly: true });
+  if (bitmap.persistent) await node.state.removePersistentDirtyBitmap?.(name);
+  node.bitmaps.remove(bitmap);
+}
+
+export function clearBitmap(graph: BlockGraph, nodeName: string, name: string): void {
+  const { bitmap } = lookupBitmap(graph, nodeName, name);
+  checkBitmap(bitmap, ANY_CHANGE);
+  bitmap.clear(0, bitmap.length);
+}
+
+export function setBitmapEnabled(graph: BlockGraph, nodeName: string, name: string, enabled: boolean): void {
+  const { bitmap } = lookupBitmap(graph, nodeName, name);
+  checkBitmap(bitmap, TOGGLE);
+  bitmap.enabled = enabled;
+}
+
+/**
+ * QEMU's block_dirty_bitmap_merge: every source (a bitmap of the target's node by name, or any
+ * node's) is checked and gathered first, so a failure leaves the target as it was; sources of
+ * another granularity merge by the bytes they cover.
+ */
+export function mergeBitmaps(graph: BlockGraph, args: BlockDirtyBitmapMerge): void {
+  const { node, bitmap: target } = lookupBitmap(graph, args.node, args.target);
+  const gathered = new DirtyBitmap(target.length, target.granularity);
+  for (const source of args.bitmaps) {
+    const bitmap = sourceBitmap(graph, node, source);
+    checkBitmap(bitmap, TOGGLE);
+    if (bitmap.length !== gathered.length) {
+      throw genericError(`Bitmaps are of different sizes (destination size is ${gathered.length}, source size is ${bitmap.length}) and can't be merged`);
+    }
+    gathered.merge(bitmap);
+  }
+  checkBitmap(target, ANY_CHANGE);
+  target.merge(gathered);
+}
+
+function sourceBitmap(graph: BlockGraph, targetNode: BlockNode, source: BlockDirtyBitmapOrStr): DirtyBitmap {
+  if (typeof source !== 'string') return lookupBitmap(graph, source.node, source.name).bitmap;
+  const bitmap = targetNode.bitmaps.find(source);
+  if (!bitmap) throw genericError(`Dirty bitmap '${source}' not found`);
+  return bitmap;
+}
+
+/** QEMU's hbitmap_sha256: over the bits as whole 64-bit little-endian words (at least one). */
+export function bitmapSha256(bitmap: DirtyBitmap): string {
+  const words = Math.max(1, Math.ceil(bitmap.granules / 64));
+  const bytes = Buffer.alloc(words * 8);
+  bitmap.granuleBytes(0, bitmap.granules).copy(bytes);
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
+export function registerBitmapCommands(registry: CommandTable, layer: BlockLayer): void {
+  const { graph } = layer;
+  registry.register('block-dirty-bitmap-add', async (args) => {
+    await addBitmap(graph, args);
+  });
+  registry.register('block-dirty-bitmap-remove', ({ node, name }) => removeBitmap(graph, node, name));
+  registry.register('block-dirty-bitmap-clear', ({ node, name }) => clearBitmap(graph, node, name));
+  registry.register('block-dirty-bitmap-enable', ({ node, name }) => setBitmapEnabled(graph, node, name, true));
+  registry.register('block-dirty-bitmap-disable', ({ node, name }) => setBitmapEnabled(graph, node, name, false));
+  registry.register('block-dirty-bitmap-merge', (args) => mergeBitmaps(graph, args));
+  registry.register('x-debug-block-dirty-bitmap-sha256', ({ node, name }) => ({ sha256: bitmapSha256(lookupBitmap(graph, node, name).bitmap) }));
+}
