@@ -20,8 +20,11 @@ test('docs/op-blockers.md is generated from the data', () => {
   assert.equal(readFileSync(DOC, 'utf8'), rendered, 'run UPDATE_DOCS=1 node --test dist/test/unit/op-blocker-matrix.test.js');
 });
 
-/** Commands that start no operation on a node: protocol, queries, job verbs, servers, objects. */
-const NOT_OPERATIONS = /^(qmp_capabilities|quit|query-.*|job-.*|block-job-.*|nbd-server-(start|stop|remove)|block-export-del|object-(add|del))$/;
+/**
+ * Commands that start no operation on a node: protocol, queries, job verbs, servers, objects,
+ * and the dirty bitmap commands (as in QEMU, a bitmap's busy flag guards it, not op blockers).
+ */
+const NOT_OPERATIONS = /^(qmp_capabilities|quit|query-.*|job-.*|block-job-.*|nbd-server-(start|stop|remove)|block-export-del|object-(add|del)|block-dirty-bitmap-.*|x-debug-block-dirty-bitmap-sha256)$/;
 
 test('every command that starts an operation is in the op-blocker table', () => {
   const accounted = new Set([...OPERATION_CHECKS.map((check) => check.command), ...PERMISSION_ONLY_COMMANDS]);
