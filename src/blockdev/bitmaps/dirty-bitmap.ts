@@ -77,12 +77,9 @@ export class DirtyBitmap {
     return this.bits.has(Math.floor(offset / this.granularity));
   }
 
-  /** Dirty bytes (the last granule counts only up to the end). */
+  /** Dirty bytes as QEMU counts them: whole granules, the last one too where the disk ends inside it. */
   count(): number {
-    const granules = this.bits.size;
-    if (granules === 0) return 0;
-    const tailShort = this.bits.has(granules - 1) ? granules * this.granularity - this.lengthInBytes : 0;
-    return this.bits.count() * this.granularity - tailShort;
+    return this.bits.count() * this.granularity;
   }
 
   /** Granules [first, first + count) as bytes, lowest bit first; `first` is a multiple of 32. */

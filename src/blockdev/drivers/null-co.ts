@@ -23,8 +23,9 @@ class NullState implements DriverState {
     return this.latencyMs > 0 ? new Promise((resolve) => setTimeout(resolve, this.latencyMs)) : Promise.resolve();
   }
 
+  /** In whole sectors, as QEMU counts a node's length. */
   length(): number {
-    return this.size;
+    return Math.ceil(this.size / 512) * 512;
   }
 
   async read(_offset: number, buffer: Buffer): Promise<void> {
