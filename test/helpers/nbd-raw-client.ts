@@ -161,6 +161,14 @@ export class NbdRawClient {
     return answer;
   }
 
+  /** A write, write-zeroes, trim or flush, one in flight: resolves with the reply's error (0 for success). */
+  async change(type: number, offset: number, length: number, flags = 0, payload?: Buffer): Promise<number> {
+    this.request(type, offset, length, flags, payload);
+    const reply = await this.readReply();
+    if (reply.kind === 'simple') return reply.error;
+    return reply.type & 0x8000 ? decodeErrorPayload(reply.payload, reply.type).error : 0;
+  }
+
   /** Resolves when the server closes the connection. */
   closed(): Promise<void> {
     return new Promise((resolve) => {
