@@ -17,6 +17,11 @@ export interface WriteFlags {
   fua?: boolean;
   /** The write of a job's serialised copy, which already holds its range (BlockNode.serialisedCopy). */
   serialisedCopy?: boolean;
+  /**
+   * The bytes written are what the node already reads (a copy-on-read or stream copy from the
+   * backing chain): dirty bitmaps are not marked, as QEMU writes such copies below its dirty tracking.
+   */
+  contentUnchanged?: boolean;
 }
 
 export interface ZeroFlags extends WriteFlags {

@@ -170,12 +170,15 @@ export class BlockNode {
     if (!Number.isSafeInteger(offset + length) || offset < 0 || length < 0) throw new IoError('EINVAL', 'bad request range');
   }
 
-  /** Runs a request that changes bytes and marks them dirty once it ends (failed ones too: the bytes may have changed). */
-  private async changing<T>(offset: number, length: number, request: () => Promise<T>): Promise<T> {
+  /**
+   * Runs a request that changes bytes and marks them dirty once it ends (failed ones too: the
+   * bytes may have changed); a copy of what the node already reads changes nothing a bitmap tracks.
+   */
+  private async changing<T>(offset: number, length: number, flags: WriteFlags, request: () => Promise<T>): Promise<T> {
     try {
       return await request();
     } finally {
-      this.bitmaps.markDirty(offset, length);
+      if (!flags.contentUnchanged) this.bitmaps.markDirty(offset, length);
     }
   }
 
@@ -256,7 +259,7 @@ export class BlockNode {
     this.noteWrite(offset, buffer.length);
     const emulateFua = this.emulatesFua(flags);
     const driverFlags = emulateFua ? { ...flags, fua: false } : flags;
-    await this.guarded(offset, buffer.length, () => this.changing(offset, buffer.length, () => this.track(() => write.call(this.state, offset, buffer, driverFlags))), flags);
+    await this.guarded(offset, buffer.length, () => this.changing(offset, buffer.length, flags, () => this.track(() => write.call(this.state, offset, buffer, driverFlags))), flags);
     if (emulateFua) await this.flush();
   }
 
@@ -274,7 +277,7 @@ export class BlockNode {
     this.noteWrite(offset, length);
     const emulateFua = this.emulatesFua(flags);
     const zeroFlags = { ...flags, fua: flags.fua === true && !emulateFua, mayUnmap: flags.mayUnmap === true && this.settings.discard === 'unmap' };
-    await this.guarded(offset, length, () => this.changing(offset, length, () => this.track(async () => {
+    await this.guarded(offset, length, () => this.changing(offset, length, flags, () => this.track(async () => {
       if (this.state.writeZeroes) {
         try {
           return await this.state.writeZeroes(offset, length, zeroFlags);
@@ -300,7 +303,7 @@ export class BlockNode {
     // QEMU drops discards on nodes opened with discard=ignore (the default for blockdev-add).
     if (this.settings.discard === 'ignore' || !this.state.discard || length === 0) return;
     const discard = this.state.discard;
-    return this.guarded(offset, length, () => this.changing(offset, length, () => this.track(() => discard.call(this.state, offset, length))));
+    return this.guarded(offset, length, () => this.changing(offset, length, {}, () => this.track(() => discard.call(this.state, offset, length))));
   }
 
   /** Flushes this node, then every child it may have written to. */

@@ -91,7 +91,7 @@ class StreamJob implements JobKind {
         return { length: below.length, copy: below.allocated };
       },
       // Read what the top shows and write it back into the top, with no client write to the range in between.
-      copy: (offset, length) => top.serialisedCopy(offset, length, () => copyRange(active, active, offset, length, { serialisedCopy: true })),
+      copy: (offset, length) => top.serialisedCopy(offset, length, () => copyRange(active, active, offset, length, { serialisedCopy: true, contentUnchanged: true })),
     }, { chunkSize: STREAM_CHUNK, inFlight: COPIES_IN_FLIGHT, onError: this.onError }).catch((error: unknown) => {
       throw new Error(describeErrno(errnoOf(error)));
     });

@@ -19,13 +19,21 @@ const peers = differentialPeers((dir) => {
   create('big.qcow2', '-f', 'qcow2', '-o', 'cluster_size=2M');
   create('old.qcow2', '-f', 'qcow2', '-o', 'compat=0.10');
   create('disk.raw', '-f', 'raw');
+  create('base.qcow2', '-f', 'qcow2');
+  spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 192k', '-c', 'write -P 8 1M 64k', '-c', 'write -P 9 3M 4k', join(dir, 'base.qcow2')]);
+  spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', join(dir, 'top.qcow2')]);
+  create('cbase.qcow2', '-f', 'qcow2');
+  create('cmid.qcow2', '-f', 'qcow2');
+  create('ctop.qcow2', '-f', 'qcow2');
+  spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 11 128k 64k', '-c', 'write -P 12 2M 8k', join(dir, 'cmid.qcow2')]);
+  spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 13 3M 64k', join(dir, 'ctop.qcow2')]);
 });
 
-/** qemu-io commands on the export "disk" through the daemon's NBD socket; what it says (without timings) goes in the transcript. */
-function qemuIo(...commands: string[]): TranscriptStep {
+/** qemu-io commands on an export through the daemon's NBD socket; what it says (without timings) goes in the transcript. */
+function qemuIoOn(exportName: string, ...commands: string[]): TranscriptStep {
   return {
     action: async (dir) => {
-      const args = ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), `nbd+unix:///disk?socket=${join(dir, 'nbd.sock')}`];
+      const args = ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), `nbd+unix:///${exportName}?socket=${join(dir, 'nbd.sock')}`];
       const result = spawnSync('qemu-io', args, { encoding: 'utf8' });
       const said = `${result.stdout}${result.stderr}`.split('\n').filter((line) => line && !line.includes(' sec (')).join(' | ');
       return `qemu-io ${commands.join('; ')}: exit ${result.status}: ${said}`;
@@ -33,6 +41,7 @@ function qemuIo(...commands: string[]): TranscriptStep {
   };
 }
 
+const qemuIo = (...commands: string[]) => qemuIoOn('disk', ...commands);
 const add = (node: string, name: string, extra: object = {}) => ({ execute: 'block-dirty-bitmap-add', arguments: { node, name, ...extra } });
 const verb = (command: string, node: string, name: string) => ({ execute: `block-dirty-bitmap-${command}`, arguments: { node, name } });
 const sha256 = (node: string, name: string) => ({ execute: 'x-debug-block-dirty-bitmap-sha256', arguments: { node, name } });
@@ -153,6 +162,40 @@ const STEPS: TranscriptStep[] = [
   sha256('nosuch', 'a'),
   add('q0', 'a', { granularity: 1024 }),
   sha256('q0', 'a'),
+  nodes,
+  // Writes through a filter mark the filter's bitmaps and its child's; so do its copy-on-read
+  // writes into the child, and a job's writes (stream copies the base's clusters into the top).
+  qcow2('top', 'top.qcow2'),
+  { execute: 'blockdev-add', arguments: { driver: 'copy-on-read', 'node-name': 'cor', file: 'top' } },
+  add('top', 't'),
+  add('cor', 'f', { granularity: 4096 }),
+  { execute: 'block-export-add', arguments: { type: 'nbd', id: 'e2', 'node-name': 'cor', name: 'filtered', writable: true } },
+  qemuIoOn('filtered', 'write -P 10 2M 1k', 'read -P 7 64k 4k'),
+  nodes,
+  sha256('top', 't'),
+  sha256('cor', 'f'),
+  verb('clear', 'top', 't'),
+  { execute: 'block-export-del', arguments: { id: 'e2' } },
+  { awaitEvent: { event: 'BLOCK_EXPORT_DELETED', data: { id: 'e2' } } },
+  { execute: 'blockdev-del', arguments: { 'node-name': 'cor' } },
+  { execute: 'block-stream', arguments: { 'job-id': 's0', device: 'top' } },
+  { awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id: 's0', status: 'null' } } },
+  sha256('top', 't'),
+  nodes,
+  // Commit writes into its base mark the base's bitmaps: an intermediate commit, then an active one.
+  qcow2('cbase', 'cbase.qcow2'),
+  qcow2('cmid', 'cmid.qcow2', { backing: 'cbase' }),
+  qcow2('ctop', 'ctop.qcow2', { backing: 'cmid' }),
+  add('cbase', 'c', { granularity: 8192 }),
+  { execute: 'block-commit', arguments: { 'job-id': 'c0', device: 'ctop', 'top-node': 'cmid', 'base-node': 'cbase' } },
+  { awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id: 'c0', status: 'null' } } },
+  sha256('cbase', 'c'),
+  verb('clear', 'cbase', 'c'),
+  { execute: 'block-commit', arguments: { 'job-id': 'c1', device: 'ctop' } },
+  { awaitEvent: { event: 'BLOCK_JOB_READY', data: { device: 'c1' } } },
+  { execute: 'job-complete', arguments: { id: 'c1' } },
+  { awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id: 'c1', status: 'null' } } },
+  sha256('cbase', 'c'),
   nodes,
   { execute: 'quit' },
 ];

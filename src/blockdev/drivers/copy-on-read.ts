@@ -66,7 +66,7 @@ class CopyOnReadState implements DriverState {
       await this.file.read(offset, buffer);
       for (let done = 0; done < buffer.length;) {
         const run = await this.copyableRun(offset + done, buffer.length - done);
-        if (run.copy) await this.file.write(offset + done, buffer.subarray(done, done + run.length), { serialisedCopy: true });
+        if (run.copy) await this.file.write(offset + done, buffer.subarray(done, done + run.length), { serialisedCopy: true, contentUnchanged: true });
         done += run.length;
       }
     });
