@@ -9,13 +9,12 @@
  * throughput (above 1 = blockd faster).
  * Run: node dist/bench/nbd-io.js [--quick]
  */
-import { spawnSync } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
-import { closeSync, mkdirSync, openSync, writeSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { runBlockd } from '../test/helpers/blockd-process.js';
 import { makeTempDir } from '../test/helpers/paths.js';
 import { startQsd } from '../test/helpers/qsd-process.js';
+import { makeRandomFile, run, timed } from './bench-tools.js';
 
 const QUICK = process.argv.includes('--quick');
 const SIZE = QUICK ? 256 << 20 : 1 << 30;
@@ -28,12 +27,6 @@ interface Workload {
   bytes: number;
   count: number;
   run(uri: string, dir: string): void;
-}
-
-function run(command: string, args: string[]): string {
-  const result = spawnSync(command, args, { encoding: 'utf8', maxBuffer: 1 << 26 });
-  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')}: ${result.stderr}`);
-  return result.stdout;
 }
 
 const WORKLOADS: Workload[] = [
@@ -71,23 +64,10 @@ function daemonArgs(dir: string): string[] {
   ];
 }
 
-function makeSource(path: string): void {
-  const fd = openSync(path, 'w');
-  const chunk = Buffer.alloc(1 << 20);
-  for (let done = 0; done < SIZE; done += chunk.length) writeSync(fd, randomFillSync(chunk));
-  closeSync(fd);
-}
-
-function timed(action: () => void): number {
-  const start = process.hrtime.bigint();
-  action();
-  return Number(process.hrtime.bigint() - start) / 1e9;
-}
-
 async function main(): Promise<void> {
   const temp = makeTempDir('blockd-bench-nbd-');
   try {
-    makeSource(join(temp.dir, 'source.raw'));
+    makeRandomFile(join(temp.dir, 'source.raw'), SIZE);
     const dirs = { qsd: join(temp.dir, 'qsd'), blockd: join(temp.dir, 'blockd') };
     for (const dir of Object.values(dirs)) {
       mkdirSync(dir);

@@ -1,0 +1,28 @@
+/*
+ * What the NBD benches share: running a client tool (throwing with its stderr on failure),
+ * timing it, and a file of random bytes to write into exports.
+ */
+import { spawnSync } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { closeSync, openSync, writeSync } from 'node:fs';
+
+export function run(command: string, args: string[]): string {
+  const result = spawnSync(command, args, { encoding: 'utf8', maxBuffer: 1 << 26 });
+  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')}: ${result.stderr}`);
+  return result.stdout;
+}
+
+/** Seconds `action` takes. */
+export function timed(action: () => void): number {
+  const start = process.hrtime.bigint();
+  action();
+  return Number(process.hrtime.bigint() - start) / 1e9;
+}
+
+/** A file of `size` random bytes (no zeroes to detect, nothing to compress). */
+export function makeRandomFile(path: string, size: number): void {
+  const fd = openSync(path, 'w');
+  const chunk = Buffer.alloc(1 << 20);
+  for (let done = 0; done < size; done += chunk.length) writeSync(fd, randomFillSync(chunk));
+  closeSync(fd);
+}

@@ -1,0 +1,122 @@
+/*
+ * What dirty bitmaps cost a writer, blockd against qemu-storage-daemon in the same run:
+ * each daemon exports its own copy of the same qcow2 image, and the same writers run with
+ * 0, 1 and 4 enabled bitmaps on the exported node (in-memory, then persistent): nbdcopy
+ * writing a file of random bytes over the whole export (4 connections, 16 requests each,
+ * flushed), and qemu-img bench issuing scattered 4 KiB writes at queue depth 32. Rounds
+ * alternate between the daemons; the best of each is kept. Reported: throughput, the
+ * blockd/QSD ratio, and each daemon's loss against its own run without bitmaps.
+ * Run: node dist/bench/bitmap-cost.js [--quick]
+ */
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { QmpClient } from '../src/qmp/client.js';
+import { runBlockd } from '../test/helpers/blockd-process.js';
+import { makeTempDir } from '../test/helpers/paths.js';
+import { startQsd } from '../test/helpers/qsd-process.js';
+import { makeRandomFile, run, timed } from './bench-tools.js';
+
+const QUICK = process.argv.includes('--quick');
+const SIZE = QUICK ? 256 << 20 : 1 << 30;
+const ROUNDS = QUICK ? 2 : 3;
+const STRIDE = 4096 * 7919;
+const RANDOM_COUNT = QUICK ? 20_000 : 60_000;
+
+interface Workload {
+  name: string;
+  bytes: number;
+  run(uri: string, source: string): void;
+}
+
+const WORKLOADS: Workload[] = [
+  {
+    name: 'nbdcopy write',
+    bytes: SIZE,
+    run: (uri, source) => run('nbdcopy', ['--connections=4', '--requests=16', '--flush', source, uri]),
+  },
+  {
+    name: 'random write 4 KiB',
+    bytes: RANDOM_COUNT * 4096,
+    run: (uri) => run('qemu-img', ['bench', '-w', '-f', 'raw', '-t', 'writeback', '-s', '4096', '-S', String(STRIDE), '-c', String(RANDOM_COUNT), '-d', '32', uri]),
+  },
+];
+
+interface Setup {
+  name: string;
+  bitmaps: number;
+  persistent: boolean;
+}
+
+const SETUPS: Setup[] = [
+  { name: 'no bitmap', bitmaps: 0, persistent: false },
+  { name: '1 bitmap', bitmaps: 1, persistent: false },
+  { name: '4 bitmaps', bitmaps: 4, persistent: false },
+  { name: '1 persistent', bitmaps: 1, persistent: true },
+  { name: '4 persistent', bitmaps: 4, persistent: true },
+];
+
+function daemonArgs(dir: string): string[] {
+  return [
+    '--blockdev', `driver=qcow2,node-name=disk,file.driver=file,file.filename=${join(dir, 'disk.qcow2')}`,
+    '--nbd-server', `addr.type=unix,addr.path=${join(dir, 'nbd.sock')}`,
+    '--export', 'type=nbd,id=e0,node-name=disk,name=disk,writable=on',
+  ];
+}
+
+/** Replaces the node's bitmaps with `setup`'s. */
+async function applySetup(qmp: QmpClient, previous: Setup | undefined, setup: Setup): Promise<void> {
+  for (let i = 0; i < (previous?.bitmaps ?? 0); i++) await qmp.execute('block-dirty-bitmap-remove', { node: 'disk', name: `b${i}` });
+  for (let i = 0; i < setup.bitmaps; i++) await qmp.execute('block-dirty-bitmap-add', { node: 'disk', name: `b${i}`, persistent: setup.persistent });
+}
+
+async function main(): Promise<void> {
+  const temp = makeTempDir('blockd-bench-bitmaps-');
+  try {
+    const source = join(temp.dir, 'source.raw');
+    makeRandomFile(source, SIZE);
+    const dirs = { qsd: join(temp.dir, 'qsd'), blockd: join(temp.dir, 'blockd') };
+    for (const dir of Object.values(dirs)) {
+      mkdirSync(dir);
+      run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', source, join(dir, 'disk.qcow2')]);
+    }
+    const qsd = await startQsd(dirs.qsd, daemonArgs(dirs.qsd));
+    const blockdSocket = join(dirs.blockd, 'qmp.sock');
+    const blockd = await runBlockd([...daemonArgs(dirs.blockd), '--qmp', `unix:${blockdSocket}`]);
+    const clients = { qsd: await QmpClient.connect(`unix:${qsd.socket}`), blockd: await QmpClient.connect(`unix:${blockdSocket}`) };
+    const uri = (dir: string) => `nbd+unix:///disk?socket=${join(dir, 'nbd.sock')}`;
+    process.stdout.write(`Dirty bitmap cost on NBD writes, ${SIZE >> 20} MiB qcow2 image, blockd vs qemu-storage-daemon (ratio = blockd throughput / QSD's; cost = loss against the same daemon without bitmaps)\n`);
+    process.stdout.write(`${'bitmaps'.padEnd(14)} ${'workload'.padEnd(20)} ${'QSD MiB/s'.padStart(9)} ${'blockd MiB/s'.padStart(12)} ${'ratio'.padStart(6)} ${'QSD cost'.padStart(9)} ${'blockd cost'.padStart(9)}\n`);
+    const baseline = new Map<string, { qsd: number; blockd: number }>();
+    try {
+      let previous: Setup | undefined;
+      for (const setup of SETUPS) {
+        await applySetup(clients.qsd, previous, setup);
+        await applySetup(clients.blockd, previous, setup);
+        previous = setup;
+        for (const workload of WORKLOADS) {
+          let qsdSeconds = Infinity;
+          let blockdSeconds = Infinity;
+          for (let round = 0; round < ROUNDS; round++) {
+            qsdSeconds = Math.min(qsdSeconds, timed(() => workload.run(uri(dirs.qsd), source)));
+            blockdSeconds = Math.min(blockdSeconds, timed(() => workload.run(uri(dirs.blockd), source)));
+          }
+          const rates = { qsd: workload.bytes / (1 << 20) / qsdSeconds, blockd: workload.bytes / (1 << 20) / blockdSeconds };
+          if (setup.bitmaps === 0) baseline.set(workload.name, rates);
+          const base = baseline.get(workload.name)!;
+          const loss = (rate: number, without: number) => `${(100 * (1 - rate / without)).toFixed(1)} %`.padStart(9);
+          process.stdout.write(`${setup.name.padEnd(14)} ${workload.name.padEnd(20)} ${rates.qsd.toFixed(1).padStart(9)} ${rates.blockd.toFixed(1).padStart(12)} `
+            + `${(rates.blockd / rates.qsd).toFixed(2).padStart(6)} ${loss(rates.qsd, base.qsd)} ${loss(rates.blockd, base.blockd)}\n`);
+        }
+      }
+    } finally {
+      await clients.qsd.close();
+      await clients.blockd.close();
+      await blockd.stop();
+      await qsd.stop();
+    }
+  } finally {
+    temp.cleanup();
+  }
+}
+
+await main();
