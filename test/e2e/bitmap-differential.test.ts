@@ -140,15 +140,18 @@ const STEPS: TranscriptStep[] = [
   sha256('q0', 'a'),
   nodes,
   // Resizing grows and shrinks every bitmap of the node.
+  // An export holds its node's size: the resizes happen between exports.
   { execute: 'block_resize', arguments: { 'node-name': 'q0', size: 8388608 } },
-  // An NBD export keeps the size it had when it was added: a new one reaches the grown end.
   { execute: 'block-export-del', arguments: { id: 'e0' } },
   { awaitEvent: { event: 'BLOCK_EXPORT_DELETED', data: { id: 'e0' } } },
+  { execute: 'block_resize', arguments: { 'node-name': 'q0', size: 8388608 } },
   { execute: 'block-export-add', arguments: { type: 'nbd', id: 'e1', 'node-name': 'q0', name: 'disk', writable: true } },
   qemuIo('write -P 6 7340032 4k'),
   nodes,
   sha256('q0', 'a'),
   sha256('q0', 'fine'),
+  { execute: 'block-export-del', arguments: { id: 'e1' } },
+  { awaitEvent: { event: 'BLOCK_EXPORT_DELETED', data: { id: 'e1' } } },
   { execute: 'block_resize', arguments: { 'node-name': 'q0', size: 1048576 } },
   nodes,
   sha256('q0', 'a'),
