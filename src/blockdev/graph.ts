@@ -283,13 +283,20 @@ export class BlockGraph implements NodeObserver {
     };
     visit(node);
     checkReopenable(changed);
-    // Cached metadata (qcow2 tables) must reach the files while they are still writable.
-    for (const current of changed) await current.drained(async () => current.state.flush?.());
+    // Cached metadata (qcow2 tables, persistent bitmaps) must reach the files while they are still writable.
+    for (const current of changed) {
+      await current.drained(async () => {
+        await current.state.prepareReadOnly?.();
+        await current.state.flush?.();
+      });
+    }
     for (const current of changed) current.settings.readOnly = true;
     try {
       await this.refreshPermissions([node]);
     } catch (error) {
       for (const current of changed) current.settings.readOnly = false;
+      // What prepareReadOnly wrote back is taken into use again (qcow2 marks its bitmaps in use).
+      for (const current of changed) if (current.state.prepareReadOnly) await current.drained(async () => current.state.reopen?.(true)).catch(() => {});
       throw error;
     }
     // Drivers let go of write access (a file reopens its descriptor read-only) once nobody may write.

@@ -4,7 +4,7 @@
  * statuses: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 no check for the format.
  */
 import type { ChildEdge } from '../blockdev/child-edge.js';
-import { checkQcow2, readQcow2Header, type Qcow2CheckResult } from '../blockdev/drivers/qcow2/consistency-check.js';
+import { checkBitmapsLoadable, checkQcow2, readQcow2Header, type Qcow2CheckResult } from '../blockdev/drivers/qcow2/consistency-check.js';
 import { Qcow2FormatError } from '../blockdev/drivers/qcow2/format-constants.js';
 import { serialize } from '../json/writer.js';
 import { FORCE_SHARE_OPTION, FORMAT_OPTION, ImgError, OUTPUT_OPTION, getopt, hasOption, lastOption, outputFormat, short, usageError } from './img-args.js';
@@ -68,6 +68,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
     if (format !== 'qcow2') return undefined;
     try {
       await requireBackingChain(filename, session.disk, hasOption(args, 'U'));
+      await checkBitmapsLoadable(session.disk);
       return await checkQcow2(session.disk);
     } catch (error) {
       if (error instanceof Qcow2FormatError) throw new ImgError(`Could not open '${filename}': ${error.message}`);

@@ -1,11 +1,11 @@
 /*
- * blockd-img info: qemu-img info's ImageInfo (node-info.ts plus the qcow2 snapshot list and
- * bitmaps read from the image), as QEMU's pretty JSON or its human text, for one image or
+ * blockd-img info: qemu-img info's ImageInfo (node-info.ts, whose qcow2 data lists the bitmaps,
+ * plus the snapshot list read from the image), as QEMU's pretty JSON or its human text, for one image or
  * the whole backing chain.
  */
 import type { ImageInfo } from '../generated/qapi-types.js';
 import { imageInfo } from '../blockdev/node-info.js';
-import { readQcow2Metadata, type BitmapEntry, type SnapshotEntry } from '../blockdev/drivers/qcow2/consistency-check.js';
+import { readQcow2Metadata, type SnapshotEntry } from '../blockdev/drivers/qcow2/consistency-check.js';
 import { qdictOrder } from '../json/qdict-order.js';
 import { serialize } from '../json/writer.js';
 import type { JsonObject, JsonValue } from '../json/value.js';
@@ -31,11 +31,6 @@ function snapshotInfo(sn: SnapshotEntry): JsonObject {
   };
 }
 
-function bitmapInfo(bitmap: BitmapEntry): JsonObject {
-  const flags = [...(bitmap.flags & 1 ? ['in-use'] : []), ...(bitmap.flags & 2 ? ['auto'] : [])];
-  return { name: bitmap.name, granularity: 2 ** bitmap.granularityBits, flags };
-}
-
 /** ImageInfo of one image, without its backing chain (qemu-img opens it with BDRV_O_NO_BACKING). */
 async function collectOne(path: string, format: string | undefined, forceShare: boolean): Promise<ImageInfo> {
   return withImage(path, { format, forceShare, noBacking: true }, async (session) => {
@@ -52,7 +47,6 @@ async function collectOne(path: string, format: string | undefined, forceShare: 
       if (metadata.snapshots.length) info.snapshots = metadata.snapshots.map(snapshotInfo) as unknown as ImageInfo['snapshots'];
       const specific = info['format-specific'] as unknown as { type: string; data: Record<string, unknown> } | undefined;
       if (specific) {
-        if (metadata.header.version === 3 && metadata.bitmaps.length) specific.data.bitmaps = metadata.bitmaps.map(bitmapInfo);
         specific.data = ordered(specific.data, QCOW2_INFO_ORDER);
       }
     }

@@ -14,6 +14,7 @@ import {
 import { parseHeader, type Qcow2Header } from './header.js';
 import { getRefcountBigInt, maxRefcount, refcountBitsFromOrder, type RefcountBits } from './refcount-block.js';
 import { decodeCompressedDescriptor } from './table-entries.js';
+import { BITMAP_IN_USE, parseBitmapDirectory, parseBitmapTable, readBitmapTable, type BitmapDirectoryEntry } from './bitmap-directory.js';
 
 export interface Qcow2CheckResult {
   corruptions: number;
@@ -43,24 +44,13 @@ export interface SnapshotEntry {
   icount?: bigint;
 }
 
-export interface BitmapEntry {
-  name: string;
-  tableOffset: number;
-  tableSize: number;
-  flags: number;
-  granularityBits: number;
-}
+export type BitmapEntry = BitmapDirectoryEntry;
 
 /** A qcow2 file: a path (read with fs) or a file edge. Reads past the end return zeros. */
 export type Qcow2Source = string | ChildEdge;
 
 const SNAPSHOT_EXTRA_MAX = 1024;
 const SNAPSHOT_TABLE_MAX = 64 * 1024 * 1024;
-const BITMAP_ENTRY_HEAD = 24;
-const BITMAP_TABLE_MAX = 0x8000000;
-const BITMAP_RESERVED_FLAGS = 0xfffffff8;
-const BITMAP_IN_USE = 1;
-const BITMAP_TABLE_RESERVED = 0xff000000000001fen;
 const hex = (value: number | bigint) => value.toString(16);
 
 class ImageReader {
@@ -124,35 +114,26 @@ async function readSnapshots(file: ImageReader, header: Qcow2Header): Promise<{ 
 async function readBitmaps(file: ImageReader, header: Qcow2Header): Promise<BitmapEntry[]> {
   const extension = header.bitmaps;
   if (!extension) return [];
-  const clusterSize = 2 ** header.clusterBits;
   const virtualSize = Math.floor(header.size / 512) * 512;
-  if (extension.directorySize === 0) throw new Qcow2FormatError('Requested bitmap directory size is zero');
   const dir = await file.read(extension.directoryOffset, extension.directorySize);
-  const entries: BitmapEntry[] = [];
-  let at = 0;
-  while (at < dir.length) {
-    if (at + BITMAP_ENTRY_HEAD > dir.length) throw new Qcow2FormatError('Broken bitmap directory');
-    if (entries.length >= extension.nbBitmaps) throw new Qcow2FormatError('More bitmaps found than specified in header extension');
-    const [nameSize, extraSize] = [dir.readUInt16BE(at + 18), dir.readUInt32BE(at + 20)];
-    const next = at + Math.ceil((BITMAP_ENTRY_HEAD + nameSize + extraSize) / 8) * 8;
-    if (next > dir.length) throw new Qcow2FormatError('Broken bitmap directory');
-    if (extraSize !== 0) throw new Qcow2FormatError('Bitmap extra data is not supported');
-    const entry: BitmapEntry = {
-      tableOffset: Number(dir.readBigUInt64BE(at)), tableSize: dir.readUInt32BE(at + 8), flags: dir.readUInt32BE(at + 12),
-      granularityBits: dir[at + 17]!, name: dir.subarray(at + BITMAP_ENTRY_HEAD, at + BITMAP_ENTRY_HEAD + nameSize).toString('utf8'),
-    };
-    const physical = entry.tableSize * clusterSize;
-    const covered = physical * 8 * 2 ** entry.granularityBits;
-    if (entry.tableSize === 0 || entry.tableOffset === 0 || entry.tableOffset % clusterSize !== 0 || entry.tableSize > BITMAP_TABLE_MAX
-      || entry.granularityBits > 31 || entry.granularityBits < 9 || (entry.flags & BITMAP_RESERVED_FLAGS) !== 0 || nameSize > 1023
-      || dir[at + 16] !== 1 || physical > 64 * 1024 * 1024 || (!(entry.flags & BITMAP_IN_USE) && virtualSize > covered)) {
-      throw new Qcow2FormatError(`Bitmap '${entry.name}' doesn't satisfy the constraints`);
+  return parseBitmapDirectory(dir, extension.nbBitmaps, 2 ** header.clusterBits, virtualSize);
+}
+
+/**
+ * What QEMU's open checks of the bitmaps (qemu-img check and info open the image first):
+ * the directory and the table of every consistent bitmap. Throws Qcow2FormatError with QEMU's text.
+ */
+export async function checkBitmapsLoadable(source: Qcow2Source): Promise<void> {
+  const file = await ImageReader.open(source);
+  try {
+    const header = await readHeader(file);
+    const virtualSize = Math.floor(header.size / 512) * 512;
+    for (const entry of await readBitmaps(file, header)) {
+      if (!(entry.flags & BITMAP_IN_USE)) await readBitmapTable((offset, length) => file.read(offset, length), entry, 2 ** header.clusterBits, virtualSize);
     }
-    entries.push(entry);
-    at = next;
+  } finally {
+    await file.close();
   }
-  if (entries.length !== extension.nbBitmaps) throw new Qcow2FormatError('Less bitmaps found than specified in header extension');
-  return entries;
 }
 
 /** The snapshot table of an open image and its length in bytes; throws Qcow2FormatError with QEMU's text when it is broken. */
@@ -443,18 +424,13 @@ class Checker {
     }
     for (const bitmap of entries) {
       this.reference(bitmap.tableOffset, bitmap.tableSize * 8);
-      const table = await this.read(bitmap.tableOffset, bitmap.tableSize * 8, 'bitmap table');
-      const offsets: number[] = [];
-      for (let i = 0; i < bitmap.tableSize; i++) {
-        const entry = table.readBigUInt64BE(i * 8);
-        const offset = Number(entry & L2E_OFFSET_MASK); // bitmap tables use the L2 offset bits
-        if (entry & BITMAP_TABLE_RESERVED || (offset && (entry & 1n || offset % this.clusterSize))) {
-          this.result.corruptions++;
-          this.result.failure = describeErrno('EINVAL');
-          throw new CheckAborted();
-        }
-        if (offset) offsets.push(offset);
+      const table = parseBitmapTable(await this.read(bitmap.tableOffset, bitmap.tableSize * 8, 'bitmap table'), this.clusterSize);
+      if (!table) {
+        this.result.corruptions++;
+        this.result.failure = describeErrno('EINVAL');
+        throw new CheckAborted();
       }
+      const offsets = table.flatMap((entry) => (entry.kind === 'data' ? [entry.offset] : []));
       for (const offset of offsets) this.reference(offset, this.clusterSize);
     }
   }

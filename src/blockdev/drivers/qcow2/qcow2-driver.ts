@@ -8,12 +8,13 @@
 import { genericError } from '../../../errors.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import type { ChildEdge } from '../../child-edge.js';
-import { AutoclearFeature, CompatibleFeature, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
+import { CompatibleFeature, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
 import { parseHeader, type Qcow2Header } from './header.js';
 import { repairDirtyImage } from './dirty-repair.js';
 import { nodeFilename } from '../../node-filename.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { discard, resize, writeData, writeZeroes } from './qcow2-writes.js';
+import { PersistentBitmaps } from './persistent-bitmaps.js';
 
 interface Qcow2Options {
   backing?: unknown;
@@ -26,7 +27,7 @@ interface Qcow2Options {
 const DEFAULT_L2_CACHE = 32 * 1024 * 1024;
 
 class Qcow2State implements DriverState {
-  constructor(private readonly image: Qcow2Image, public autoBackingFile: string) {}
+  constructor(private readonly image: Qcow2Image, private readonly bitmaps: PersistentBitmaps, public autoBackingFile: string) {}
 
   length(): number {
     return this.image.size;
@@ -78,13 +79,14 @@ class Qcow2State implements DriverState {
     }
   }
 
-  truncate(size: number): Promise<void> {
+  async truncate(size: number): Promise<void> {
+    this.bitmaps.checkResizable();
     return resize(this.image, size);
   }
 
   /** Becoming writable: the checks a read-write open makes (the file below is writable already). */
   async reopen(writable: boolean): Promise<void> {
-    if (!writable) return; // the node flushed its tables before it became read-only
+    if (!writable) return this.bitmaps.becameReadOnly(); // tables and bitmaps were written back before
     const { header } = this.image;
     const refusal = writeRefusal(header);
     if (refusal) throw genericError(refusal);
@@ -95,6 +97,20 @@ class Qcow2State implements DriverState {
       header.autoclearFeatures &= KNOWN_AUTOCLEAR_FEATURES;
       await this.image.writeHeader();
     }
+    await this.bitmaps.reopenReadWrite();
+  }
+
+  /** QEMU's reopen to read-only stores the persistent bitmaps while it still may write. */
+  async prepareReadOnly(): Promise<void> {
+    if (this.image.usable()) await this.image.metadata.run(() => this.bitmaps.store());
+  }
+
+  async canStoreNewDirtyBitmap(name: string, granularity: number): Promise<void> {
+    this.bitmaps.canStoreNew(name, granularity);
+  }
+
+  removePersistentDirtyBitmap(name: string): Promise<void> {
+    return this.bitmaps.remove(name);
   }
 
   setBacking(backing: ChildEdge | undefined): void {
@@ -133,6 +149,7 @@ class Qcow2State implements DriverState {
             'extended-l2': false,
           } : {}),
           'refcount-bits': 2 ** header.refcountOrder,
+          ...(v3 && this.bitmaps.info().length ? { bitmaps: this.bitmaps.info() } : {}),
           'compression-type': header.compressionType === 1 ? 'zstd' : 'zlib',
         },
       },
@@ -146,6 +163,11 @@ class Qcow2State implements DriverState {
   }
 
   async close(): Promise<void> {
+    if (this.image.usable()) {
+      await this.image.metadata.run(() => this.bitmaps.store()).catch((error: unknown) => {
+        this.image.log.error({ err: error }, `Lost persistent bitmaps during inactivation of node '${this.image.node.name}': ${(error as Error).message}`);
+      });
+    }
     // Even with cache.no-flush, the cached tables reach the file (QEMU writes its caches back too).
     if (!this.image.node.readOnly && this.image.usable()) {
       await this.image.flushMetadata().catch((error: unknown) => this.image.log.error({ err: error }, 'writing back qcow2 metadata on close failed'));
@@ -157,9 +179,6 @@ class Qcow2State implements DriverState {
 /** Why an image must not be written, in QEMU's words where QEMU refuses too. */
 function writeRefusal(header: Qcow2Header): string | undefined {
   if (header.incompatibleFeatures & IncompatibleFeature.CORRUPT) return 'qcow2: Image is corrupt; cannot be opened read/write';
-  if (header.bitmaps && header.autoclearFeatures & AutoclearFeature.BITMAPS) {
-    return 'qcow2 images with persistent dirty bitmaps cannot be opened read-write by this version of blockd';
-  }
   return undefined;
 }
 
@@ -245,8 +264,15 @@ export const qcow2Driver: BlockDriver<Qcow2Options> = {
       header.autoclearFeatures &= KNOWN_AUTOCLEAR_FEATURES;
       await image.writeHeader();
     }
+    const bitmaps = new PersistentBitmaps(image);
+    try {
+      await bitmaps.load();
+    } catch (error) {
+      if (error instanceof Qcow2FormatError) throw genericError(error.message);
+      throw error;
+    }
     // QEMU's auto_backing_file: the header's name, or the implicitly opened backing file's own name.
     const implicitBacking = options.backing === undefined && backing !== undefined;
-    return new Qcow2State(image, implicitBacking && backing ? nodeFilename(backing.child) : header.backingFile ?? '');
+    return new Qcow2State(image, bitmaps, implicitBacking && backing ? nodeFilename(backing.child) : header.backingFile ?? '');
   },
 };

@@ -1,0 +1,326 @@
+/*
+ * Persistent dirty bitmaps of an open qcow2 image, as QEMU 7.2's qcow2-bitmap.c keeps them:
+ * loaded into the node's bitmaps at open (damaged ones refuse the open), marked in_use on
+ * disk while a writer has the image, stored at close or when the image becomes read-only
+ * (new data clusters and tables, a new directory, the header switched, then the old clusters
+ * freed: a crash at any point only leaks), and removed one by one on request.
+ */
+import { genericError } from '../../../errors.js';
+import { DirtyBitmap } from '../../bitmaps/dirty-bitmap.js';
+import { describeErrno, errnoOf } from '../../io-error.js';
+import {
+  BITMAP_AUTO, BITMAP_IN_USE, bitmapConstraintProblem, bitmapTableEntries, directoryEntrySize, parseBitmapDirectory,
+  parseBitmapTable, readBitmapTable, serializeBitmapDirectory, serializeBitmapTable, type BitmapDirectoryEntry,
+} from './bitmap-directory.js';
+import { AutoclearFeature, MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAPS, Qcow2FormatError } from './format-constants.js';
+import { MetadataKind } from './metadata-index.js';
+import type { Qcow2Image } from './qcow2-image.js';
+
+/** query-named-block-nodes' Qcow2BitmapInfo. */
+export interface Qcow2BitmapInfo {
+  name: string;
+  granularity: number;
+  flags: ('in-use' | 'auto')[];
+}
+
+export class PersistentBitmaps {
+  /** The directory as it is on disk now (blockd holds the image's write lock, so nobody else changes it). */
+  private entries: BitmapDirectoryEntry[] = [];
+
+  constructor(private readonly image: Qcow2Image) {}
+
+  private get clusterSize(): number {
+    return this.image.clusterSize;
+  }
+
+  private get node() {
+    return this.image.node;
+  }
+
+  info(): Qcow2BitmapInfo[] {
+    return this.entries.map((entry) => ({
+      name: entry.name,
+      granularity: 2 ** entry.granularityBits,
+      flags: [...(entry.flags & BITMAP_IN_USE ? ['in-use' as const] : []), ...(entry.flags & BITMAP_AUTO ? ['auto' as const] : [])],
+    }));
+  }
+
+  private async read(offset: number, length: number): Promise<Buffer> {
+    const bytes = Buffer.alloc(length);
+    await this.image.file.read(offset, bytes);
+    return bytes;
+  }
+
+  /**
+   * qcow2_load_dirty_bitmaps: reads the directory and every consistent bitmap into the node
+   * (throws Qcow2FormatError with QEMU's text when one is damaged; nothing is added then).
+   * A writable image then has them marked in_use on disk before anything else is written.
+   */
+  async load(): Promise<void> {
+    const extension = this.image.header.bitmaps;
+    if (!extension) return;
+    const dir = await this.read(extension.directoryOffset, extension.directorySize);
+    this.entries = parseBitmapDirectory(dir, extension.nbBitmaps, this.clusterSize, this.image.size);
+    const loaded: DirtyBitmap[] = [];
+    try {
+      for (const entry of this.entries) {
+        const bitmap = new DirtyBitmap(this.image.size, 2 ** entry.granularityBits, entry.name);
+        if (this.node.bitmaps.find(entry.name)) throw new Qcow2FormatError(`Bitmap already exists: ${entry.name}`);
+        if (!(entry.flags & BITMAP_IN_USE)) await this.loadData(entry, bitmap);
+        bitmap.persistent = true;
+        // In use: a writer had it loaded and did not store it back, so its bits cannot be trusted.
+        bitmap.inconsistent = (entry.flags & BITMAP_IN_USE) !== 0;
+        bitmap.enabled = (entry.flags & BITMAP_AUTO) !== 0 && !bitmap.inconsistent;
+        bitmap.readonly = this.node.readOnly;
+        this.node.bitmaps.add(bitmap);
+        loaded.push(bitmap);
+      }
+      if (!this.node.readOnly) await this.markInUse();
+    } catch (error) {
+      for (const bitmap of loaded) this.node.bitmaps.remove(bitmap);
+      throw error;
+    }
+  }
+
+  /** load_bitmap_data, a cluster at a time: table entry 0 is all clean, 1 all dirty. */
+  private async loadData(entry: BitmapDirectoryEntry, bitmap: DirtyBitmap): Promise<void> {
+    const table = await readBitmapTable((offset, length) => this.read(offset, length), entry, this.clusterSize, this.image.size);
+    const failed = (code: string) => new Qcow2FormatError(`Could not read bitmap '${entry.name}' from image: ${describeErrno(code)}`);
+    const granulesPerCluster = this.clusterSize * 8;
+    const bytesPerCluster = granulesPerCluster * bitmap.granularity;
+    const cluster = Buffer.alloc(this.clusterSize);
+    for (const [k, tableEntry] of table.entries()) {
+      if (tableEntry.kind === 'ones') bitmap.set(k * bytesPerCluster, Math.min(bytesPerCluster, this.image.size - k * bytesPerCluster));
+      if (tableEntry.kind !== 'data') continue;
+      await this.image.file.read(tableEntry.offset, cluster).catch((error: unknown) => {
+        throw failed(errnoOf(error));
+      });
+      bitmap.orGranuleBytes(k * granulesPerCluster, cluster);
+    }
+  }
+
+  /**
+   * update_ext_header_and_dir_in_place: sets in_use on every consistent bitmap. The autoclear
+   * bit is off while the directory is rewritten in place, so a torn write is never trusted.
+   */
+  async markInUse(): Promise<void> {
+    const stale = this.entries.filter((entry) => !(entry.flags & BITMAP_IN_USE));
+    if (stale.length === 0) return;
+    const { header } = this.image;
+    const extension = header.bitmaps!;
+    const updated = this.entries.map((entry) => ({ ...entry, flags: entry.flags | BITMAP_IN_USE }));
+    const dir = serializeBitmapDirectory(updated, this.clusterSize, this.image.size);
+    header.autoclearFeatures &= ~AutoclearFeature.BITMAPS;
+    await this.image.writeHeader();
+    this.image.checkWrite(extension.directoryOffset, dir.length, MetadataKind.BitmapDirectory);
+    await this.image.file.write(extension.directoryOffset, dir);
+    await this.image.barrier.flush();
+    header.autoclearFeatures |= AutoclearFeature.BITMAPS;
+    await this.image.writeHeader();
+    this.entries = updated;
+  }
+
+  /** qcow2_reopen_bitmaps_rw: the image became writable; its bitmaps become writable and in use. */
+  async reopenReadWrite(): Promise<void> {
+    for (const entry of this.entries) {
+      if (!this.node.bitmaps.find(entry.name)) throw genericError(`Unexpected bitmap '${entry.name}' in image '${this.image.file.child.name}'`);
+    }
+    await this.image.metadata.run(() => this.markInUse());
+    for (const bitmap of this.node.bitmaps.list()) if (bitmap.persistent) bitmap.readonly = false;
+  }
+
+  /** qcow2_reopen_bitmaps_ro, after storing: the bitmaps can no longer change. */
+  becameReadOnly(): void {
+    for (const bitmap of this.node.bitmaps.list()) if (bitmap.persistent) bitmap.readonly = true;
+  }
+
+  /**
+   * qcow2_co_can_store_new_dirty_bitmap: throws QEMU's error when the image cannot keep a new
+   * persistent bitmap of this name and granularity.
+   */
+  canStoreNew(name: string, granularity: number): void {
+    if (this.node.bitmaps.find(name)) throw genericError(`Bitmap already exists: ${name}`);
+    const refuse = (why: string) => genericError(`Can't make bitmap '${name}' persistent in '${this.node.name}': ${why}`);
+    if (this.image.header.version < 3) throw refuse('Cannot store dirty bitmaps in qcow2 v2 files');
+    const problem = bitmapConstraintProblem(name, granularity, this.image.size, this.clusterSize);
+    if (problem) throw refuse(problem);
+    const persistent = this.node.bitmaps.list().filter((bitmap) => bitmap.persistent && bitmap.name !== undefined);
+    const directorySize = persistent.reduce((size, bitmap) => size + directoryEntrySize(bitmap.name!), directoryEntrySize(name));
+    if (persistent.length + 1 > MAX_BITMAPS) throw refuse('Maximum number of persistent bitmaps is already reached');
+    if (directorySize > MAX_BITMAP_DIRECTORY_SIZE) throw refuse('Not enough space in the bitmap directory');
+  }
+
+  /** qcow2_truncate_bitmaps_check: every bitmap of the image must be loaded and usable to follow a resize. */
+  checkResizable(): void {
+    for (const entry of this.entries) {
+      const bitmap = this.node.bitmaps.find(entry.name);
+      if (!bitmap) throw genericError('Cannot resize qcow2 with persistent bitmaps that were not loaded into memory');
+      if (bitmap.busy) throw genericError(`Bitmap '${entry.name}' is currently in use by another operation and cannot be used`);
+      if (bitmap.readonly) throw genericError(`Bitmap '${entry.name}' is readonly and cannot be modified`);
+      if (bitmap.inconsistent) throw genericError(`Bitmap '${entry.name}' is inconsistent and cannot be used`);
+    }
+  }
+
+  /**
+   * qcow2_store_persistent_dirty_bitmaps: writes every persistent, consistent, writable bitmap
+   * of the node (flags: auto when enabled, in_use cleared); bitmaps of the image that are
+   * inconsistent or not loaded keep their entries. The caller holds the metadata mutex.
+   */
+  async store(): Promise<void> {
+    const list = this.entries.map((entry) => ({ ...entry }));
+    const toStore: { entry: BitmapDirectoryEntry; bitmap: DirtyBitmap }[] = [];
+    const replaced: BitmapDirectoryEntry[] = [];
+    let directorySize = list.reduce((size, entry) => size + directoryEntrySize(entry.name), 0);
+    // Newest first, as QEMU walks a node's bitmaps: new ones join the directory in that order.
+    for (const bitmap of this.node.bitmaps.list()) {
+      const name = bitmap.name;
+      if (!bitmap.persistent || bitmap.inconsistent || name === undefined || bitmap.readonly) continue;
+      const problem = bitmapConstraintProblem(name, bitmap.granularity, this.image.size, this.clusterSize);
+      if (problem) throw genericError(`Bitmap '${name}' doesn't satisfy the constraints: ${problem}`);
+      let entry = list.find((candidate) => candidate.name === name);
+      if (!entry) {
+        if (list.length + 1 > MAX_BITMAPS) throw genericError('Too many persistent bitmaps');
+        directorySize += directoryEntrySize(name);
+        if (directorySize > MAX_BITMAP_DIRECTORY_SIZE) throw genericError('Bitmap directory is too large');
+        entry = { name, tableOffset: 0, tableSize: 0, flags: 0, granularityBits: 0 };
+        list.push(entry);
+      } else {
+        if (!(entry.flags & BITMAP_IN_USE)) throw genericError(`Bitmap '${name}' already exists in the image`);
+        replaced.push({ ...entry });
+      }
+      entry.flags = bitmap.enabled ? BITMAP_AUTO : 0;
+      entry.granularityBits = Math.log2(bitmap.granularity);
+      toStore.push({ entry, bitmap });
+    }
+    if (toStore.length === 0) return;
+    // Written in directory order, as QEMU allocates them.
+    toStore.sort((a, b) => list.indexOf(a.entry) - list.indexOf(b.entry));
+    if (this.node.readOnly) throw genericError('No write access');
+    const written: BitmapDirectoryEntry[] = [];
+    try {
+      for (const job of toStore) {
+        await this.storeBitmap(job.entry, job.bitmap);
+        written.push(job.entry);
+      }
+      await this.switchDirectory(list);
+    } catch (error) {
+      for (const entry of written) await this.freeBitmapClusters(entry);
+      await this.image.refcounts.writeBack();
+      throw error;
+    }
+    this.pendingTables.clear();
+    // The new directory is durable: the old tables and data are garbage now.
+    for (const entry of replaced) await this.freeBitmapClusters(entry);
+    await this.image.refcounts.writeBack();
+    await this.image.barrier.flush();
+  }
+
+  /** store_bitmap: data clusters for the parts with a dirty bit, then the table; fills in the entry. */
+  private async storeBitmap(entry: BitmapDirectoryEntry, bitmap: DirtyBitmap): Promise<void> {
+    const granulesPerCluster = this.clusterSize * 8;
+    const tableSize = bitmapTableEntries(this.image.size, bitmap.granularity, this.clusterSize);
+    const parts: { index: number; bytes: Buffer }[] = [];
+    const clean = Buffer.alloc(this.clusterSize);
+    for (let index = 0; index < tableSize; index++) {
+      const first = index * granulesPerCluster;
+      const bytes = bitmap.granuleBytes(first, Math.min(granulesPerCluster, bitmap.granules - first));
+      if (!bytes.equals(clean.subarray(0, bytes.length))) parts.push({ index, bytes });
+    }
+    const dataOffsets = new Array<number>(tableSize).fill(0);
+    const hosts = parts.length ? await this.image.refcounts.allocate(parts.length) : [];
+    const tableClusters = Math.ceil((tableSize * 8) / this.clusterSize);
+    const [tableOffset] = await this.image.refcounts.allocate(tableClusters, { contiguous: true });
+    entry.tableOffset = tableOffset!;
+    entry.tableSize = tableSize;
+    parts.forEach((part, i) => (dataOffsets[part.index] = hosts[i]!));
+    // Recorded before any write, so a failure frees them all.
+    this.pendingTables.set(entry, dataOffsets);
+    for (const [i, part] of parts.entries()) {
+      const cluster = Buffer.alloc(this.clusterSize);
+      part.bytes.copy(cluster);
+      this.image.checkWrite(hosts[i]!, this.clusterSize);
+      await this.image.file.write(hosts[i]!, cluster);
+    }
+    const table = serializeBitmapTable(dataOffsets);
+    this.image.checkWrite(tableOffset!, table.length);
+    await this.image.file.write(tableOffset!, table);
+  }
+
+  /** Data offsets of tables written by this store and not yet in the directory (freed without reading them back). */
+  private readonly pendingTables = new Map<BitmapDirectoryEntry, number[]>();
+
+  /** free_bitmap_clusters: the data clusters of a table and the table itself (a table that no longer reads is left as a leak). */
+  private async freeBitmapClusters(entry: BitmapDirectoryEntry): Promise<void> {
+    let dataOffsets = this.pendingTables.get(entry);
+    this.pendingTables.delete(entry);
+    if (!dataOffsets) {
+      const table = parseBitmapTable(await this.read(entry.tableOffset, entry.tableSize * 8).catch(() => Buffer.alloc(0)), this.clusterSize);
+      if (!table?.length) return;
+      dataOffsets = table.flatMap((tableEntry) => (tableEntry.kind === 'data' ? [tableEntry.offset] : []));
+    }
+    for (const offset of dataOffsets) if (offset) await this.image.refcounts.release(offset, this.clusterSize);
+    await this.image.refcounts.release(entry.tableOffset, entry.tableSize * 8);
+  }
+
+  /**
+   * update_ext_header_and_dir: writes `list` as a new directory (or none when empty), makes it
+   * and every refcount durable, switches the header to it, then frees the old directory.
+   */
+  private async switchDirectory(list: BitmapDirectoryEntry[]): Promise<void> {
+    const { header, overlaps } = this.image;
+    if (list.length > MAX_BITMAPS) throw genericError('Too many persistent bitmaps');
+    const old = header.bitmaps;
+    const oldAutoclear = header.autoclearFeatures;
+    let created: { offset: number; size: number } | undefined;
+    if (list.length) {
+      const dir = serializeBitmapDirectory(list, this.clusterSize, this.image.size);
+      const [offset] = await this.image.refcounts.allocate(Math.ceil(dir.length / this.clusterSize), { contiguous: true });
+      created = { offset: offset!, size: dir.length };
+      try {
+        this.image.checkWrite(created.offset, dir.length);
+        await this.image.file.write(created.offset, dir);
+        // Data, tables, directory and their refcounts reach the disk before the header names them.
+        await this.image.writeBackMetadata();
+        await this.image.refcounts.writeBack();
+        await this.image.barrier.flush();
+      } catch (error) {
+        await this.image.refcounts.release(created.offset, created.size);
+        throw error;
+      }
+      header.autoclearFeatures |= AutoclearFeature.BITMAPS;
+    } else {
+      header.autoclearFeatures &= ~AutoclearFeature.BITMAPS;
+    }
+    header.bitmaps = created ? { nbBitmaps: list.length, directorySize: created.size, directoryOffset: created.offset } : undefined;
+    try {
+      await this.image.writeHeader();
+    } catch (error) {
+      header.bitmaps = old;
+      header.autoclearFeatures = oldAutoclear;
+      if (created) await this.image.refcounts.release(created.offset, created.size);
+      throw error;
+    }
+    this.entries = list.map((entry) => ({ ...entry }));
+    if (old) {
+      overlaps.remove(MetadataKind.BitmapDirectory, old.directoryOffset, old.directorySize);
+      await this.image.refcounts.release(old.directoryOffset, old.directorySize);
+    }
+    if (created) overlaps.add(MetadataKind.BitmapDirectory, created.offset, created.size);
+  }
+
+  /** qcow2_co_remove_persistent_dirty_bitmap: the bitmap leaves the image now, its clusters freed. Absent: nothing to do. */
+  async remove(name: string): Promise<void> {
+    await this.image.metadata.run(async () => {
+      const entry = this.entries.find((candidate) => candidate.name === name);
+      if (!entry) return;
+      try {
+        await this.switchDirectory(this.entries.filter((candidate) => candidate !== entry));
+      } catch (error) {
+        throw genericError(`Failed to update bitmap extension: ${error instanceof Error ? error.message : String(error)}`);
+      }
+      await this.freeBitmapClusters(entry);
+      await this.image.refcounts.writeBack();
+      await this.image.barrier.flush();
+    });
+  }
+}
