@@ -89,10 +89,6 @@ export interface DriverState {
   reopen?(writable: boolean): Promise<void>;
   /** Before the node becomes read-only, while it still may write: keeps what only lives in memory (qcow2's persistent bitmaps). */
   prepareReadOnly?(): Promise<void>;
-  /** QEMU's bdrv_can_store_new_dirty_bitmap: throws (QEMU's text) when the image cannot keep a new persistent bitmap. */
-  canStoreNewDirtyBitmap?(name: string, granularity: number): Promise<void>;
-  /** Removes a persistent bitmap from the image now, freeing its space (absent: nothing to do). */
-  removePersistentDirtyBitmap?(name: string): Promise<void>;
   /** Rewrites the backing file name (and format) the image header records; formats with backing files only. */
   changeBackingFile?(name: string | undefined, format: string | undefined): Promise<void>;
   /** Told that the node's backing child changed (a snapshot put a node under it); formats with backing files only. */
