@@ -38,7 +38,7 @@ export async function startQsd(dir: string, extraArgs: string[] = []): Promise<Q
     child,
     socket,
     stop: () => new Promise<void>((resolve) => {
-      if (child.exitCode !== null) return resolve();
+      if (child.exitCode !== null || child.signalCode !== null) return resolve(); // already gone (a test may have killed it)
       child.once('exit', () => resolve());
       child.kill('SIGTERM');
     }),

@@ -1,0 +1,163 @@
+/*
+ * Persistent qcow2 bitmaps through the daemon, against qemu-storage-daemon on copies of the
+ * same QEMU-made image: one script (bitmaps added persistent and not, removed, cleared,
+ * disabled, merged, writes through an NBD export) then quit; the transcripts (query output
+ * with the format-specific bitmaps list, sha256 values) are equal, both images are clean
+ * for qemu-img check and list the same bitmaps, and they load bit for bit alike in blockd
+ * and QEMU after a restart. After a SIGKILL while open read-write, the bitmaps stay in use
+ * on disk and load inconsistent in blockd as in QEMU.
+ */
+import assert from 'node:assert/strict';
+import { copyFileSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { startDifferentialPeers, type DifferentialPeers } from '../helpers/differential-peers.js';
+import { makeTempDir } from '../helpers/paths.js';
+import { qemuImgBitmaps, qsdBitmaps } from '../helpers/qemu-bitmaps.js';
+import { MiB, createQcow2, qemuImgCheck, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
+import { describeDifferences, maskImageSizes, runTranscript, type TranscriptStep } from '../helpers/qmp-transcript.js';
+
+/** An image whose bitmaps qemu-img and qemu-io made: enabled, disabled, merged, cleared. */
+function qemuMadeImage(path: string): string {
+  createQcow2(path, 16 * MiB);
+  qemuIo(path, ['write -P 0x11 0 1M']);
+  runQemuImg('bitmap', '--add', path, 'b0');
+  runQemuImg('bitmap', '--add', '-g', '131072', path, 'b1');
+  runQemuImg('bitmap', '--add', '--disable', path, 'b2');
+  qemuIo(path, ['write -P 0x22 3M 64k', 'write 10M 1M']);
+  runQemuImg('bitmap', '--merge', 'b1', path, 'b2');
+  runQemuImg('bitmap', '--add', path, 'b3');
+  qemuIo(path, ['write 12M 4k']);
+  runQemuImg('bitmap', '--clear', path, 'b0');
+  return path;
+}
+
+function qemuIoOverNbd(...commands: string[]): TranscriptStep {
+  return {
+    action: async (dir) => {
+      qemuIo(`nbd+unix:///disk?socket=${join(dir, 'nbd.sock')}`, commands, ['-f', 'raw']);
+      return `qemu-io ${commands.join('; ')}`;
+    },
+  };
+}
+
+const addImage = { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'q0', file: { driver: 'file', 'node-name': 'q0-file', filename: '$DIR/img.qcow2' } } };
+const nodes = { execute: 'query-named-block-nodes', arguments: { flat: true } };
+const sha256 = (name: string) => ({ execute: 'x-debug-block-dirty-bitmap-sha256', arguments: { node: 'q0', name } });
+const add = (name: string, extra: object = {}) => ({ execute: 'block-dirty-bitmap-add', arguments: { node: 'q0', name, ...extra } });
+const verb = (command: string, name: string) => ({ execute: `block-dirty-bitmap-${command}`, arguments: { node: 'q0', name } });
+const exportDisk: TranscriptStep[] = [
+  { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: '$DIR/nbd.sock' } } } },
+  { execute: 'block-export-add', arguments: { type: 'nbd', id: 'e0', 'node-name': 'q0', name: 'disk', writable: true } },
+];
+const NAMES_AFTER_SCRIPT = ['b0', 'b2', 'b3', 'n1', 'n2', 'n3'];
+
+async function bothRun(peers: DifferentialPeers, steps: TranscriptStep[]): Promise<void> {
+  const expected = await runTranscript(peers.qsd.socket, peers.qsd.dir, steps, maskImageSizes);
+  const actual = await runTranscript(peers.blockd.socket, peers.blockd.dir, steps, maskImageSizes);
+  assert.equal(describeDifferences(actual, expected, 8), '', peers.blockdLog());
+}
+
+/** Both images: the same bitmaps listed by qemu-img, qemu-img check's verdict equal (and no corruption), the same bits loaded by QEMU. */
+async function assertImagesAgree(root: string, peers: DifferentialPeers, context: string): Promise<void> {
+  const [theirs, ours] = [join(peers.qsd.dir, 'img.qcow2'), join(peers.blockd.dir, 'img.qcow2')];
+  assert.deepEqual(qemuImgBitmaps(ours), qemuImgBitmaps(theirs), context);
+  const [checkOurs, checkTheirs] = [qemuImgCheck(ours), qemuImgCheck(theirs)];
+  assert.equal(checkOurs.corruptions, 0, `${context}: ${checkOurs.output}`);
+  assert.equal(checkOurs.status, checkTheirs.status, `${context}: ${checkOurs.output} / ${checkTheirs.output}`);
+  assert.deepEqual(await qsdBitmaps(ours, join(root, 'load-ours')), await qsdBitmaps(theirs, join(root, 'load-theirs')), context);
+}
+
+test('blockd stores persistent bitmaps at quit as qemu-storage-daemon does, and both load them again alike', async () => {
+  const { dir: root, cleanup } = makeTempDir('blockd-bitmaps-quit-');
+  try {
+    const source = qemuMadeImage(join(root, 'source.qcow2'));
+    const prepare = (dir: string) => copyFileSync(source, join(dir, 'img.qcow2'));
+    const first = await startDifferentialPeers(join(root, 'first'), prepare);
+    await bothRun(first, [
+      addImage,
+      nodes,
+      add('n1', { persistent: true }),
+      add('n2', { persistent: true, granularity: 512, disabled: true }),
+      add('n3', { persistent: true, granularity: 1048576 }),
+      add('memory-only'),
+      ...exportDisk,
+      qemuIoOverNbd('write -P 0x44 5M 300k', 'write -z 8M 64k', 'discard 0 64k', 'write 16775168 512'),
+      verb('remove', 'b1'),
+      verb('disable', 'b0'),
+      { execute: 'block-dirty-bitmap-merge', arguments: { node: 'q0', target: 'n2', bitmaps: ['b3', 'n1'] } },
+      verb('clear', 'b3'),
+      qemuIoOverNbd('write 14M 4k'),
+      nodes,
+      ...['b0', 'b2', 'b3', 'n1', 'n2', 'n3', 'memory-only'].map(sha256),
+      { execute: 'quit' },
+      { untilClosed: true },
+    ]);
+    await first.stopBlockd();
+    await first.stopQsd();
+    assert.deepEqual(qemuImgBitmaps(join(first.blockd.dir, 'img.qcow2')).map((bitmap) => bitmap.name).sort(), NAMES_AFTER_SCRIPT);
+    await assertImagesAgree(root, first, 'after quit');
+
+    // A restart: each daemon opens its own image again; the bitmaps are back bit for bit.
+    const restarted = await startDifferentialPeers(join(root, 'restarted'), () => {});
+    try {
+      for (const peer of ['qsd', 'blockd'] as const) copyFileSync(join(first[peer].dir, 'img.qcow2'), join(restarted[peer].dir, 'img.qcow2'));
+      await bothRun(restarted, [addImage, nodes, ...NAMES_AFTER_SCRIPT.map(sha256), { execute: 'quit' }, { untilClosed: true }]);
+    } finally {
+      await restarted.stopBlockd();
+      await restarted.stopQsd();
+    }
+    await assertImagesAgree(root, restarted, 'after the restart');
+  } finally {
+    cleanup();
+  }
+});
+
+test('a SIGKILL while open read-write leaves the bitmaps in use; blockd then loads them inconsistent as QEMU does', async () => {
+  const { dir: root, cleanup } = makeTempDir('blockd-bitmaps-kill-');
+  try {
+    const source = qemuMadeImage(join(root, 'source.qcow2'));
+    const killed = await startDifferentialPeers(join(root, 'killed'), (dir) => copyFileSync(source, join(dir, 'img.qcow2')));
+    const kill: TranscriptStep = {
+      action: async (dir) => {
+        process.kill(Number(readFileSync(join(dir, dir.endsWith('qsd') ? 'qsd.pid' : 'blockd.pid'), 'utf8')), 'SIGKILL');
+        return 'killed';
+      },
+    };
+    await bothRun(killed, [
+      addImage,
+      add('n1', { persistent: true }),
+      ...exportDisk,
+      qemuIoOverNbd('write 2M 64k'),
+      nodes,
+      kill,
+      { untilClosed: true },
+    ]);
+    await killed.stopBlockd();
+    await killed.stopQsd();
+    const ours = join(killed.blockd.dir, 'img.qcow2');
+    assert.deepEqual(qemuImgBitmaps(ours).map((bitmap) => `${bitmap.name}:${bitmap.flags.join(',')}`), ['b0:in-use,auto', 'b1:in-use,auto', 'b2:in-use', 'b3:in-use,auto']);
+    await assertImagesAgree(root, killed, 'after SIGKILL');
+
+    const reopened = await startDifferentialPeers(join(root, 'reopened'), () => {});
+    try {
+      for (const peer of ['qsd', 'blockd'] as const) copyFileSync(join(killed[peer].dir, 'img.qcow2'), join(reopened[peer].dir, 'img.qcow2'));
+      await bothRun(reopened, [
+        addImage,
+        nodes,
+        sha256('b0'),
+        verb('enable', 'b0'),
+        verb('remove', 'b1'),
+        nodes,
+        { execute: 'quit' },
+        { untilClosed: true },
+      ]);
+    } finally {
+      await reopened.stopBlockd();
+      await reopened.stopQsd();
+    }
+    await assertImagesAgree(root, reopened, 'after removing an inconsistent bitmap and closing');
+  } finally {
+    cleanup();
+  }
+});
