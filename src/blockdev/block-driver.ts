@@ -89,6 +89,8 @@ export interface DriverState {
   reopen?(writable: boolean): Promise<void>;
   /** Before the node becomes read-only, while it still may write: keeps what only lives in memory (qcow2's persistent bitmaps). */
   prepareReadOnly?(): Promise<void>;
+  /** The node became writable and holds its write permissions: the first writes a writer makes (qcow2 marks its bitmaps in use). */
+  becameWritable?(): Promise<void>;
   /** Rewrites the backing file name (and format) the image header records; formats with backing files only. */
   changeBackingFile?(name: string | undefined, format: string | undefined): Promise<void>;
   /** Told that the node's backing child changed (a snapshot put a node under it); formats with backing files only. */

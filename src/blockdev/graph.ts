@@ -263,6 +263,8 @@ export class BlockGraph implements NodeObserver {
         await current.drained(async () => current.state.reopen?.(true));
       }
       await this.refreshPermissions([node]);
+      // Lowest first, so a format writes through a file that already may be written.
+      for (const current of changed) await current.drained(async () => current.state.becameWritable?.());
     } catch (error) {
       for (const current of reopened.reverse()) {
         current.settings.readOnly = true;
@@ -296,7 +298,7 @@ export class BlockGraph implements NodeObserver {
     } catch (error) {
       for (const current of changed) current.settings.readOnly = false;
       // What prepareReadOnly wrote back is taken into use again (qcow2 marks its bitmaps in use).
-      for (const current of changed) if (current.state.prepareReadOnly) await current.drained(async () => current.state.reopen?.(true)).catch(() => {});
+      for (const current of changed) await current.drained(async () => current.state.becameWritable?.()).catch(() => {});
       throw error;
     }
     // Drivers let go of write access (a file reopens its descriptor read-only) once nobody may write.

@@ -325,3 +325,25 @@ test('bitmaps left in use load inconsistent and disabled, stay in use, and stop 
   assert.deepEqual(loaded.find((bitmap) => bitmap.name === 'b0'), { name: 'b0', granularity: 65536, count: 0, recording: false, persistent: true, inconsistent: true });
   assert.deepEqual(sorted(loaded.filter((bitmap) => bitmap.name !== 'b0')), sorted(reference.get(qemuMade)!.filter((bitmap) => bitmap.name !== 'b0')));
 });
+
+test('reopening read-write marks the bitmaps in use; reopening read-only stores them and makes them read-only again', async () => {
+  const image = copy(qemuMade, 'reopen');
+  const session = await openImage(image);
+  try {
+    const { node, graph } = session;
+    const b0 = node.bitmaps.find('b0')!;
+    assert.equal(b0.readonly, true);
+    await graph.reopenReadWrite(node);
+    assert.equal(b0.readonly, false);
+    assert.ok(qemuImgBitmaps(image, true).every((bitmap) => bitmap.flags.includes('in-use')));
+    b0.set(7 * MiB, 5 * KiB);
+    const expected = blockdBitmaps(node.bitmaps.list());
+    await graph.reopenReadOnly(node);
+    assert.equal(b0.readonly, true);
+    assert.deepEqual(qemuImgBitmaps(image, true), qemuImgBitmaps(qemuMade));
+    assert.deepEqual(await qsdLoads(image), expected);
+  } finally {
+    await session.close();
+  }
+  assertCheckClean(image, 'after reopening read-write and back');
+});

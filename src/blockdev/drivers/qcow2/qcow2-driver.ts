@@ -93,6 +93,11 @@ class Qcow2State implements DriverState {
     if (header.incompatibleFeatures & IncompatibleFeature.DIRTY) {
       throw genericError('qcow2: the image was not closed cleanly (lazy refcounts); open it read-write once to repair it before reopening it read-write');
     }
+  }
+
+  /** What a read-write open writes first, once the file may be written. */
+  async becameWritable(): Promise<void> {
+    const { header } = this.image;
     if (header.autoclearFeatures & ~KNOWN_AUTOCLEAR_FEATURES) {
       header.autoclearFeatures &= KNOWN_AUTOCLEAR_FEATURES;
       await this.image.writeHeader();
