@@ -5,12 +5,15 @@
  * with the format-specific bitmaps list, sha256 values) are equal, both images are clean
  * for qemu-img check and list the same bitmaps, and they load bit for bit alike in blockd
  * and QEMU after a restart. After a SIGKILL while open read-write, the bitmaps stay in use
- * on disk and load inconsistent in blockd as in QEMU.
+ * on disk and load inconsistent in blockd as in QEMU; a SIGKILL during the store at quit
+ * leaves a clean image whose bitmaps are each either still in use or stored whole.
  */
 import assert from 'node:assert/strict';
 import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { QmpClient } from '../../src/qmp/client.js';
+import { runBlockd } from '../helpers/blockd-process.js';
 import { startDifferentialPeers, type DifferentialPeers } from '../helpers/differential-peers.js';
 import { makeTempDir } from '../helpers/paths.js';
 import { qemuImgBitmaps, qsdBitmaps } from '../helpers/qemu-bitmaps.js';
@@ -157,6 +160,51 @@ test('a SIGKILL while open read-write leaves the bitmaps in use; blockd then loa
       await reopened.stopQsd();
     }
     await assertImagesAgree(root, reopened, 'after removing an inconsistent bitmap and closing');
+  } finally {
+    cleanup();
+  }
+});
+
+test('a SIGKILL at any moment of the store at quit leaves a clean image: each bitmap either still in use or stored whole', async (t) => {
+  const { dir: root, cleanup } = makeTempDir('blockd-bitmaps-kill-quit-');
+  try {
+    // 1 GiB at 512 bytes per bit: four data clusters per bitmap, so the store at quit takes many writes.
+    const source = createQcow2(join(root, 'source.qcow2'), 1024 * MiB);
+    for (const name of ['f0', 'f1', 'f2', 'f3']) runQemuImg('bitmap', '--add', '-g', '512', source, name);
+    qemuIo(source, Array.from({ length: 40 }, (_, i) => `write ${i * 25 * MiB + i * 4096} 64k`));
+    const expected = await qsdBitmaps(source, join(root, 'expected'));
+    assert.ok(!('error' in expected));
+    const start = async (i: number) => {
+      const image = join(root, `k${i}.qcow2`);
+      copyFileSync(source, image);
+      const blockd = await runBlockd(['--blockdev', `driver=qcow2,node-name=q0,file.driver=file,file.filename=${image}`, '--qmp', `unix:${join(root, `k${i}.sock`)}`]);
+      const qmp = await QmpClient.connect(`unix:${join(root, `k${i}.sock`)}`);
+      return { image, blockd, qmp };
+    };
+    // How long a quit takes here, so the kill moments spread over it (moments to kill at, not a synchronisation).
+    const timed = await start(0);
+    const quitAt = performance.now();
+    timed.qmp.executeRaw('quit').catch(() => {});
+    await timed.blockd.exited;
+    const quitMs = performance.now() - quitAt;
+    for (const [i, delayMs] of [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99].map((part, i) => [i + 1, part * quitMs] as const)) {
+      const { image, blockd, qmp } = await start(i);
+      qmp.executeRaw('quit').catch(() => {});
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+      await blockd.stop('SIGKILL');
+      await qmp.close().catch(() => {});
+      const context = `killed ${delayMs.toFixed(1)} ms after quit (a quit took ${quitMs.toFixed(1)} ms)`;
+      const check = qemuImgCheck(image);
+      assert.equal(check.corruptions, 0, `${context}: ${check.output}`);
+      assert.ok(check.status === 0 || check.status === 3, `${context}: ${check.output}`);
+      const loaded = await qsdBitmaps(image, join(root, `load-${i}`));
+      assert.ok(!('error' in loaded), `${context}: ${JSON.stringify(loaded)}`);
+      t.diagnostic(`${context}: ${loaded.filter((bitmap) => !bitmap.inconsistent).length} of ${loaded.length} stored`);
+      for (const bitmap of loaded) {
+        if (bitmap.inconsistent) continue; // not stored yet: still in use, as after any crash
+        assert.deepEqual(bitmap, expected.find((candidate) => candidate.name === bitmap.name), context);
+      }
+    }
   } finally {
     cleanup();
   }
