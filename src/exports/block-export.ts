@@ -38,6 +38,9 @@ export abstract class BlockExport {
     if (--this.references === 0) this.deleted = this.owner.exportReleased(this);
   }
 
+  /** Gives back what the export held besides its edge (an NBD export's bitmaps), once it is deleted. */
+  releaseResources(): void {}
+
   /** Stops accepting clients and disconnects the connected ones (safe mode only gets here without any). */
   protected abstract shutdown(): void;
 

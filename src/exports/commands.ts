@@ -12,6 +12,7 @@ import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
 import type { BlockExport } from './block-export.js';
 import type { ExportRegistry } from './export-registry.js';
+import { resolveExportBitmaps } from './nbd/export-bitmaps.js';
 import { NbdExport } from './nbd/nbd-export.js';
 import { NbdServer, type NbdListenAddress } from './nbd/nbd-server.js';
 import { MAX_STRING } from '../nbd/protocol.js';
@@ -63,20 +64,16 @@ export class NbdService {
       const description = options.description;
       if (description !== undefined && Buffer.byteLength(description) > MAX_STRING) throw genericError(`description '${description}' too long`);
       if (server.findExport(name)) throw genericError(`NBD server already has export named '${name}'`);
-      for (const bitmap of options.bitmaps ?? []) {
-        // Named dirty bitmaps arrive with their own issue; until then no node has one (a job's own bitmap has no name).
-        if (typeof bitmap === 'string') throw genericError(`Bitmap '${bitmap}' is not found`);
-        if (!graph.find(bitmap.node)) throw genericError(`Node '${bitmap.node}' not found`);
-        throw genericError(`Dirty bitmap '${bitmap.name}' not found`);
-      }
       // While exported, the node's size is fixed: clients were told it.
       await graph.refreshPermissions([node], new Map([[edge, { perm, shared: PERM_ALL & ~PERM_RESIZE }]]));
+      const bitmaps = resolveExportBitmaps(graph, node, options.bitmaps ?? [], !writable);
       const exported = new NbdExport(options.id, edge, exports, {
         name,
         description,
         writable,
         writethrough: options.writethrough ?? false,
         allocationDepth: options['allocation-depth'] ?? false,
+        bitmaps,
         multiConnection: server.maxConnections !== 1,
       });
       server.addExport(exported);

@@ -55,6 +55,7 @@ export class ExportRegistry implements ExportOwner {
   }
 
   async exportReleased(exported: BlockExport): Promise<void> {
+    exported.releaseResources();
     await this.graph.detach(exported.edge);
     this.exports = this.exports.filter((candidate) => candidate !== exported);
     this.log.info({ id: exported.id }, 'export deleted');

@@ -162,6 +162,8 @@ export const AllocationFlag = { HOLE: 1, ZERO: 2 } as const;
 export const CONTEXT_BASE_ALLOCATION = 'base:allocation';
 export const CONTEXT_ALLOCATION_DEPTH = 'qemu:allocation-depth';
 export const CONTEXT_DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+/** qemu:dirty-bitmap:NAME's one flag: the range is dirty in the bitmap. */
+export const DIRTY_BITMAP_STATE_DIRTY = 1;
 
 /** NBD error numbers (Linux errno values, fixed by the protocol). */
 export const NbdErrno = {

@@ -124,6 +124,22 @@ export class DirtyBitmap {
   }
 
   /**
+   * The first dirty bytes in [from, end), clipped to that range and to the bitmap's end, or
+   * undefined when it is all clean (QEMU's bdrv_dirty_bitmap_next_dirty_area, no wrapping).
+   */
+  dirtyArea(from: number, end: number): { offset: number; length: number } | undefined {
+    end = Math.min(end, this.lengthInBytes);
+    if (from >= end || this.bits.count() === 0) return undefined;
+    const lastGranule = Math.ceil(end / this.granularity);
+    const first = this.bits.findSet(Math.floor(from / this.granularity), lastGranule);
+    if (first < 0) return undefined;
+    const clean = this.bits.findClear(first + 1, lastGranule);
+    const offset = Math.max(from, first * this.granularity);
+    const stop = clean < 0 ? end : Math.min(end, clean * this.granularity);
+    return { offset, length: stop - offset };
+  }
+
+  /**
    * The first dirty run at or after `from` (wrapping to the start), at most `maxLength`
    * long and clipped to the end, or undefined when nothing is dirty.
    */

@@ -2,7 +2,9 @@
  * One NBD export: the name clients ask for, what the handshake advertises
  * (size, transmission flags, meta contexts), and the connected clients, each
  * holding a reference so a safe delete is refused while they are there.
+ * The dirty bitmaps it exports stay busy until the export is deleted.
  */
+import type { DirtyBitmap } from '../../blockdev/bitmaps/dirty-bitmap.js';
 import type { ChildEdge } from '../../blockdev/child-edge.js';
 import { BlockExport, type ExportOwner } from '../block-export.js';
 import { TransmissionFlag } from '../../nbd/protocol.js';
@@ -14,6 +16,8 @@ export interface NbdExportSettings {
   /** Every write is FUA (block-export-add writethrough). */
   writethrough: boolean;
   allocationDepth: boolean;
+  /** Offered as qemu:dirty-bitmap:NAME contexts, in this order (ids from 2). */
+  bitmaps: DirtyBitmap[];
   /** More than one client may connect (the server's max-connections is not 1): NBD's multi-conn. */
   multiConnection: boolean;
 }
@@ -32,6 +36,8 @@ export class NbdExport extends BlockExport {
 
   constructor(id: string, edge: ChildEdge, owner: ExportOwner, readonly settings: NbdExportSettings) {
     super(id, 'nbd', edge, owner);
+    // Nobody may change or remove them while clients may read them (QEMU's nbd_export_create).
+    for (const bitmap of settings.bitmaps) bitmap.busy = true;
   }
 
   get name(): string {
@@ -64,6 +70,10 @@ export class NbdExport extends BlockExport {
 
   removeClient(client: NbdClientHandle): void {
     if (this.clients.delete(client)) this.unref();
+  }
+
+  override releaseResources(): void {
+    for (const bitmap of this.settings.bitmaps) bitmap.busy = false;
   }
 
   protected shutdown(): void {

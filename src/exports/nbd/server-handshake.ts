@@ -151,8 +151,8 @@ export async function negotiate(socket: Socket, reader: SocketReader, lookup: Ex
           replyError(option, OptionReply.ERR_UNKNOWN, `export '${sanitize(request.name)}' not present`);
           break;
         }
-        const selection = selectContexts(exported, request.queries.filter((query) => Buffer.byteLength(query) <= MAX_STRING), listing);
-        for (const context of selectedContexts(selection)) {
+        const selection = selectContexts(exported.settings, request.queries.filter((query) => Buffer.byteLength(query) <= MAX_STRING), listing);
+        for (const context of selectedContexts(exported.settings, selection)) {
           reply(option, OptionReply.META_CONTEXT, encodeMetaContextReply(listing ? 0 : context.id, context.name));
         }
         reply(option, OptionReply.ACK);

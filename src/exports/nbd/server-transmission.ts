@@ -8,7 +8,7 @@ import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { errnoOf, describeErrno } from '../../blockdev/io-error.js';
 import { ioBuffers, type BufferLease } from '../../blockdev/buffer-pool.js';
-import { blockStatusExtents } from './export-block-status.js';
+import { bitmapExtents, blockStatusExtents } from './export-block-status.js';
 import {
   decodeRequestHeader,
   encodeChunkHeader,
@@ -260,12 +260,14 @@ export class ServerTransmission {
   private async blockStatus(request: RequestHeader): Promise<void> {
     const { cookie, offset, length } = request;
     if (length === 0) return this.sendError(request, NbdErrno.EINVAL, 'need non-zero length');
-    const contexts = selectedContexts(this.client.contexts);
+    const contexts = selectedContexts(this.exported.settings, this.client.contexts);
     if (contexts.length === 0) return this.sendError(request, NbdErrno.EINVAL, 'CMD_BLOCK_STATUS not negotiated');
     const onlyOne = (request.flags & CommandFlag.REQ_ONE) !== 0;
     const parts: Buffer[] = [];
     for (const [index, context] of contexts.entries()) {
-      const payload = await blockStatusExtents(this.exported.edge.child, context.id, offset, length, onlyOne);
+      const payload = context.bitmap
+        ? bitmapExtents(context.bitmap, context.id, offset, length, onlyOne)
+        : await blockStatusExtents(this.exported.edge.child, context.id, offset, length, onlyOne);
       parts.push(encodeChunkHeader(cookie, ChunkType.BLOCK_STATUS, index === contexts.length - 1, payload.length), payload);
     }
     this.send(undefined, ...parts);

@@ -17,6 +17,8 @@ import { connectSocket } from './socket-connect.js';
 export interface ServerTarget {
   address: SocketAddress;
   exportName: string;
+  /** The block status context to ask for: base:allocation, or the one x-dirty-bitmap names. */
+  statusQuery: string;
   /** Seconds requests wait for a reconnection (0: they fail at once). */
   reconnectDelay: number;
   /** Seconds the first connection may be retried (0: one attempt). */
@@ -56,7 +58,7 @@ async function connectOnce(target: ServerTarget, log: Logger, signal?: AbortSign
   const onAbort = () => socket.destroy();
   signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    const info = await negotiate(socket, reader, target.exportName);
+    const info = await negotiate(socket, reader, target.exportName, target.statusQuery);
     return new NbdSession(socket, reader, info, log);
   } catch (error) {
     throw signal?.aborted ? genericError('Connection attempt cancelled by timeout') : error;

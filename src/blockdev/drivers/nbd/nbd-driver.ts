@@ -1,11 +1,12 @@
 /*
  * The `nbd` protocol driver: a disk served by an NBD server (qemu-nbd,
- * qemu-storage-daemon, nbdkit, blockd) over a unix or TCP socket. This file
- * reads the options, checks what the export offers against what the node
+ * qemu-storage-daemon, nbdkit, blockd) over a unix or TCP socket. With
+ * x-dirty-bitmap its block status reads that context instead of base:allocation
+ * (a dirty range shows as a hole, as in QEMU). This file reads the options, checks what the export offers against what the node
  * needs, sets the request limits, and names the node as QEMU does.
  */
 import type { BlockdevOptionsNbd } from '../../../generated/qapi-types.js';
-import { MAX_PAYLOAD, MAX_STRING, TransmissionFlag } from '../../../nbd/protocol.js';
+import { CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, MAX_PAYLOAD, MAX_STRING, TransmissionFlag } from '../../../nbd/protocol.js';
 import { genericError } from '../../../errors.js';
 import type { BlockDriver } from '../../block-driver.js';
 import { jsonFilename } from '../../node-filename.js';
@@ -34,7 +35,7 @@ export function nbdUri(options: BlockdevOptionsNbd): string | undefined {
 /** QEMU's block limits for an export (nbd_refresh_limits). */
 function requestLimits(info: ExportInfo): RequestLimits {
   // Without advertised sizes: byte access when block status or an odd size needs it, else whole sectors.
-  const alignment = info.blockSizes?.minimum ?? (info.size % SECTOR !== 0 || info.allocationContext !== undefined ? 1 : SECTOR);
+  const alignment = info.blockSizes?.minimum ?? (info.size % SECTOR !== 0 || info.statusContext !== undefined ? 1 : SECTOR);
   const maximum = info.blockSizes?.maximum || MAX_PAYLOAD;
   return {
     alignment,
@@ -43,10 +44,15 @@ function requestLimits(info: ExportInfo): RequestLimits {
   };
 }
 
-/** Accepts the export at open (a read-only one makes an auto-read-only node read-only) and later only the same export. */
-function exportCheck(node: BlockNode): (info: ExportInfo) => void {
+/**
+ * Accepts the export at open (a read-only one makes an auto-read-only node read-only) and later only the same export;
+ * an x-dirty-bitmap context the server does not offer fails every connection.
+ */
+function exportCheck(node: BlockNode, dirtyBitmap: string | undefined): (info: ExportInfo) => void {
   let opened: { size: number; alignment: number } | undefined;
   return (info) => {
+    // QEMU's text ("requested x-dirty-bitmap ... not found") is dropped on this path, as the read-only one below.
+    if (dirtyBitmap !== undefined && info.statusContext === undefined) throw genericError('Could not open image: Invalid argument');
     const readOnlyExport = (info.flags & TransmissionFlag.READ_ONLY) !== 0;
     if (opened) {
       // After a reconnection the export must still be the one the node's users see.
@@ -70,20 +76,23 @@ export const nbdDriver: BlockDriver<BlockdevOptionsNbd> = {
   handlesFua: true,
   strongOptions: ['server', 'export', 'tls-creds', 'tls-hostname'],
   async open(context, options) {
-    for (const option of ['tls-creds', 'tls-hostname', 'x-dirty-bitmap'] as const) {
+    for (const option of ['tls-creds', 'tls-hostname'] as const) {
       if (options[option] !== undefined) throw genericError(`nbd option '${option}' is not supported by blockd yet`);
     }
     const exportName = options.export ?? '';
     if (Buffer.byteLength(exportName) > MAX_STRING) throw genericError('export name too long to send to server');
+    const dirtyBitmap = options['x-dirty-bitmap'];
+    if (dirtyBitmap !== undefined && Buffer.byteLength(dirtyBitmap) > MAX_STRING) throw genericError('x-dirty-bitmap query too long to send to server');
     const target = {
       address: options.server,
       exportName,
+      statusQuery: dirtyBitmap ?? CONTEXT_BASE_ALLOCATION,
       reconnectDelay: options['reconnect-delay'] ?? 0,
       openTimeout: options['open-timeout'] ?? 0,
     };
-    const connection = await NbdConnection.open(target, exportCheck(context.node), context.log);
+    const connection = await NbdConnection.open(target, exportCheck(context.node, dirtyBitmap), context.log);
     const uri = nbdUri(options);
     const { info } = connection;
-    return new NbdState(connection, info.size, requestLimits(info), () => uri ?? jsonFilename(context.node));
+    return new NbdState(connection, info.size, requestLimits(info), () => uri ?? jsonFilename(context.node), dirtyBitmap === CONTEXT_ALLOCATION_DEPTH);
   },
 };

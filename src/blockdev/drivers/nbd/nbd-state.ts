@@ -35,6 +35,8 @@ export class NbdState implements DriverState {
     private readonly size: number,
     private readonly limits: RequestLimits,
     private readonly filename: () => string,
+    /** x-dirty-bitmap=qemu:allocation-depth: depths above 2 read as 2 (zero), as QEMU's client folds them. */
+    private readonly depthAsStatus = false,
   ) {}
 
   private has(flag: number): boolean {
@@ -149,7 +151,7 @@ export class NbdState implements DriverState {
   }
 
   async blockStatus(offset: number, length: number): Promise<DriverExtent> {
-    if (this.connection.info.allocationContext === undefined) return { length, allocated: true, data: true, zero: false, hostOffset: offset };
+    if (this.connection.info.statusContext === undefined) return { length, allocated: true, data: true, zero: false, hostOffset: offset };
     const { alignment } = this.limits;
     const start = alignDown(offset, alignment);
     const asked = Math.min(alignUp(offset + length, alignment), this.size) - start;
@@ -157,6 +159,7 @@ export class NbdState implements DriverState {
     const extent = (await this.send({ type: Command.BLOCK_STATUS, flags: CommandFlag.REQ_ONE, offset: start, length: Math.min(asked, this.limits.maxRange) }))!;
     let { length: answered, flags } = extent;
     answered = Math.min(answered, asked);
+    if (this.depthAsStatus && flags > 2) flags = 2;
     if (answered % alignment !== 0) {
       // A server may describe a partial block; like QEMU, trim the answer to whole blocks, or call one block data.
       if (answered > alignment) answered = alignDown(answered, alignment);
@@ -164,7 +167,8 @@ export class NbdState implements DriverState {
     }
     return {
       length: Math.min(start + answered - offset, length),
-      allocated: true, // a protocol node decides for itself, as QEMU reports it
+      // As QEMU's block layer decides for a node without a backing file: allocated if it reads as data or zeroes.
+      allocated: (flags & AllocationFlag.HOLE) === 0 || (flags & AllocationFlag.ZERO) !== 0,
       data: (flags & AllocationFlag.HOLE) === 0,
       zero: (flags & AllocationFlag.ZERO) !== 0,
       hostOffset: offset,

@@ -1,6 +1,7 @@
 /*
  * The client side of the fixed newstyle handshake, as QEMU's client runs it:
- * structured replies, the base:allocation meta context, then GO with a
+ * structured replies, one meta context (base:allocation, or the one
+ * x-dirty-bitmap names), then GO with a
  * BLOCK_SIZE request, falling back to LIST + EXPORT_NAME when the server does
  * not know GO. Failures carry QEMU's texts, which blockdev-add reports.
  */
@@ -23,8 +24,8 @@ export interface ExportInfo {
   /** Transmission flags (TransmissionFlag bits). */
   flags: number;
   structuredReplies: boolean;
-  /** The id of base:allocation, when the server selected it. */
-  allocationContext?: number;
+  /** The id of the block status context asked for (base:allocation or x-dirty-bitmap's), when the server selected it. */
+  statusContext?: number;
   /** Present when the server sent INFO_BLOCK_SIZE. */
   blockSizes?: BlockSizes;
 }
@@ -87,9 +88,9 @@ class Negotiation {
     return true;
   }
 
-  /** SET_META_CONTEXT base:allocation: the context id, or undefined when the server offers none. */
-  async allocationContext(exportName: string): Promise<number | undefined> {
-    this.send(Option.SET_META_CONTEXT, encodeMetaContextRequest(exportName, [CONTEXT_BASE_ALLOCATION]));
+  /** SET_META_CONTEXT with one query: the context id, or undefined when the server offers none. */
+  async statusContext(exportName: string, query: string): Promise<number | undefined> {
+    this.send(Option.SET_META_CONTEXT, encodeMetaContextRequest(exportName, [query]));
     let id: number | undefined;
     for (;;) {
       const { header, payload } = await this.reply(Option.SET_META_CONTEXT);
@@ -103,8 +104,8 @@ class Negotiation {
       }
       if (id !== undefined) throw new ProtocolViolation('Server answered with more than one context');
       const context = decodeMetaContextReply(payload);
-      if (context.name !== CONTEXT_BASE_ALLOCATION) {
-        throw new ProtocolViolation(`Failed to negotiate meta context '${CONTEXT_BASE_ALLOCATION}', server answered with different context '${context.name}'`);
+      if (context.name !== query) {
+        throw new ProtocolViolation(`Failed to negotiate meta context '${query}', server answered with different context '${context.name}'`);
       }
       id = context.id;
     }
@@ -181,7 +182,7 @@ function checkBlockSizes(sizes: BlockSizes): BlockSizes {
  * destroyed (after a courteous ABORT while options are still being exchanged)
  * and a GenericError with QEMU's wording is thrown.
  */
-export async function negotiate(socket: Socket, reader: SocketReader, exportName: string): Promise<ExportInfo> {
+export async function negotiate(socket: Socket, reader: SocketReader, exportName: string, statusQuery: string = CONTEXT_BASE_ALLOCATION): Promise<ExportInfo> {
   const talk = new Negotiation(socket, reader);
   let optionPhase = false;
   try {
@@ -193,18 +194,18 @@ export async function negotiate(socket: Socket, reader: SocketReader, exportName
     socket.write(clientFlags);
     optionPhase = true;
     let structuredReplies = false;
-    let allocationContext: number | undefined;
+    let statusContext: number | undefined;
     let details: Omit<ExportInfo, 'structuredReplies'> | undefined;
     if (fixed) {
       structuredReplies = await talk.structuredReplies();
-      allocationContext = structuredReplies ? await talk.allocationContext(exportName) : undefined;
+      statusContext = structuredReplies ? await talk.statusContext(exportName, statusQuery) : undefined;
       details = await talk.go(exportName);
       if (!details) await talk.checkListed(exportName);
     }
     // What was negotiated before still holds after EXPORT_NAME (QEMU's fallback keeps it too).
     details ??= await talk.exportName(exportName, !noZeroes);
     optionPhase = false;
-    const info: ExportInfo = { ...details, structuredReplies, ...(allocationContext === undefined ? {} : { allocationContext }) };
+    const info: ExportInfo = { ...details, structuredReplies, ...(statusContext === undefined ? {} : { statusContext }) };
     const minimum = info.blockSizes?.minimum ?? 1;
     if (info.size % minimum !== 0) throw new ProtocolViolation(`export size ${info.size} is not multiple of minimum block size ${minimum}`);
     return info;

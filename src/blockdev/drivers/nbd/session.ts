@@ -186,7 +186,7 @@ export class NbdSession {
     } else if (type === ChunkType.BLOCK_STATUS && command.type === Command.BLOCK_STATUS) {
       if (request.extent) throw new ProtocolViolation('Several BLOCK_STATUS chunks in reply');
       const status = decodeBlockStatusPayload(payload);
-      const expected = this.info.allocationContext;
+      const expected = this.info.statusContext;
       if (status.contextId !== expected) {
         throw protocolError(`unexpected context id ${status.contextId} for NBD_REPLY_TYPE_BLOCK_STATUS, when negotiated context id is ${expected}`);
       }
