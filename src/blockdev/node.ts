@@ -366,7 +366,9 @@ export class BlockNode {
     const extent = await this.blockStatus(offset, length);
     if (extent.allocated) return extent;
     const backing = this.backing();
-    if (!backing) return { ...extent, zero: true, data: false };
+    // Only an image format reads unallocated ranges as zeroes (QEMU: drivers that support backing files); a
+    // protocol's hole that is not zero stays unknown (an nbd node's dirty range with x-dirty-bitmap).
+    if (!backing) return this.driver.kind === 'protocol' ? extent : { ...extent, zero: true, data: false };
     const backingLength = backing.child.length();
     // Past the end of a short backing file this layer ends the search, as if it had no backing file (qemu-img map).
     if (offset >= backingLength) return { length: extent.length, allocated: false, data: false, zero: true, depth: 0 };

@@ -5,6 +5,7 @@
  * pair names a bitmap of any node. Busy and inconsistent bitmaps are refused, and
  * so is an enabled one a read-only export would show while its node still changes.
  */
+import { checkBitmap, lookupBitmap } from '../../blockdev/bitmaps/bitmap-commands.js';
 import type { DirtyBitmap } from '../../blockdev/bitmaps/dirty-bitmap.js';
 import type { BlockGraph } from '../../blockdev/graph.js';
 import type { BlockNode } from '../../blockdev/node.js';
@@ -20,24 +21,6 @@ function findInChain(node: BlockNode, name: string): { bitmap: DirtyBitmap; hold
   return undefined;
 }
 
-/** QEMU's block_dirty_bitmap_lookup, as the {node, name} form uses it. */
-function lookupNamed(graph: BlockGraph, nodeName: string, name: string): DirtyBitmap {
-  const node = graph.find(nodeName);
-  if (!node) throw genericError(`Node '${nodeName}' not found`);
-  const bitmap = node.bitmaps.find(name);
-  if (!bitmap) throw genericError(`Dirty bitmap '${name}' not found`);
-  return bitmap;
-}
-
-/** QEMU's bdrv_dirty_bitmap_check(BDRV_BITMAP_ALLOW_RO): a read-only bitmap may be exported. */
-function checkUsable(bitmap: DirtyBitmap): void {
-  const name = bitmap.name ?? '';
-  if (bitmap.busy) throw genericError(`Bitmap '${name}' is currently in use by another operation and cannot be used`);
-  if (bitmap.inconsistent) {
-    throw genericError(`Bitmap '${name}' is inconsistent and cannot be used`).withHint('Try block-dirty-bitmap-remove to delete this bitmap from disk');
-  }
-}
-
 /** The bitmaps in the order asked for (the contexts' ids follow it); throws QEMU's error for the first bad one. */
 export function resolveExportBitmaps(graph: BlockGraph, exported: BlockNode, requested: BlockDirtyBitmapOrStr[], readOnly: boolean): DirtyBitmap[] {
   return requested.map((entry) => {
@@ -49,9 +32,10 @@ export function resolveExportBitmaps(graph: BlockGraph, exported: BlockNode, req
       // Clients of a read-only export would see a bitmap that keeps changing under them.
       if (readOnly && !found.holder.readOnly && bitmap.enabled) throw genericError(`Enabled bitmap '${entry}' incompatible with readonly export`);
     } else {
-      bitmap = lookupNamed(graph, entry.node, entry.name);
+      bitmap = lookupBitmap(graph, entry.node, entry.name).bitmap;
     }
-    checkUsable(bitmap);
+    // A read-only image's bitmap may be exported; a busy or inconsistent one may not.
+    checkBitmap(bitmap, { busy: true, inconsistent: true });
     return bitmap;
   });
 }
