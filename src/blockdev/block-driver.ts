@@ -99,6 +99,8 @@ export interface DriverState {
   canStoreNewDirtyBitmap?(name: string, granularity: number): Promise<void>;
   /** Removes a persistent dirty bitmap from the image now (formats that store bitmaps). */
   removePersistentDirtyBitmap?(name: string): Promise<void>;
+  /** Stores the persistent bitmaps as they are now (a new one, or one a merge changed), for a crash to find them. */
+  storePersistentDirtyBitmaps?(): Promise<void>;
   info(): DriverInfo;
   /** Bytes the node occupies on the host (ImageInfo actual-size; undefined: unknown, not reported); default: the sum over its storage children. */
   allocatedSize?(): Promise<number | undefined>;

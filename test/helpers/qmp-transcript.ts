@@ -186,3 +186,25 @@ export function describeDifferences(ours: string[], theirs: string[], limit = 4)
 export function maskImageSizes(line: string): string {
   return line.replace(/"actual-size": \d+/g, '"actual-size": 0').replace(/"virtual-size": \d+(, "filename": "[^"]*", "format": "file")/g, '"virtual-size": 0$1');
 }
+
+/**
+ * For transcripts while a qcow2 image with persistent bitmaps is open: the image's bitmaps
+ * list (format-specific "bitmaps") is masked, because blockd writes a new persistent bitmap and
+ * its write-intent record into the image at once and QEMU only at close. The stored result is
+ * compared after close instead (qemu-img info).
+ */
+export function maskImageBitmaps(line: string): string {
+  let masked = line;
+  for (let at = masked.indexOf('"bitmaps": ['); at >= 0; at = masked.indexOf('"bitmaps": [', at)) {
+    let depth = 0;
+    let end = at + '"bitmaps": '.length;
+    do {
+      if (masked[end] === '[') depth++;
+      else if (masked[end] === ']') depth--;
+      end++;
+    } while (depth > 0 && end < masked.length);
+    if (masked.startsWith(', ', end)) end += 2;
+    masked = masked.slice(0, at) + masked.slice(end);
+  }
+  return masked;
+}

@@ -68,7 +68,19 @@ export async function addBitmap(graph: BlockGraph, args: BlockDirtyBitmapAdd): P
   node.bitmaps.add(bitmap);
   bitmap.enabled = !args.disabled;
   bitmap.persistent = args.persistent ?? false;
+  // Beyond QEMU (which writes it at close): the image holds it from now on, and a crash cannot lose it.
+  if (bitmap.persistent) await storeNow(node, () => node.bitmaps.remove(bitmap));
   return bitmap;
+}
+
+/** Stores the node's persistent bitmaps in its image now; when that fails, `undo` runs and the error goes to the client. */
+async function storeNow(node: BlockNode, undo: () => void): Promise<void> {
+  try {
+    await node.state.storePersistentDirtyBitmaps?.();
+  } catch (error) {
+    undo();
+    throw genericError(`Could not store the persistent bitmaps of '${node.name}': ${(error as Error).message}`);
+  }
 }
 
 export async function removeBitmap(graph: BlockGraph, nodeName: string, name: string): Promise<void> {
@@ -95,7 +107,7 @@ export function setBitmapEnabled(graph: BlockGraph, nodeName: string, name: stri
  * node's) is checked and gathered first, so a failure leaves the target as it was; sources of
  * another granularity merge by the bytes they cover.
  */
-export function mergeBitmaps(graph: BlockGraph, args: BlockDirtyBitmapMerge): void {
+export async function mergeBitmaps(graph: BlockGraph, args: BlockDirtyBitmapMerge): Promise<void> {
   const { node, bitmap: target } = lookupBitmap(graph, args.node, args.target);
   const gathered = new DirtyBitmap(target.length, target.granularity);
   for (const source of args.bitmaps) {
@@ -108,6 +120,9 @@ export function mergeBitmaps(graph: BlockGraph, args: BlockDirtyBitmapMerge): vo
   }
   checkBitmap(target, ANY_CHANGE);
   target.merge(gathered);
+  // Stored now, or a crash would lose the merged bits until the next store. A failure leaves them merged in memory
+  // (stored at close), as QEMU keeps them: the merge itself succeeded.
+  if (target.persistent) await node.state.storePersistentDirtyBitmaps?.().catch(() => {});
 }
 
 function sourceBitmap(graph: BlockGraph, targetNode: BlockNode, source: BlockDirtyBitmapOrStr): DirtyBitmap {

@@ -28,6 +28,11 @@ export class BitmapRegistry {
     return this.bitmaps.find((bitmap) => bitmap.name === name);
   }
 
+  /** Whether any bitmap satisfies `test` (without copying the list, for the write path). */
+  some(test: (bitmap: DirtyBitmap) => boolean): boolean {
+    return this.bitmaps.some(test);
+  }
+
   /** Newest first, as QEMU lists a node's bitmaps. */
   list(): DirtyBitmap[] {
     return [...this.bitmaps].reverse();

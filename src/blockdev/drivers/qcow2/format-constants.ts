@@ -56,8 +56,10 @@ export const KNOWN_COMPATIBLE_FEATURES = 0x1n;
 export const AutoclearFeature = {
   BITMAPS: 1n << 0n,
   RAW_EXTERNAL_DATA: 1n << 1n,
+  /** blockd's own: its write-intent bitmap is valid (write-intent.ts); a writer that does not know it clears it. */
+  BLOCKD_WRITE_INTENT: 1n << 40n,
 } as const;
-export const KNOWN_AUTOCLEAR_FEATURES = 0x3n;
+export const KNOWN_AUTOCLEAR_FEATURES = 0x3n | AutoclearFeature.BLOCKD_WRITE_INTENT;
 
 export interface FeatureName {
   type: number;

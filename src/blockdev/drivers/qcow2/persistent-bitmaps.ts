@@ -3,7 +3,10 @@
  * loaded into the node's bitmaps at open (damaged ones refuse the open), marked in_use on
  * disk while a writer has the image, stored at close or when the image becomes read-only
  * (new data clusters and tables, a new directory, the header switched, then the old clusters
- * freed: a crash at any point only leaks), and removed one by one on request.
+ * freed: a crash at any point only leaks), and removed one by one on request. Beyond QEMU,
+ * while a writer has the image its bitmaps stay in the image, in use, with blockd's
+ * write-intent record beside them (write-intent.ts): a bitmap is stored as soon as it is
+ * added, and after a crash blockd reloads it whole rather than inconsistent.
  */
 import { genericError } from '../../../errors.js';
 import { DirtyBitmap } from '../../bitmaps/dirty-bitmap.js';
@@ -15,6 +18,7 @@ import {
 import { AutoclearFeature, MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAPS, Qcow2FormatError } from './format-constants.js';
 import { MetadataKind } from './metadata-index.js';
 import type { Qcow2Image } from './qcow2-image.js';
+import { WRITE_INTENT_NAME, WriteIntent } from './write-intent.js';
 
 /** query-named-block-nodes' Qcow2BitmapInfo. */
 export interface Qcow2BitmapInfo {
@@ -23,9 +27,21 @@ export interface Qcow2BitmapInfo {
   flags: ('in-use' | 'auto')[];
 }
 
+/** How a store leaves the image: bitmaps in use (a writer goes on) or not (closing), and the write-intent record. */
+export interface StoreMode {
+  inUse: boolean;
+  intent: 'fresh' | 'carry' | 'drop';
+}
+
 export class PersistentBitmaps {
   /** The directory as it is on disk now (blockd holds the image's write lock, so nobody else changes it). */
   private entries: BitmapDirectoryEntry[] = [];
+  /** Names of the bitmaps loaded from the directory (their entries may be rewritten even when not in use). */
+  private readonly loaded = new Set<string>();
+  /** The directory's names when the image was opened: they keep their places, later ones follow newest first, as QEMU stores at close. */
+  private openedOrder: string[] = [];
+  /** The write-intent record, while a writer keeps persistent bitmaps in the image. */
+  private intent: WriteIntent | undefined;
 
   constructor(private readonly image: Qcow2Image) {}
 
@@ -61,25 +77,49 @@ export class PersistentBitmaps {
     if (!extension) return;
     const dir = await this.read(extension.directoryOffset, extension.directorySize);
     this.entries = parseBitmapDirectory(dir, extension.nbBitmaps, this.clusterSize, this.image.size);
+    this.openedOrder = this.entries.map((entry) => entry.name);
+    const recovered = await this.readIntentRecord();
     const loaded: DirtyBitmap[] = [];
     try {
       for (const entry of this.entries) {
+        if (entry.name === WRITE_INTENT_NAME) continue;
         const bitmap = new DirtyBitmap(this.image.size, 2 ** entry.granularityBits, entry.name);
         if (this.node.bitmaps.find(entry.name)) throw new Qcow2FormatError(`Bitmap already exists: ${entry.name}`);
-        if (!(entry.flags & BITMAP_IN_USE)) await this.loadData(entry, bitmap);
+        const inUse = (entry.flags & BITMAP_IN_USE) !== 0;
+        if (!inUse || recovered) await this.loadData(entry, bitmap);
+        // In use after blockd's writer: its last stored bits and every region the record marks cover whatever reached the disk.
+        if (inUse && recovered) bitmap.merge(recovered);
         bitmap.persistent = true;
-        // In use: a writer had it loaded and did not store it back, so its bits cannot be trusted.
-        bitmap.inconsistent = (entry.flags & BITMAP_IN_USE) !== 0;
+        // In use after another writer: it had it loaded and did not store it back, so its bits cannot be trusted.
+        bitmap.inconsistent = inUse && !recovered;
         bitmap.enabled = (entry.flags & BITMAP_AUTO) !== 0 && !bitmap.inconsistent;
         bitmap.readonly = this.node.readOnly;
         this.node.bitmaps.add(bitmap);
+        this.loaded.add(entry.name);
         loaded.push(bitmap);
       }
-      if (!this.node.readOnly) await this.markInUse();
+      if (!this.node.readOnly) await this.image.metadata.run(() => this.store({ inUse: true, intent: 'fresh' }));
     } catch (error) {
       for (const bitmap of loaded) this.node.bitmaps.remove(bitmap);
+      this.loaded.clear();
       throw error;
     }
+  }
+
+  /** The write-intent record of blockd's last writer, when its autoclear bit still vouches for it. */
+  private async readIntentRecord(): Promise<DirtyBitmap | undefined> {
+    if (!(this.image.header.autoclearFeatures & AutoclearFeature.BLOCKD_WRITE_INTENT)) return undefined;
+    const entry = this.entries.find((candidate) => candidate.name === WRITE_INTENT_NAME);
+    if (!entry) return undefined;
+    const record = new DirtyBitmap(this.image.size, 2 ** entry.granularityBits);
+    await this.loadData(entry, record);
+    return record;
+  }
+
+  /** Before a write to the image's data: the write-intent record marks its regions on disk (when a persistent bitmap records). */
+  async intendWrite(offset: number, length: number): Promise<void> {
+    if (!this.intent || !this.node.bitmaps.some((bitmap) => bitmap.persistent && (bitmap.recording || bitmap.successor?.recording === true))) return;
+    await this.intent.ensure(offset, length);
   }
 
   /** load_bitmap_data, a cluster at a time: table entry 0 is all clean, 1 all dirty. */
@@ -99,34 +139,13 @@ export class PersistentBitmaps {
     }
   }
 
-  /**
-   * update_ext_header_and_dir_in_place: sets in_use on every consistent bitmap. The autoclear
-   * bit is off while the directory is rewritten in place, so a torn write is never trusted.
-   */
-  async markInUse(): Promise<void> {
-    const stale = this.entries.filter((entry) => !(entry.flags & BITMAP_IN_USE));
-    if (stale.length === 0) return;
-    const { header } = this.image;
-    const extension = header.bitmaps!;
-    const updated = this.entries.map((entry) => ({ ...entry, flags: entry.flags | BITMAP_IN_USE }));
-    const dir = serializeBitmapDirectory(updated, this.clusterSize, this.image.size);
-    header.autoclearFeatures &= ~AutoclearFeature.BITMAPS;
-    await this.image.writeHeader();
-    this.image.checkWrite(extension.directoryOffset, dir.length, MetadataKind.BitmapDirectory);
-    await this.image.file.write(extension.directoryOffset, dir);
-    await this.image.barrier.flush();
-    header.autoclearFeatures |= AutoclearFeature.BITMAPS;
-    await this.image.writeHeader();
-    this.entries = updated;
-  }
-
   /** qcow2_reopen_bitmaps_rw: the image became writable; its bitmaps become writable and in use. */
   async reopenReadWrite(): Promise<void> {
     for (const entry of this.entries) {
-      if (!this.node.bitmaps.find(entry.name)) throw genericError(`Unexpected bitmap '${entry.name}' in image '${this.image.file.child.name}'`);
+      if (entry.name !== WRITE_INTENT_NAME && !this.node.bitmaps.find(entry.name)) throw genericError(`Unexpected bitmap '${entry.name}' in image '${this.image.file.child.name}'`);
     }
-    await this.image.metadata.run(() => this.markInUse());
     for (const bitmap of this.node.bitmaps.list()) if (bitmap.persistent) bitmap.readonly = false;
+    await this.image.metadata.run(() => this.store({ inUse: true, intent: 'fresh' }));
   }
 
   /** qcow2_reopen_bitmaps_ro, after storing: the bitmaps can no longer change. */
@@ -142,6 +161,7 @@ export class PersistentBitmaps {
     if (this.node.bitmaps.find(name)) throw genericError(`Bitmap already exists: ${name}`);
     const refuse = (why: string) => genericError(`Can't make bitmap '${name}' persistent in '${this.node.name}': ${why}`);
     if (this.image.header.version < 3) throw refuse('Cannot store dirty bitmaps in qcow2 v2 files');
+    if (name === WRITE_INTENT_NAME) throw refuse('the name is reserved for blockd\'s write-intent record');
     const problem = bitmapConstraintProblem(name, granularity, this.image.size, this.clusterSize);
     if (problem) throw refuse(problem);
     const persistent = this.node.bitmaps.list().filter((bitmap) => bitmap.persistent && bitmap.name !== undefined);
@@ -163,13 +183,16 @@ export class PersistentBitmaps {
 
   /**
    * qcow2_store_persistent_dirty_bitmaps: writes every persistent, consistent, writable bitmap
-   * of the node (flags: auto when enabled, in_use cleared); bitmaps of the image that are
-   * inconsistent or not loaded keep their entries. The caller holds the metadata mutex.
+   * of the node (flags: auto when enabled; in_use while a writer keeps the image, cleared at
+   * close); bitmaps of the image that are inconsistent or not loaded keep their entries. The
+   * write-intent record goes with them: a fresh one when a writer opens the image, the current
+   * one carried over while it writes (a region it marked may hold a write no bitmap shows
+   * yet), none at close. The caller holds the metadata mutex.
    */
-  async store(): Promise<void> {
-    const list = this.entries.map((entry) => ({ ...entry }));
+  async store(mode: StoreMode = { inUse: false, intent: 'drop' }): Promise<void> {
+    const list = this.entries.filter((entry) => entry.name !== WRITE_INTENT_NAME).map((entry) => ({ ...entry }));
     const toStore: { entry: BitmapDirectoryEntry; bitmap: DirtyBitmap }[] = [];
-    const replaced: BitmapDirectoryEntry[] = [];
+    const replaced: BitmapDirectoryEntry[] = this.entries.filter((entry) => entry.name === WRITE_INTENT_NAME);
     let directorySize = list.reduce((size, entry) => size + directoryEntrySize(entry.name), 0);
     // Newest first, as QEMU walks a node's bitmaps: new ones join the directory in that order.
     for (const bitmap of this.node.bitmaps.list()) {
@@ -185,16 +208,32 @@ export class PersistentBitmaps {
         entry = { name, tableOffset: 0, tableSize: 0, flags: 0, granularityBits: 0 };
         list.push(entry);
       } else {
-        if (!(entry.flags & BITMAP_IN_USE)) throw genericError(`Bitmap '${name}' already exists in the image`);
+        if (!(entry.flags & BITMAP_IN_USE) && !this.loaded.has(name)) throw genericError(`Bitmap '${name}' already exists in the image`);
         replaced.push({ ...entry });
       }
-      entry.flags = bitmap.enabled ? BITMAP_AUTO : 0;
+      entry.flags = (bitmap.enabled ? BITMAP_AUTO : 0) | (mode.inUse ? BITMAP_IN_USE : 0);
       entry.granularityBits = Math.log2(bitmap.granularity);
       toStore.push({ entry, bitmap });
     }
-    if (toStore.length === 0) return;
-    // Written in directory order, as QEMU allocates them.
+    const newestFirst = this.node.bitmaps.list().map((bitmap) => bitmap.name);
+    const place = (entry: BitmapDirectoryEntry) => {
+      const opened = this.openedOrder.indexOf(entry.name);
+      return opened >= 0 ? opened : this.openedOrder.length + newestFirst.indexOf(entry.name);
+    };
+    list.sort((a, b) => place(a) - place(b));
+    const keepsIntent = mode.intent !== 'drop' && list.length > 0;
+    if (toStore.length === 0 && !keepsIntent && replaced.length === 0) return;
+    // Written in directory order, as QEMU allocates them; the record last.
     toStore.sort((a, b) => list.indexOf(a.entry) - list.indexOf(b.entry));
+    let intent: { record: WriteIntent; stored: DirtyBitmap; entry: BitmapDirectoryEntry } | undefined;
+    if (keepsIntent) {
+      const record = mode.intent === 'carry' && this.intent ? this.intent : WriteIntent.fresh(this.image);
+      const stored = new DirtyBitmap(record.bits.length, record.bits.granularity);
+      stored.merge(record.bits);
+      const entry = { name: WRITE_INTENT_NAME, tableOffset: 0, tableSize: 0, flags: BITMAP_IN_USE, granularityBits: Math.log2(stored.granularity) };
+      list.push(entry);
+      intent = { record, stored, entry };
+    }
     if (this.node.readOnly) throw genericError('No write access');
     const written: BitmapDirectoryEntry[] = [];
     try {
@@ -202,21 +241,40 @@ export class PersistentBitmaps {
         await this.storeBitmap(job.entry, job.bitmap);
         written.push(job.entry);
       }
-      await this.switchDirectory(list);
+      if (intent) {
+        await this.storeBitmap(intent.entry, intent.stored, { everyCluster: true });
+        written.push(intent.entry);
+      }
+      await this.switchDirectory(list, intent !== undefined);
     } catch (error) {
       for (const entry of written) await this.freeBitmapClusters(entry);
       await this.image.refcounts.writeBack();
       throw error;
     }
+    if (intent) intent.record.placed(this.pendingTables.get(intent.entry)!, intent.stored);
+    this.intent = intent?.record;
     this.pendingTables.clear();
+    for (const { entry } of toStore) this.loaded.add(entry.name);
     // The new directory is durable: the old tables and data are garbage now.
     for (const entry of replaced) await this.freeBitmapClusters(entry);
     await this.image.refcounts.writeBack();
     await this.image.barrier.flush();
   }
 
+  /** While a writer keeps the image: the bitmaps as they are now go into it, in use (a new one exists in the image once added). */
+  async storeInUse(): Promise<void> {
+    if (this.node.readOnly) return;
+    await this.image.metadata.run(() => this.store({ inUse: true, intent: 'carry' }));
+  }
+
+  /** The image was resized (the node's bitmaps already follow): the record follows, and everything is stored at the new size. */
+  async resized(): Promise<void> {
+    this.intent?.resize(this.image.size);
+    if (this.entries.length > 0) await this.storeInUse();
+  }
+
   /** store_bitmap: data clusters for the parts with a dirty bit, then the table; fills in the entry. */
-  private async storeBitmap(entry: BitmapDirectoryEntry, bitmap: DirtyBitmap): Promise<void> {
+  private async storeBitmap(entry: BitmapDirectoryEntry, bitmap: DirtyBitmap, options: { everyCluster?: boolean } = {}): Promise<void> {
     const granulesPerCluster = this.clusterSize * 8;
     const tableSize = bitmapTableEntries(this.image.size, bitmap.granularity, this.clusterSize);
     const parts: { index: number; bytes: Buffer }[] = [];
@@ -224,7 +282,8 @@ export class PersistentBitmaps {
     for (let index = 0; index < tableSize; index++) {
       const first = index * granulesPerCluster;
       const bytes = bitmap.granuleBytes(first, Math.min(granulesPerCluster, bitmap.granules - first));
-      if (!bytes.equals(clean.subarray(0, bytes.length))) parts.push({ index, bytes });
+      // The write-intent record keeps a cluster for every entry: marking a region rewrites it in place.
+      if (options.everyCluster || !bytes.equals(clean.subarray(0, bytes.length))) parts.push({ index, bytes });
     }
     const dataOffsets = new Array<number>(tableSize).fill(0);
     const hosts = parts.length ? await this.image.refcounts.allocate(parts.length) : [];
@@ -266,7 +325,7 @@ export class PersistentBitmaps {
    * update_ext_header_and_dir: writes `list` as a new directory (or none when empty), makes it
    * and every refcount durable, switches the header to it, then frees the old directory.
    */
-  private async switchDirectory(list: BitmapDirectoryEntry[]): Promise<void> {
+  private async switchDirectory(list: BitmapDirectoryEntry[], writeIntent = false): Promise<void> {
     const { header, overlaps } = this.image;
     if (list.length > MAX_BITMAPS) throw genericError('Too many persistent bitmaps');
     const old = header.bitmaps;
@@ -291,6 +350,8 @@ export class PersistentBitmaps {
     } else {
       header.autoclearFeatures &= ~AutoclearFeature.BITMAPS;
     }
+    if (writeIntent) header.autoclearFeatures |= AutoclearFeature.BLOCKD_WRITE_INTENT;
+    else header.autoclearFeatures &= ~AutoclearFeature.BLOCKD_WRITE_INTENT;
     header.bitmaps = created ? { nbBitmaps: list.length, directorySize: created.size, directoryOffset: created.offset } : undefined;
     try {
       await this.image.writeHeader();
@@ -313,12 +374,18 @@ export class PersistentBitmaps {
     await this.image.metadata.run(async () => {
       const entry = this.entries.find((candidate) => candidate.name === name);
       if (!entry) return;
+      // The write-intent record goes with the last bitmap.
+      const remaining = this.entries.filter((candidate) => candidate !== entry);
+      const record = remaining.find((candidate) => candidate.name === WRITE_INTENT_NAME);
+      const gone = record && remaining.length === 1 ? [entry, record] : [entry];
       try {
-        await this.switchDirectory(this.entries.filter((candidate) => candidate !== entry));
+        await this.switchDirectory(remaining.filter((candidate) => !gone.includes(candidate)), gone.length === 1 && this.intent !== undefined);
       } catch (error) {
         throw genericError(`Failed to update bitmap extension: ${error instanceof Error ? error.message : String(error)}`);
       }
-      await this.freeBitmapClusters(entry);
+      if (gone.length === 2) this.intent = undefined;
+      this.loaded.delete(name);
+      for (const freed of gone) await this.freeBitmapClusters(freed);
       await this.image.refcounts.writeBack();
       await this.image.barrier.flush();
     });

@@ -47,15 +47,18 @@ class Qcow2State implements DriverState {
     }
   }
 
-  write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+  async write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+    if (!flags.contentUnchanged) await this.bitmaps.intendWrite(offset, buffer.length);
     return writeData(this.image, offset, buffer, flags);
   }
 
-  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    if (!flags.contentUnchanged) await this.bitmaps.intendWrite(offset, length);
     return writeZeroes(this.image, offset, length, flags);
   }
 
-  discard(offset: number, length: number): Promise<void> {
+  async discard(offset: number, length: number): Promise<void> {
+    await this.bitmaps.intendWrite(offset, length);
     return discard(this.image, offset, length);
   }
 
@@ -81,7 +84,9 @@ class Qcow2State implements DriverState {
 
   async truncate(size: number): Promise<void> {
     this.bitmaps.checkResizable();
-    return resize(this.image, size);
+    await resize(this.image, size);
+    this.image.node.bitmaps.resize(size);
+    await this.bitmaps.resized();
   }
 
   /** Becoming writable: the checks a read-write open makes (the file below is writable already). */
@@ -116,6 +121,10 @@ class Qcow2State implements DriverState {
 
   removePersistentDirtyBitmap(name: string): Promise<void> {
     return this.bitmaps.remove(name);
+  }
+
+  storePersistentDirtyBitmaps(): Promise<void> {
+    return this.bitmaps.storeInUse();
   }
 
   setBacking(backing: ChildEdge | undefined): void {
