@@ -1,10 +1,18 @@
 /*
- * What the NBD benches share: running a client tool (throwing with its stderr on failure),
- * timing it, and a file of random bytes to write into exports.
+ * What the NBD benches share: their sizes (`--quick` for a short run), running a client tool
+ * (throwing with its stderr on failure), timing it, and a file of random bytes to write into
+ * exports.
  */
 import { spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, openSync, writeSync } from 'node:fs';
+
+export const QUICK = process.argv.includes('--quick');
+export const SIZE = QUICK ? 256 << 20 : 1 << 30;
+export const ROUNDS = QUICK ? 2 : 3;
+/** qemu-img bench has no random mode: both daemons get the same scattered stride (4 KiB x 7919). */
+export const STRIDE = 4096 * 7919;
+export const RANDOM_COUNT = QUICK ? 20_000 : 60_000;
 
 export function run(command: string, args: string[]): string {
   const result = spawnSync(command, args, { encoding: 'utf8', maxBuffer: 1 << 26 });

@@ -14,13 +14,8 @@ import { QmpClient } from '../src/qmp/client.js';
 import { runBlockd } from '../test/helpers/blockd-process.js';
 import { makeTempDir } from '../test/helpers/paths.js';
 import { startQsd } from '../test/helpers/qsd-process.js';
-import { makeRandomFile, run, timed } from './bench-tools.js';
+import { makeRandomFile, RANDOM_COUNT, ROUNDS, run, SIZE, STRIDE, timed } from './bench-tools.js';
 
-const QUICK = process.argv.includes('--quick');
-const SIZE = QUICK ? 256 << 20 : 1 << 30;
-const ROUNDS = QUICK ? 2 : 3;
-const STRIDE = 4096 * 7919;
-const RANDOM_COUNT = QUICK ? 20_000 : 60_000;
 
 interface Workload {
   name: string;
