@@ -173,6 +173,7 @@ export class PersistentBitmaps {
   /** qcow2_truncate_bitmaps_check: every bitmap of the image must be loaded and usable to follow a resize. */
   checkResizable(): void {
     for (const entry of this.entries) {
+      if (entry.name === WRITE_INTENT_NAME) continue; // follows the resize itself
       const bitmap = this.node.bitmaps.find(entry.name);
       if (!bitmap) throw genericError('Cannot resize qcow2 with persistent bitmaps that were not loaded into memory');
       if (bitmap.busy) throw genericError(`Bitmap '${entry.name}' is currently in use by another operation and cannot be used`);
