@@ -4,9 +4,9 @@
  * x-debug-block-dirty-bitmap-sha256 of each), the directory qemu-img info lists, and the
  * same sha256 computed from a blockd DirtyBitmap.
  */
-import { createHash } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { bitmapSha256 } from '../../src/blockdev/bitmaps/bitmap-commands.js';
 import type { DirtyBitmap } from '../../src/blockdev/bitmaps/dirty-bitmap.js';
 import { QmpClient, QmpCommandError } from '../../src/qmp/client.js';
 import { runQemuImg } from './qemu-tools.js';
@@ -21,13 +21,6 @@ export interface LoadedBitmap {
   inconsistent: boolean;
   /** QEMU's x-debug-block-dirty-bitmap-sha256 (absent for an inconsistent bitmap). */
   sha256?: string;
-}
-
-/** QEMU's x-debug-block-dirty-bitmap-sha256: sha256 over the bits as little-endian 64-bit words. */
-export function bitmapSha256(bitmap: DirtyBitmap): string {
-  const bytes = Buffer.alloc(Math.ceil(bitmap.granules / 64) * 8);
-  bitmap.granuleBytes(0, bitmap.granules).copy(bytes);
-  return createHash('sha256').update(bytes).digest('hex');
 }
 
 /** What a blockd node holds, in the shape QSD reports. */
