@@ -13,19 +13,18 @@ qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 && qemu-io -c 'writ
 qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && qemu-io -c 'write -P 3 12M 1M' top.qcow2 >/dev/null
 qemu-img convert -O raw top.qcow2 before.raw
 
+. "$here/lib/qmp.sh"
+sock="$work/qmp.sock"
 "$here/../bin/blockd" --blockdev driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2 \
-  --qmp "unix:$work/qmp.sock" --pidfile "$work/blockd.pid" 2>"$work/blockd.log" &
-for _ in $(seq 100); do [ -e "$work/blockd.pid" ] && break; sleep 0.05; done
+  --qmp "unix:$sock" --pidfile "$work/blockd.pid" 2>"$work/blockd.log" &
+wait_for_pidfile "$work/blockd.pid"
 
-# The base node's generated name, then the job; wait for its events, then quit.
-{
-  echo '{"execute": "qmp_capabilities"}'
-  echo "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": \"pull\", \"device\": \"top\", \"base\": \"$work/base.qcow2\"}}"
-  sleep 1
-  echo '{"execute": "quit"}'
-} | socat - "UNIX-CONNECT:$work/qmp.sock" | tr -d '\r' > replies
+# The job (base named by its file); it ends on its own (auto-dismiss), then quit.
+qmp_ok "$sock" "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": \"pull\", \"device\": \"top\", \"base\": \"$work/base.qcow2\"}}"
+wait_job "$sock" pull gone
+echo "stream done"
+qmp "$sock" '{"execute": "quit"}' >/dev/null
 wait
-grep -o '"status": "[a-z]*", "id": "pull"\|BLOCK_JOB_COMPLETED' replies
 qemu-img info top.qcow2 | grep '^backing file:'
 qemu-img compare -q before.raw top.qcow2 && echo "top reads as before"
 qemu-img check -q top.qcow2 && echo "qemu-img check: clean"

@@ -14,23 +14,25 @@ qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 && qemu-io -c 'writ
 qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && qemu-io -c 'write -P 3 12M 1M' top.qcow2 >/dev/null
 qemu-img convert -O raw top.qcow2 before.raw
 
+. "$here/lib/qmp.sh"
+sock="$work/qmp.sock"
 "$here/../bin/blockd" --blockdev driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2 \
-  --qmp "unix:$work/qmp.sock" --pidfile "$work/blockd.pid" 2>"$work/blockd.log" &
-for _ in $(seq 100); do [ -e "$work/blockd.pid" ] && break; sleep 0.05; done
+  --qmp "unix:$sock" --pidfile "$work/blockd.pid" 2>"$work/blockd.log" &
+wait_for_pidfile "$work/blockd.pid"
 
-# Intermediate commit (top: mid, named by its file), then active commit of what is left; quit.
-{
-  echo '{"execute": "qmp_capabilities"}'
-  echo "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": \"fold-mid\", \"device\": \"top\", \"top\": \"$work/mid.qcow2\"}}"
-  sleep 1
-  echo '{"execute": "block-commit", "arguments": {"job-id": "fold-top", "device": "top"}}'
-  sleep 1
-  echo '{"execute": "job-complete", "arguments": {"id": "fold-top"}}'
-  sleep 1
-  echo '{"execute": "quit"}'
-} | socat - "UNIX-CONNECT:$work/qmp.sock" | tr -d '\r' > replies
+# Intermediate commit (top: mid, named by its file); it ends on its own.
+qmp_ok "$sock" "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": \"fold-mid\", \"device\": \"top\", \"top\": \"$work/mid.qcow2\"}}"
+wait_job "$sock" fold-mid gone
+echo "intermediate commit done"
+# Active commit of what is left: READY once base has caught up, then job-complete switches over.
+qmp_ok "$sock" '{"execute": "block-commit", "arguments": {"job-id": "fold-top", "device": "top"}}'
+wait_job "$sock" fold-top ready
+echo "active commit ready"
+qmp_ok "$sock" '{"execute": "job-complete", "arguments": {"id": "fold-top"}}'
+wait_job "$sock" fold-top gone
+echo "active commit done"
+qmp "$sock" '{"execute": "quit"}' >/dev/null
 wait
-grep -o '"status": "[a-z]*", "id": "fold-[a-z]*"\|BLOCK_JOB_READY\|BLOCK_JOB_COMPLETED' replies
 qemu-img info top.qcow2 | grep '^backing file:'
 qemu-img compare -q before.raw base.qcow2 && echo "base reads as top did"
 qemu-img check -q base.qcow2 && echo "qemu-img check: clean"
