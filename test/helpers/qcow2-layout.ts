@@ -31,3 +31,76 @@ export function qcow2Layout(path: string): Qcow2Layout {
     snapshotL1: snapshots ? Number(readU64(path, snapshots)) : 0,
   };
 }
+
+const BITMAPS_EXTENSION_MAGIC = 0x23852875;
+const BITMAP_TABLE_OFFSET_MASK = 0x00fffffffffffe00n;
+
+/** One entry of the bitmap directory: where it and its fields sit in the file. */
+export interface BitmapEntryLayout {
+  /** File offset of the entry. */
+  at: number;
+  /** Bytes the entry takes, padding included. */
+  size: number;
+  name: string;
+  nameSize: number;
+  tableOffset: number;
+  tableSize: number;
+  flags: number;
+  granularityBits: number;
+  /** Offsets of the data clusters its table names (entries 0 and 1 name none). */
+  dataClusters: number[];
+}
+
+export interface Qcow2BitmapLayout {
+  clusterSize: number;
+  /** File offset of the bitmaps extension's data (its length field is 4 bytes before). */
+  extension: number;
+  nbBitmaps: number;
+  directorySize: number;
+  directoryOffset: number;
+  entries: BitmapEntryLayout[];
+}
+
+/**
+ * The bitmaps extension, directory and tables of a valid v3 image (in `image`, the whole
+ * file), as the qcow2 spec lays them out: for tests that damage bitmap metadata by hand.
+ */
+export function qcow2BitmapLayout(image: Buffer): Qcow2BitmapLayout {
+  const clusterSize = 2 ** image.readUInt32BE(20);
+  let at = image.readUInt32BE(100);
+  for (;;) {
+    const magic = image.readUInt32BE(at);
+    const length = image.readUInt32BE(at + 4);
+    if (magic === 0) throw new Error('no bitmaps extension');
+    if (magic === BITMAPS_EXTENSION_MAGIC) break;
+    at += 8 + Math.ceil(length / 8) * 8;
+  }
+  const extension = at + 8;
+  const layout: Qcow2BitmapLayout = {
+    clusterSize,
+    extension,
+    nbBitmaps: image.readUInt32BE(extension),
+    directorySize: Number(image.readBigUInt64BE(extension + 8)),
+    directoryOffset: Number(image.readBigUInt64BE(extension + 16)),
+    entries: [],
+  };
+  for (let entry = layout.directoryOffset; entry < layout.directoryOffset + layout.directorySize;) {
+    const nameSize = image.readUInt16BE(entry + 18);
+    const size = Math.ceil((24 + nameSize + image.readUInt32BE(entry + 20)) / 8) * 8;
+    const tableOffset = Number(image.readBigUInt64BE(entry));
+    const tableSize = image.readUInt32BE(entry + 8);
+    const dataClusters: number[] = [];
+    for (let i = 0; i < tableSize; i++) {
+      const offset = Number(image.readBigUInt64BE(tableOffset + 8 * i) & BITMAP_TABLE_OFFSET_MASK);
+      if (offset) dataClusters.push(offset);
+    }
+    layout.entries.push({
+      at: entry, size, nameSize, tableOffset, tableSize, dataClusters,
+      name: image.subarray(entry + 24, entry + 24 + nameSize).toString('latin1'),
+      flags: image.readUInt32BE(entry + 12),
+      granularityBits: image[entry + 17]!,
+    });
+    entry += size;
+  }
+  return layout;
+}

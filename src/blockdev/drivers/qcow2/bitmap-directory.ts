@@ -65,15 +65,18 @@ export function parseBitmapDirectory(dir: Buffer, nbBitmaps: number, clusterSize
     if (entries.length >= nbBitmaps) throw new Qcow2FormatError('More bitmaps found than specified in header extension');
     const nameSize = dir.readUInt16BE(at + 18);
     const extraSize = dir.readUInt32BE(at + 20);
-    const next = at + Math.ceil((ENTRY_HEAD + nameSize + extraSize) / 8) * 8;
+    // QEMU sizes an entry in a C int: a huge extra_data_size wraps, and its refusal of extra data comes first then.
+    const next = at + (((ENTRY_HEAD + nameSize + extraSize) | 0) + 7 & ~7);
     if (next > dir.length) throw new Qcow2FormatError('Broken bitmap directory');
     if (extraSize !== 0) throw new Qcow2FormatError('Bitmap extra data is not supported');
+    const nameField = dir.subarray(at + ENTRY_HEAD, at + ENTRY_HEAD + nameSize);
     const entry: BitmapDirectoryEntry = {
       tableOffset: Number(dir.readBigUInt64BE(at)),
       tableSize: dir.readUInt32BE(at + 8),
       flags: dir.readUInt32BE(at + 12),
       granularityBits: dir[at + 17]!,
-      name: dir.subarray(at + ENTRY_HEAD, at + ENTRY_HEAD + nameSize).toString('utf8'),
+      // QEMU copies the name as a C string: a NUL byte ends it.
+      name: nameField.subarray(0, nameField.includes(0) ? nameField.indexOf(0) : nameSize).toString('utf8'),
     };
     if (!entrySatisfiesConstraints(entry, nameSize, dir[at + 16]!, clusterSize, virtualSize)) {
       throw new Qcow2FormatError(`Bitmap '${entry.name}' doesn't satisfy the constraints`);

@@ -63,6 +63,8 @@ export class PersistentBitmaps {
 
   private async read(offset: number, length: number): Promise<Buffer> {
     const bytes = Buffer.alloc(length);
+    // A damaged offset past 2^53 is past the end of any file: zeros, as QEMU reads there.
+    if (!Number.isSafeInteger(offset + length)) return bytes;
     await this.image.file.read(offset, bytes);
     return bytes;
   }
@@ -128,11 +130,10 @@ export class PersistentBitmaps {
     const failed = (code: string) => new Qcow2FormatError(`Could not read bitmap '${entry.name}' from image: ${describeErrno(code)}`);
     const granulesPerCluster = this.clusterSize * 8;
     const bytesPerCluster = granulesPerCluster * bitmap.granularity;
-    const cluster = Buffer.alloc(this.clusterSize);
     for (const [k, tableEntry] of table.entries()) {
       if (tableEntry.kind === 'ones') bitmap.set(k * bytesPerCluster, Math.min(bytesPerCluster, this.image.size - k * bytesPerCluster));
       if (tableEntry.kind !== 'data') continue;
-      await this.image.file.read(tableEntry.offset, cluster).catch((error: unknown) => {
+      const cluster = await this.read(tableEntry.offset, this.clusterSize).catch((error: unknown) => {
         throw failed(errnoOf(error));
       });
       bitmap.orGranuleBytes(k * granulesPerCluster, cluster);
@@ -318,8 +319,21 @@ export class PersistentBitmaps {
       if (!table?.length) return;
       dataOffsets = table.flatMap((tableEntry) => (tableEntry.kind === 'data' ? [tableEntry.offset] : []));
     }
-    for (const offset of dataOffsets) if (offset) await this.image.refcounts.release(offset, this.clusterSize);
-    await this.image.refcounts.release(entry.tableOffset, entry.tableSize * 8);
+    for (const offset of dataOffsets) if (offset) await this.releaseCounted(offset, this.clusterSize);
+    await this.releaseCounted(entry.tableOffset, entry.tableSize * 8);
+  }
+
+  /**
+   * Drops a reference to each cluster of the range that still has one. A damaged table may name
+   * a cluster twice, or one already free: QEMU's decrement fails there and leaves it as it is,
+   * without calling the image corrupt, and so does this.
+   */
+  private async releaseCounted(offset: number, length: number): Promise<void> {
+    const { refcounts } = this.image;
+    const first = Math.floor(offset / this.clusterSize);
+    for (let cluster = first; cluster * this.clusterSize < offset + length; cluster++) {
+      if (await refcounts.get(cluster) > 0) await refcounts.release(cluster * this.clusterSize, this.clusterSize);
+    }
   }
 
   /**
