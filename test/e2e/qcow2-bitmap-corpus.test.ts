@@ -300,6 +300,33 @@ async function openAndQuery(client: QmpClient, path: string, node: string, readO
   return { bitmaps, sha256, del: deleted.error ? `${deleted.error.class}: ${deleted.error.desc}` : 'ok' };
 }
 
+/**
+ * The two ways blockd knowingly differs from QEMU 7.2 on damaged bitmaps, both confined to
+ * x-debug-block-dirty-bitmap-sha256 (everything else must be equal):
+ * - a name that is not UTF-8 (a damaged byte): QEMU lists it with U+FFFD in place of the byte
+ *   and then cannot find it by that name; blockd finds it.
+ * - bits set past the end of the disk in the last 64-bit word of the bitmap data (garbage, or
+ *   a granularity made larger): QEMU keeps them unseen by every count and query but hashes
+ *   them; blockd drops them, so its hash is that of the bits that cover the disk.
+ */
+function knownDifference(blockd: Answer, qsd: Answer, diskSize: number): string | undefined {
+  if (!isDeepStrictEqual({ ...blockd, sha256: undefined }, { ...qsd, sha256: undefined })) return undefined;
+  const reasons = new Set<string>();
+  for (const bitmap of (qsd.bitmaps ?? []) as { name: string; granularity: number }[]) {
+    const [ours, theirs] = [blockd.sha256?.[bitmap.name], qsd.sha256?.[bitmap.name]];
+    if (ours === theirs) continue;
+    if (bitmap.name.includes('\ufffd') && theirs === `error: Dirty bitmap '${bitmap.name}' not found`) reasons.add('name not UTF-8');
+    else if (Math.ceil(diskSize / bitmap.granularity) % 64 !== 0 && !theirs!.startsWith('error')) reasons.add('bits past the end of the disk');
+    else return undefined;
+  }
+  return [...reasons].join(' + ') || undefined;
+}
+
+/** The virtual size field of a qcow2 image's header. */
+function virtualSize(path: string): bigint {
+  return readFileSync(path).readBigUInt64BE(24);
+}
+
 /** qemu-img check's verdict: 0 clean, 2 corruptions, 3 leaks only, 1 the check could not run. */
 function checkVerdict(path: string): string {
   const report = qemuImgCheck(path);
@@ -308,14 +335,19 @@ function checkVerdict(path: string): string {
 
 test(`${IMAGES} images with damaged bitmap metadata: blockd accepts, refuses and loads as qemu-storage-daemon does`, async (t) => {
   const bases = makeBases();
+  const sizes = new Map(bases.map((base) => [base, Number(virtualSize(base))]));
   const only = process.env.BLOCKD_BITMAP_CORPUS_SEED;
   const seeds = only ? [Number(only)] : Array.from({ length: IMAGES }, (_, i) => i + 1);
   const counts: Record<string, { images: number; refused: number; accepted: number; readWrite: number; readWriteRefused: number }> = {};
   const refusals = new Map<string, number>();
   // Every difference is collected, so that one run shows them all.
   const differences: string[] = [];
-  const compare = (label: string, blockd: unknown, qsd: unknown) => {
-    if (!isDeepStrictEqual(blockd, qsd)) differences.push(`${label}\n  blockd: ${inspect(blockd, { depth: 5, breakLength: Infinity })}\n  qsd:    ${inspect(qsd, { depth: 5, breakLength: Infinity })}`);
+  const known: Record<string, number> = {};
+  const compare = (label: string, blockd: unknown, qsd: unknown, diskSize = 0) => {
+    if (isDeepStrictEqual(blockd, qsd)) return;
+    const why = knownDifference(blockd as Answer, qsd as Answer, diskSize);
+    if (why) known[why] = (known[why] ?? 0) + 1;
+    else differences.push(`${label}\n  blockd: ${inspect(blockd, { depth: 5, breakLength: Infinity })}\n  qsd:    ${inspect(qsd, { depth: 5, breakLength: Infinity })}`);
   };
   for (const seed of seeds) {
     const random = new SeededRandom(seed);
@@ -331,7 +363,7 @@ test(`${IMAGES} images with damaged bitmap metadata: blockd accepts, refuses and
 
     const before = sha256File(path);
     const [qsd, blockd] = await Promise.all([openAndQuery(peers.qsd!, path, `ro${seed}`, true), openAndQuery(peers.blockd!, path, `ro${seed}`, true)]);
-    compare(`read-only: ${context}`, blockd, qsd);
+    compare(`read-only: ${context}`, blockd, qsd, sizes.get(base));
     compare(`the file after read-only opens: ${context}`, sha256File(path), before);
     if (qsd.error) {
       tally.refused++;
@@ -351,7 +383,7 @@ test(`${IMAGES} images with damaged bitmap metadata: blockd accepts, refuses and
         answers[peer] = { ...answer, check: checkVerdict(writable) };
         renameSync(writable, `${writable}.${peer}`);
       }
-      compare(`read-write: ${context}`, answers.blockd, answers.qsd);
+      compare(`read-write: ${context}`, answers.blockd, answers.qsd, sizes.get(base));
       tally.readWrite++;
       if (answers.qsd!.error) tally.readWriteRefused++;
       rmSync(`${writable}.qsd`);
@@ -362,6 +394,7 @@ test(`${IMAGES} images with damaged bitmap metadata: blockd accepts, refuses and
   assert.ok((await peers.blockd!.executeRaw('query-version', {})) !== undefined, 'blockd still answers');
   const total = Object.values(counts).reduce((sum, tally) => sum + tally.images, 0);
   t.diagnostic(`${total} images; per category of the first mutation: ${JSON.stringify(counts)}`);
+  t.diagnostic(`known differences (see knownDifference): ${JSON.stringify(known)}`);
   t.diagnostic(`refusals (texts with names and numbers elided): ${JSON.stringify(Object.fromEntries([...refusals].sort((a, b) => b[1] - a[1])))}`);
   assert.equal(differences.length, 0, `${differences.length} differences from qemu-storage-daemon:\n${differences.join('\n')}`);
   if (!only) {
