@@ -36,7 +36,13 @@ function succeed(command: string, ...args: string[]): string {
 }
 
 function createImage(name: string, options: string[] = [], size: string | undefined = '64M'): string {
-  succeed('qemu-img', 'create', '-f', 'qcow2', ...options, join(dir, name), ...(size ? [size] : []));
+  const args = ['create', '-f', 'qcow2', ...options, join(dir, name), ...(size ? [size] : [])];
+  // LUKS times its key derivation by CPU usage, which a loaded machine can starve: qemu-img then fails and is run again.
+  let result = run('qemu-img', args);
+  for (let attempt = 1; attempt < 5 && result.status !== 0 && result.stderr.includes('Unable to get accurate CPU usage'); attempt++) {
+    result = run('qemu-img', args);
+  }
+  assert.equal(result.status, 0, `qemu-img ${args.join(' ')}: ${result.stderr}`);
   return join(dir, name);
 }
 
