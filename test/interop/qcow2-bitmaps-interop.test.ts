@@ -8,7 +8,7 @@
  * at once; and damaged directories and tables are refused as QEMU refuses them.
  */
 import assert from 'node:assert/strict';
-import { copyFileSync, mkdirSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { DirtyBitmap } from '../../src/blockdev/bitmaps/dirty-bitmap.js';
@@ -20,6 +20,7 @@ import { blockdBitmaps, qemuImgBitmaps, qsdBitmaps, type LoadedBitmap } from '..
 import {
   KiB, MiB, SeededRandom, assertCheckClean, createQcow2, qemuImgCheck, qemuIo, readAt, readU64, runQemuImg, sha256File, writeAt, writeU64,
 } from '../helpers/qemu-tools.js';
+import { qcow2BitmapLayout } from '../helpers/qcow2-layout.js';
 import { startQsd } from '../helpers/qsd-process.js';
 
 const { dir, cleanup } = makeTempDir('blockd-qcow2-bitmaps-');
@@ -347,4 +348,18 @@ test('reopening read-write marks the bitmaps in use; reopening read-only stores 
     await session.close();
   }
   assertCheckClean(image, 'after reopening read-write and back');
+});
+
+test('a bitmap name that is not UTF-8 keeps its bytes through a read-write session', async () => {
+  const image = createQcow2(join(dir, 'raw-name.qcow2'), 16 * MiB);
+  runQemuImg('bitmap', '--add', image, 'xname');
+  const bytes = readFileSync(image);
+  const [entry] = qcow2BitmapLayout(bytes).entries;
+  writeAt(image, entry!.at + 24, Buffer.from([0xff])); // 'x' becomes a byte no UTF-8 text holds
+  const session = await openImage(image, { writable: true });
+  await session.close();
+  const [stored] = qcow2BitmapLayout(readFileSync(image)).entries;
+  const nameBytes = readFileSync(image).subarray(stored!.at + 24, stored!.at + 24 + stored!.nameSize);
+  assert.deepEqual([...nameBytes], [0xff, ...Buffer.from('name')]);
+  assertCheckClean(image);
 });

@@ -26,6 +26,8 @@ const TABLE_ENTRY_ALL_ONES = 1n;
 
 export interface BitmapDirectoryEntry {
   name: string;
+  /** The name's bytes as the image holds them (written back unchanged, even when they are not UTF-8). */
+  nameBytes?: Buffer;
   tableOffset: number;
   /** Entries (u64) in the bitmap table. */
   tableSize: number;
@@ -37,8 +39,12 @@ export interface BitmapDirectoryEntry {
 export type BitmapTableEntry = { kind: 'zeros' } | { kind: 'ones' } | { kind: 'data'; offset: number };
 
 /** Bytes one directory entry takes, padded to 8 (calc_dir_entry_size). */
-export function directoryEntrySize(name: string): number {
-  return Math.ceil((ENTRY_HEAD + Buffer.byteLength(name, 'utf8')) / 8) * 8;
+export function directoryEntrySize(name: string | Buffer): number {
+  return Math.ceil((ENTRY_HEAD + (typeof name === 'string' ? Buffer.byteLength(name, 'utf8') : name.length)) / 8) * 8;
+}
+
+function nameBytesOf(entry: BitmapDirectoryEntry): Buffer {
+  return entry.nameBytes ?? Buffer.from(entry.name, 'utf8');
 }
 
 /** QEMU's check_dir_entry: whether an entry is usable for an image of `virtualSize` bytes. */
@@ -70,13 +76,15 @@ export function parseBitmapDirectory(dir: Buffer, nbBitmaps: number, clusterSize
     if (next > dir.length) throw new Qcow2FormatError('Broken bitmap directory');
     if (extraSize !== 0) throw new Qcow2FormatError('Bitmap extra data is not supported');
     const nameField = dir.subarray(at + ENTRY_HEAD, at + ENTRY_HEAD + nameSize);
+    // QEMU copies the name as a C string: a NUL byte ends it.
+    const nameBytes = Buffer.from(nameField.subarray(0, nameField.includes(0) ? nameField.indexOf(0) : nameSize));
     const entry: BitmapDirectoryEntry = {
       tableOffset: Number(dir.readBigUInt64BE(at)),
       tableSize: dir.readUInt32BE(at + 8),
       flags: dir.readUInt32BE(at + 12),
       granularityBits: dir[at + 17]!,
-      // QEMU copies the name as a C string: a NUL byte ends it.
-      name: nameField.subarray(0, nameField.includes(0) ? nameField.indexOf(0) : nameSize).toString('utf8'),
+      name: nameBytes.toString('utf8'),
+      nameBytes,
     };
     if (!entrySatisfiesConstraints(entry, nameSize, dir[at + 16]!, clusterSize, virtualSize)) {
       throw new Qcow2FormatError(`Bitmap '${entry.name}' doesn't satisfy the constraints`);
@@ -90,10 +98,10 @@ export function parseBitmapDirectory(dir: Buffer, nbBitmaps: number, clusterSize
 
 /** bitmap_list_store's layout; throws (EINVAL in QEMU) when an entry breaks the constraints. */
 export function serializeBitmapDirectory(entries: readonly BitmapDirectoryEntry[], clusterSize: number, virtualSize: number): Buffer {
-  const dir = Buffer.alloc(entries.reduce((size, entry) => size + directoryEntrySize(entry.name), 0));
+  const dir = Buffer.alloc(entries.reduce((size, entry) => size + directoryEntrySize(nameBytesOf(entry)), 0));
   let at = 0;
   for (const entry of entries) {
-    const name = Buffer.from(entry.name, 'utf8');
+    const name = nameBytesOf(entry);
     if (!entrySatisfiesConstraints(entry, name.length, DIRTY_TRACKING_TYPE, clusterSize, virtualSize)) {
       throw new Qcow2FormatError(`Bitmap '${entry.name}' doesn't satisfy the constraints`);
     }
@@ -104,7 +112,7 @@ export function serializeBitmapDirectory(entries: readonly BitmapDirectoryEntry[
     dir[at + 17] = entry.granularityBits;
     dir.writeUInt16BE(name.length, at + 18);
     name.copy(dir, at + ENTRY_HEAD);
-    at += directoryEntrySize(entry.name);
+    at += directoryEntrySize(name);
   }
   return dir;
 }

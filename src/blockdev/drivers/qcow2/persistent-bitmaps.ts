@@ -195,7 +195,7 @@ export class PersistentBitmaps {
     const list = this.entries.filter((entry) => entry.name !== WRITE_INTENT_NAME).map((entry) => ({ ...entry }));
     const toStore: { entry: BitmapDirectoryEntry; bitmap: DirtyBitmap }[] = [];
     const replaced: BitmapDirectoryEntry[] = this.entries.filter((entry) => entry.name === WRITE_INTENT_NAME);
-    let directorySize = list.reduce((size, entry) => size + directoryEntrySize(entry.name), 0);
+    let directorySize = list.reduce((size, entry) => size + directoryEntrySize(entry.nameBytes ?? entry.name), 0);
     // Newest first, as QEMU walks a node's bitmaps: new ones join the directory in that order.
     for (const bitmap of this.node.bitmaps.list()) {
       const name = bitmap.name;
