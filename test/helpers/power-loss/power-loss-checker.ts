@@ -3,9 +3,11 @@
  * original files at the end of the logs, just after every flush, and at
  * random moments between flushes with random subsets of the writes not yet
  * durable left out; on every replay, `qemu-img check` must find no corruption
- * (leaks are fine) and each image the scenario watches must read what its
- * guest model allows. The end of the logs must also rebuild the files exactly
- * as the run left them, which proves the logs miss no write.
+ * (leaks are fine), each image the scenario watches must read what its
+ * guest model allows, and each of the scenario's probes (checks of its own,
+ * such as the bitmaps a daemon loads) must find nothing wrong. The end of the
+ * logs must also rebuild the files exactly as the run left them, which proves
+ * the logs miss no write.
  */
 import { mkdir, open, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -29,6 +31,13 @@ export interface CheckedImage {
   from?: Witness;
 }
 
+/** A further check of each replayed state that includes `from`: problems found in the files in `dir`. */
+export interface StateProbe {
+  name: string;
+  from?: Witness;
+  check(dir: string, state: CrashState): Promise<string[]>;
+}
+
 export interface PowerLossScenario {
   name: string;
   /** Where the run left its files. */
@@ -38,6 +47,7 @@ export interface PowerLossScenario {
   files: ReplayFile[];
   checked: CheckedImage[];
   views: ImageView[];
+  probes?: StateProbe[];
 }
 
 export interface CheckerOptions {
@@ -61,13 +71,15 @@ export interface PowerLossReport {
   points: number;
   corrupt: number;
   lost: number;
+  /** States a probe found problems in. */
+  probed: number;
   /** The first few problems, each with the state that showed it. */
   failures: string[];
 }
 
 export function describeReport(report: PowerLossReport): string {
   return `${report.scenario} (seed ${report.seed}): logs replayed ${report.logs}, replay points checked ${report.points}, ` +
-    `corrupt ${report.corrupt}, lost data ${report.lost}`;
+    `corrupt ${report.corrupt}, lost data ${report.lost}${report.probed ? `, failed probes ${report.probed}` : ''}`;
 }
 
 /** The witness of a flush the guest saw acknowledged: the last flush its image's log holds now. */
@@ -95,10 +107,10 @@ class Replayer {
   private readonly checked = new Map<string, CrashState[]>();
 
   constructor(private readonly scenario: PowerLossScenario, private readonly logs: ParsedLog[], private readonly scratch: string, seed: number) {
-    this.report = { scenario: scenario.name, seed, logs: logs.length, points: 0, corrupt: 0, lost: 0, failures: [] };
+    this.report = { scenario: scenario.name, seed, logs: logs.length, points: 0, corrupt: 0, lost: 0, probed: 0, failures: [] };
   }
 
-  private fail(kind: 'corrupt' | 'lost', state: CrashState, problem: string): void {
+  private fail(kind: 'corrupt' | 'lost' | 'probed', state: CrashState, problem: string): void {
     this.report[kind]++;
     if (this.report.failures.length < 8) this.report.failures.push(`${kind} at ${state.label}: ${problem}`);
   }
@@ -134,6 +146,11 @@ class Replayer {
       const problems = view.model.check(await readFile(raw), state);
       await rm(raw);
       if (problems.length) this.fail('lost', state, `${view.image}: ${problems.join('; ')}`);
+    }
+    for (const probe of this.scenario.probes ?? []) {
+      if (probe.from !== undefined && !includes(state, probe.from)) continue;
+      const problems = await probe.check(this.scratch, state);
+      if (problems.length) this.fail('probed', state, `${probe.name}: ${problems.join('; ')}`);
     }
   }
 
