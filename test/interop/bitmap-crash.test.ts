@@ -156,16 +156,15 @@ async function crashRound(seed: number, round: number, signal: 'SIGKILL' | 'SIGT
     await qmp.execute('block-export-add', { type: 'nbd', id: 'guest', 'node-name': 'disk', writable: true });
     const killAfter = 1 + random.int(160);
     const late: PlannedBitmap | undefined = random.chance(0.5) ? { name: 'late', granularity: random.pick([4 * KiB, 64 * KiB]), disabled: false, requestedAt: 0 } : undefined;
-    const lateAfter = random.int(killAfter);
+    const lateAfter = 1 + random.int(killAfter);
     let writer: AckedWriter | undefined;
     let lateAdd: Promise<void> | undefined;
     const addLate = (bitmap: PlannedBitmap) => {
-      bitmap.requestedAt = writer?.now() ?? 0;
+      bitmap.requestedAt = writer!.now();
       lateAdd = addBitmap(qmp, bitmap).then(() => {
         bitmap.addedAt = writer!.now();
       }, () => {}); // the kill came first: nothing is required of it
     };
-    if (late && lateAfter === 0) addLate(late);
     writer = await AckedWriter.start({
       socket: join(dir, 'nbd.sock'), exportName: 'disk', regions: randomRegions(random), random,
       onAck: (acked) => {
