@@ -6,19 +6,15 @@
  * of a byte range those extents miss.
  */
 import { join } from 'node:path';
+import { after, before } from 'node:test';
 import { QmpClient } from '../../src/qmp/client.js';
 import { runBlockd, type BlockdProcess } from './blockd-process.js';
 import { NbdRawClient } from './nbd-raw-client.js';
+import { makeTempDir } from './paths.js';
+import type { LoadedBitmap } from './qemu-bitmaps.js';
 import { runTool } from './qemu-tools.js';
 
-export interface ReloadedBitmap {
-  name: string;
-  granularity: number;
-  count: number;
-  recording: boolean;
-  persistent: boolean;
-  inconsistent: boolean;
-}
+export type ReloadedBitmap = Omit<LoadedBitmap, 'sha256'>;
 
 export interface ByteRange {
   offset: number;
@@ -46,6 +42,20 @@ export class BitmapReader {
   private opened = 0;
 
   private constructor(private readonly dir: string, private readonly blockd: BlockdProcess, private readonly qmp: QmpClient) {}
+
+  /** One reader for a test file: started before its tests, stopped after them. */
+  static forTestFile(): () => BitmapReader {
+    let reader: BitmapReader | undefined;
+    const readerDir = makeTempDir('blockd-bitmap-reader-');
+    before(async () => {
+      reader = await BitmapReader.start(readerDir.dir);
+    });
+    after(async () => {
+      await reader?.stop();
+      readerDir.cleanup();
+    });
+    return () => reader!;
+  }
 
   /** Starts the reader with its sockets in `dir`. */
   static async start(dir: string): Promise<BitmapReader> {

@@ -13,7 +13,7 @@
  */
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { after, before, test, type TestContext } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { QmpClient } from '../../src/qmp/client.js';
 import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
 import { AckedWriter, type AckedWrite } from '../helpers/nbd-acked-writes.js';
@@ -26,15 +26,7 @@ const DISK_SIZE = 16 * MiB;
 const ROUNDS = 6;
 
 /** One daemon opens every image again after its crash (a blockdev-add each time). */
-let reader: BitmapReader;
-const readerDir = makeTempDir('blockd-bitmap-reader-');
-before(async () => {
-  reader = await BitmapReader.start(readerDir.dir);
-});
-after(async () => {
-  await reader.stop();
-  readerDir.cleanup();
-});
+const reader = BitmapReader.forTestFile();
 
 interface PlannedBitmap {
   name: string;
@@ -187,7 +179,7 @@ async function crashRound(seed: number, round: number, signal: 'SIGKILL' | 'SIGT
     assert.ok(check.corruptions === 0 && check.checkErrors === 0 && (check.status === 0 || check.status === 3), `${context}: qemu-img check: ${check.output}`);
     if (signal === 'SIGTERM') assert.equal(check.status, 0, `${context}: a clean close leaks nothing: ${check.output}`);
 
-    const reloaded = await reader.open(image);
+    const reloaded = await reader().open(image);
     try {
       const acked = writer.acked;
       const summary: RoundSummary = { acked: acked.length, unacknowledged: writer.sent.length - acked.length, durable: acked.filter((write) => write.durable).length, leaks: check.leaks, precision: [] };
@@ -277,7 +269,7 @@ test('persistent bitmaps are in the image as soon as block-dirty-bitmap-add retu
     await qmp.close().catch(() => {});
     const check = qemuImgCheck(image);
     assert.ok(check.corruptions === 0 && check.checkErrors === 0, check.output);
-    const reloaded = await reader.open(image);
+    const reloaded = await reader().open(image);
     try {
       assert.deepEqual(reloaded.bitmaps.map(({ name, granularity, persistent, recording }) => ({ name, granularity, persistent, recording })).sort((a, b) => a.name.localeCompare(b.name)), [
         { name: 'off', granularity: 4 * KiB, persistent: true, recording: false },

@@ -11,27 +11,20 @@
  * pass on any blockd: that proves the probe reads the bits it judges.
  */
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import { makeTempDir } from '../helpers/paths.js';
 import { recordBitmapWrites } from '../helpers/power-loss/bitmap-scenarios.js';
 import { checkPowerLoss, describeReport } from '../helpers/power-loss/power-loss-checker.js';
 import { BitmapReader } from '../helpers/reloaded-bitmaps.js';
 
-let reader: BitmapReader;
-const readerDir = makeTempDir('blockd-bitmap-reader-');
-before(async () => {
-  reader = await BitmapReader.start(readerDir.dir);
-});
-after(async () => {
-  await reader.stop();
-  readerDir.cleanup();
-});
+/** One daemon opens every image again after its crash (a blockdev-add each time). */
+const reader = BitmapReader.forTestFile();
 
 test('after a clean close, the bitmaps blockd stored cover every sector the guest changed (the probe reads real bits)', async (t) => {
   const seed = 1401;
   const temp = makeTempDir();
   try {
-    const { scenario, probed } = await recordBitmapWrites(temp.dir, seed, 3, reader, true);
+    const { scenario, probed } = await recordBitmapWrites(temp.dir, seed, 3, reader(), true);
     const report = await checkPowerLoss(scenario, { seed, flushPoints: false, epochs: [] });
     t.diagnostic(`${describeReport(report)}; most changed sectors ${probed.mostChangedSectors}`);
     assert.deepEqual(report.failures, [], describeReport(report));
@@ -46,7 +39,7 @@ test('persistent bitmaps survive a power loss at every flush and between flushes
   const seed = 1402;
   const temp = makeTempDir();
   try {
-    const { scenario, probed } = await recordBitmapWrites(temp.dir, seed, 4, reader);
+    const { scenario, probed } = await recordBitmapWrites(temp.dir, seed, 4, reader());
     const report = await checkPowerLoss(scenario, { seed, randomPerEpoch: 2, singleDrops: true });
     t.diagnostic(`${describeReport(report)}; bitmaps probed in ${probed.states} states, most changed sectors ${probed.mostChangedSectors}`);
     assert.deepEqual(report.failures, [], describeReport(report));
@@ -60,7 +53,7 @@ test('bitmaps the image already had (added by qemu-img) survive a power loss at 
   const seed = 1403;
   const temp = makeTempDir();
   try {
-    const { scenario, probed } = await recordBitmapWrites(temp.dir, seed, 4, reader, true);
+    const { scenario, probed } = await recordBitmapWrites(temp.dir, seed, 4, reader(), true);
     const report = await checkPowerLoss(scenario, { seed, randomPerEpoch: 2, singleDrops: true });
     t.diagnostic(`${describeReport(report)}; bitmaps probed in ${probed.states} states, most changed sectors ${probed.mostChangedSectors}`);
     assert.deepEqual(report.failures, [], describeReport(report));
