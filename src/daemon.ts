@@ -15,7 +15,6 @@ import { ExportRegistry } from './exports/export-registry.js';
 import { registerJobCommands } from './jobs/commands.js';
 import { registerCreateCommand } from './jobs/create-job.js';
 import { JobRegistry } from './jobs/job-registry.js';
-import { jobPauser } from './jobs/drain-pause.js';
 import type { BlockLayer } from './blockdev/block-layer.js';
 import { registerCommitCommand } from './jobs/commit-job.js';
 import { registerStreamCommand } from './jobs/stream-job.js';
@@ -52,7 +51,7 @@ export class Daemon {
     this.graph = new BlockGraph(log.child({ component: 'graph' }), this.bus);
     this.opener = new NodeOpener(this.graph, log.child({ component: 'graph' }), this.objects);
     this.jobs = new JobRegistry(this.bus, { lock: this.lock, log: log.child({ component: 'jobs' }) });
-    const blockLayer: BlockLayer = { graph: this.graph, opener: this.opener, blockers: this.blockers, pauseJobs: jobPauser(this.jobs) };
+    const blockLayer: BlockLayer = { graph: this.graph, opener: this.opener, blockers: this.blockers };
     registerBlockCommands(this.registry, blockLayer);
     registerObjectCommands(this.registry, this.objects);
     this.exports = new ExportRegistry(this.graph, this.bus, log.child({ component: 'exports' }));

@@ -21,31 +21,13 @@ export interface BlockLayer {
   opener: NodeOpener;
   /** QEMU's op blockers: which operations each node refuses, and why. */
   blockers: OpBlockers;
-  /**
-   * Pauses the jobs a drain reaches, as QEMU's drained sections do (each says so with
-   * JOB_STATUS_CHANGE): those a drain of `node` reaches, or every job when no node is given.
-   * Resolves once they are parked; returns the function that resumes them. Set by the daemon.
-   */
-  pauseJobs?(node?: BlockNode, reach?: DrainReach): Promise<() => Promise<void>>;
 }
 
-/** A drain of one node reaches up through its parents; a subtree drain (a reopen) also covers every node below. */
-export type DrainReach = 'node' | 'subtree';
-
-/** Runs `change` in a drained section of `node`: the jobs it reaches pause meanwhile. */
-export async function drainedFor<T>(layer: BlockLayer, node: BlockNode, reach: DrainReach, change: () => Promise<T>): Promise<T> {
-  const resume = await layer.pauseJobs?.(node, reach);
-  try {
-    return await change();
-  } finally {
-    await resume?.();
-  }
-}
-
-/** Runs `action` the way QEMU runs a one-action transaction: all jobs pause for a drain, then those around `node` stay paused while it runs. */
+/** Runs `action` the way QEMU runs a one-action transaction: everything drains at once, then the users around `node` stay drained while it runs. */
 export async function asTransaction<T>(layer: BlockLayer, node: BlockNode | undefined, action: () => Promise<T>): Promise<T> {
-  await (await layer.pauseJobs?.())?.();
-  return node ? drainedFor(layer, node, 'node', action) : action();
+  await layer.graph.drainedAll(async () => {});
+  // The action's steps (append, reopen) hold the node's requests as they change it.
+  return node ? node.drained(action, { holdRequests: false }) : action();
 }
 
 /** Refuses `operation` on a blocked node with QEMU's text. */

@@ -8,6 +8,7 @@
 import type { DriverExtent, WriteFlags, ZeroFlags } from './block-driver.js';
 import { IoError } from './io-error.js';
 import type { BlockNode } from './node.js';
+import type { DrainedHook } from './drain.js';
 import { PERM_ALL, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type ChildRole } from './permissions.js';
 
 /** A parent that is not a node; describes itself as QEMU does in messages. */
@@ -16,8 +17,8 @@ export interface BlockUser {
   describe(): string;
   /** A job's own hold on a node (QEMU: a BdrvChild of the job, not a BlockBackend). */
   readonly job?: boolean;
-  /** Which job, for a job's hold (a drain of the node pauses it). */
-  readonly jobId?: string;
+  /** What the user does when a drain reaches it (a job pauses); a user without one holds nothing extra. */
+  readonly drained?: DrainedHook;
 }
 
 export type EdgeParent = { node: BlockNode } | { user: BlockUser };

@@ -10,6 +10,7 @@ import type { EventBus } from '../event-bus.js';
 import { genericError } from '../errors.js';
 import { ChildEdge, type BlockUser, type EdgeParent } from './child-edge.js';
 import type { BlockNode, CorruptionReport, NodeObserver } from './node.js';
+import { usersReached, withUsersDrained } from './drain.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, defaultChildPermissions, permissionConflictMessage, type ChildRole, type PermissionPair } from './permissions.js';
 
 export class BlockGraph implements NodeObserver {
@@ -51,6 +52,16 @@ export class BlockGraph implements NodeObserver {
       ...(report.offset === undefined ? {} : { offset: report.offset, size: report.size ?? 0 }),
       fatal: report.fatal,
     });
+  }
+
+  // ---- drain -----------------------------------------------------------------------------
+
+  /**
+   * Runs `change` with every user of every node told of a drain (QEMU's bdrv_drain_all_begin/end:
+   * every job pauses). Requests are held only by the drains of the nodes a command changes.
+   */
+  async drainedAll<T>(change: () => Promise<T>): Promise<T> {
+    return withUsersDrained(usersReached(this.nodes.values(), 'node'), change);
   }
 
   // ---- edges ---------------------------------------------------------------------------
@@ -255,6 +266,12 @@ export class BlockGraph implements NodeObserver {
     };
     visit(node);
     checkReopenable(changed);
+    // As QEMU's bdrv_reopen: the users of the node and all below it are drained for the whole reopen;
+    // each node's requests are held while it changes.
+    await node.drained(() => this.reopenWritable(node, changed), { reach: 'subtree', holdRequests: false });
+  }
+
+  private async reopenWritable(node: BlockNode, changed: BlockNode[]): Promise<void> {
     const reopened: BlockNode[] = [];
     try {
       for (const current of changed) {
@@ -285,6 +302,11 @@ export class BlockGraph implements NodeObserver {
     };
     visit(node);
     checkReopenable(changed);
+    // Drained as reopenReadWrite is.
+    await node.drained(() => this.reopenUnwritable(node, changed), { reach: 'subtree', holdRequests: false });
+  }
+
+  private async reopenUnwritable(node: BlockNode, changed: BlockNode[]): Promise<void> {
     // Cached metadata (qcow2 tables, persistent bitmaps) must reach the files while they are still writable.
     for (const current of changed) {
       await current.drained(async () => {

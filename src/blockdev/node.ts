@@ -11,6 +11,7 @@ import type { ChildEdge } from './child-edge.js';
 import { BitmapRegistry } from './bitmaps/bitmap-registry.js';
 import { IoError } from './io-error.js';
 import { RangeLock } from './range-lock.js';
+import { usersReached, withUsersDrained, type DrainOptions } from './drain.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, type PermissionPair } from './permissions.js';
 
 /** Block status as the layers above a driver see it. */
@@ -131,8 +132,19 @@ export class BlockNode {
     }
   }
 
+  /**
+   * Runs `change` in a drained section of this node (QEMU's bdrv_drained_begin/end): first
+   * every user the drain reaches is told (a job pauses, see drain.ts), then new requests on
+   * this node are held back until no request is in flight (unless holdRequests is false).
+   * At the end requests go on, then the users. Nested drains count: a user resumes only
+   * when its last drain ends.
+   */
+  async drained<T>(change: () => Promise<T>, { reach = 'node', ignore, holdRequests = true }: DrainOptions = {}): Promise<T> {
+    return withUsersDrained(usersReached([this], reach, ignore), holdRequests ? () => this.quiesced(change) : change);
+  }
+
   /** Runs `change` with no request in flight on this node and new ones held back. */
-  async drained<T>(change: () => Promise<T>): Promise<T> {
+  private async quiesced<T>(change: () => Promise<T>): Promise<T> {
     this.quiesce++;
     try {
       while (this.inFlight > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
@@ -146,14 +158,14 @@ export class BlockNode {
    * Drains the node until the returned function is called: a job holds its source still from
    * the moment it is in sync until it has switched the graph over (QEMU's drained section).
    */
-  async beginDrain(): Promise<() => void> {
+  async beginDrain(options: DrainOptions = {}): Promise<() => void> {
     let end!: () => void;
     const ended = new Promise<void>((resolve) => (end = resolve));
     await new Promise<void>((entered) => {
       void this.drained(async () => {
         entered();
         await ended;
-      });
+      }, options);
     });
     return end;
   }

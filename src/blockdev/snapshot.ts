@@ -10,7 +10,7 @@ import { genericError } from '../errors.js';
 import { createQcow2 } from './drivers/qcow2/create.js';
 import { createImageFile } from './image-file-creation.js';
 import { describeErrno } from './io-error.js';
-import { asQmpError, asTransaction, checkNotBlocked, drainedFor, type BlockLayer } from './block-layer.js';
+import { asQmpError, asTransaction, checkNotBlocked, type BlockLayer } from './block-layer.js';
 import type { BlockNode } from './node.js';
 import { PERM_CONSISTENT_READ } from './permissions.js';
 
@@ -47,9 +47,9 @@ export async function commitSnapshot(layer: BlockLayer, { old, overlay, created 
   } catch (error) {
     throw asQmpError(error);
   }
-  // QEMU's reopen drains the whole subtree: jobs below pause meanwhile. Like QEMU (which passes no
+  // The reopen drains the whole subtree (jobs below pause meanwhile). Like QEMU (which passes no
   // error pointer), a node that cannot be reopened stays writable: the snapshot itself is done.
-  await drainedFor(layer, old, 'subtree', () => layer.graph.reopenReadOnly(old)).catch(() => {});
+  await layer.graph.reopenReadOnly(old).catch(() => {});
   // An overlay the command made lives only as long as something uses it (QEMU drops it at once otherwise).
   if (created && overlay.parents.length === 0) await layer.graph.close(overlay);
 }

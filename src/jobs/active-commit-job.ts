@@ -80,7 +80,8 @@ export class ActiveCommitJob implements JobKind {
         source: this.source!,
         target,
         bitmap,
-        drainSource: () => this.filter!.beginDrain(),
+        // The job holds its own source still: its drain pauses other users, not itself.
+        drainSource: () => this.filter!.beginDrain({ ignore: this.nodes!.user }),
         shouldComplete: () => this.completeRequested,
         onError: this.plan.onError,
         chunkSize: CHUNK,

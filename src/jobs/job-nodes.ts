@@ -6,7 +6,8 @@
  */
 import type { BlockLayer } from '../blockdev/block-layer.js';
 import { COMMAND_USER } from '../blockdev/block-layer.js';
-import type { ChildEdge } from '../blockdev/child-edge.js';
+import type { BlockUser, ChildEdge } from '../blockdev/child-edge.js';
+import { drainedHook } from '../blockdev/drain.js';
 import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL, type PermissionPair } from '../blockdev/permissions.js';
 import type { BlockdevOptions } from '../generated/qapi-types.js';
@@ -44,11 +45,12 @@ const EDGE_NAMES: Record<Exclude<HeldRole, `graph.${string}`>, string> = {
 export class JobNodes<H extends Exclude<HolderKind, 'graph'>> {
   private readonly edges: ChildEdge[] = [];
   private readonly unblock: (() => void)[] = [];
-  private readonly user;
+  /** The job as a user of its nodes: a drain that reaches one of them pauses the job. */
+  readonly user: BlockUser;
 
   /** `holder`: the operation the job is in the op-blocker matrix (an active commit is not an intermediate one). */
   constructor(private readonly layer: BlockLayer, private readonly job: Job, readonly holder: H) {
-    this.user = { describe: () => `${job.type} job '${job.id}'`, job: true, jobId: job.id };
+    this.user = { describe: () => `${job.type} job '${job.id}'`, job: true, drained: drainedHook(() => job.drainPause(), () => job.drainResume()) };
   }
 
   /** A node the job works on: its claim in the op-blocker matrix, and the permissions it needs there. */

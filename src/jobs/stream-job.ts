@@ -6,7 +6,7 @@
  * copy-on-read filter sits above the top node while the job runs, and the
  * job blocks other operations on every node it holds until it is dismissed.
  */
-import { checkNotBlocked, drainedFor, type BlockLayer } from '../blockdev/block-layer.js';
+import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
 import { nodeFilename } from '../blockdev/node-filename.js';
@@ -104,12 +104,13 @@ class StreamJob implements JobKind {
     await this.dropFilter();
     await top.flush();
     // As QEMU's stream_prepare: the chain changes in a drained section of the lowest streamed layer and all below it.
-    await drainedFor(this.layer, bottom, 'subtree', async () => {
+    // The top's writes may still read the layers being dropped: their requests are not held.
+    await bottom.drained(async () => {
       if (!top.backing()) return;
       const name = base ? this.plan.backingFile ?? nodeFilename(base) : undefined;
       await top.state.changeBackingFile?.(name, base?.driver.name);
       await graph.changeBacking(top, base);
-    });
+    }, { reach: 'subtree', holdRequests: false });
   }
 
   /** Whatever the outcome: the filter goes (if prepare did not drop it), a node that was read-only is again. */
@@ -132,11 +133,9 @@ class StreamJob implements JobKind {
     const filter = this.filter;
     this.filter = undefined;
     if (!filter) return;
+    if (this.filterEdge) await this.nodes?.drop(this.filterEdge);
     // Drained, as QEMU's bdrv_drop_filter: jobs above the filter pause while it goes.
-    await drainedFor(this.layer, filter, 'node', async () => {
-      if (this.filterEdge) await this.nodes?.drop(this.filterEdge);
-      await this.layer.graph.removeFilter(filter);
-    });
+    await this.layer.graph.removeFilter(filter);
   }
 }
 
