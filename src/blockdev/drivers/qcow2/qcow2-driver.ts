@@ -85,6 +85,7 @@ class Qcow2State implements DriverState {
   async truncate(size: number): Promise<void> {
     this.bitmaps.checkResizable();
     await resize(this.image, size);
+    // The node resizes its bitmaps once the driver returns; the store below needs them at the new size already.
     this.image.node.bitmaps.resize(size);
     await this.bitmaps.resized();
   }
