@@ -108,6 +108,7 @@ export async function main(argv: string[]): Promise<void> {
     process.on(signal, () => void daemon.shutdown(signal));
   }
 
+  daemon.qmp.holdSessionsUntilStarted();
   // Second pass, in command-line order.
   const chardevs = new Map<string, Chardev>();
   const usedChardevs = new Set<string>();
@@ -175,6 +176,7 @@ export async function main(argv: string[]): Promise<void> {
     await daemon.qmp.close();
     fail(error, current);
   }
+  daemon.qmp.startupComplete();
   log.info({ version: BLOCKD_VERSION }, 'blockd ready');
   if (isDaemonChild()) reportStartup({ ok: true });
 }

@@ -44,6 +44,10 @@ export class QmpServer {
   private readonly listeners: Listener[] = [];
   private readonly log: Logger;
 
+  /** Resolved once start-up is over: until then clients are accepted but not greeted. */
+  private started: Promise<void> = Promise.resolve();
+  private endStartup: (() => void) | undefined;
+
   constructor(private readonly options: QmpServerOptions) {
     this.log = options.log.child({ component: 'qmp' });
     this.scheduler = new InBandScheduler(options.lock);
@@ -71,6 +75,19 @@ export class QmpServer {
     return listener;
   }
 
+  /**
+   * Start-up begins: clients that connect meanwhile are greeted, and their commands run, only
+   * once every option on the command line is done (as qemu-storage-daemon's main loop starts
+   * after them), so nobody sees half a graph.
+   */
+  holdSessionsUntilStarted(): void {
+    this.started = new Promise((resolve) => (this.endStartup = resolve));
+  }
+
+  startupComplete(): void {
+    this.endStartup?.();
+  }
+
   private acceptor(pretty: boolean, onConnect: () => void): AcceptConnection {
     return (connection) => {
       onConnect();
@@ -83,10 +100,19 @@ export class QmpServer {
         offeredCapabilities: ['oob'],
       });
       this.sessions.add(session);
-      session.start();
+      // What a client sends before start-up is over waits with it.
+      let live = false;
+      let ended = false;
+      const early: Uint8Array[] = [];
+      void this.started.then(() => {
+        live = true;
+        session.start();
+        for (const chunk of early.splice(0)) session.receive(chunk);
+        if (ended) session.endOfInput();
+      });
       return {
-        receive: (chunk) => session.receive(chunk),
-        endOfInput: () => session.endOfInput(),
+        receive: (chunk) => (live ? session.receive(chunk) : void early.push(chunk)),
+        endOfInput: () => (live ? session.endOfInput() : void (ended = true)),
         close: () => {
           session.close();
           this.sessions.delete(session);
