@@ -18,11 +18,13 @@ import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNC
 import { JobCancelled, type Job, type JobKind } from './job.js';
 import { allocatedBetween, below } from './backing-chain.js';
 import { holdIntermediates, type CommitPlan } from './commit-job.js';
-import { JobNodes, insertJobFilter } from './job-nodes.js';
+import { JobNodes, insertJobFilter, leaveJobFilter } from './job-nodes.js';
 import { runMirror } from './mirror-engine.js';
 
 const CHUNK = 1 << 20;
 const COPIES_IN_FLIGHT = 16;
+/** The most one iteration copies before the speed limit is applied (QEMU's default mirror buffer). */
+const ITERATION_BYTES = 16 << 20;
 const MIN_GRANULARITY = 64 * 1024;
 
 export class ActiveCommitJob implements JobKind {
@@ -83,9 +85,10 @@ export class ActiveCommitJob implements JobKind {
         // The job holds its own source still: its drain pauses other users, not itself.
         drainSource: () => this.filter!.beginDrain({ ignore: this.nodes!.user }),
         shouldComplete: () => this.completeRequested,
-        onError: this.plan.onError,
+        policy: () => this.plan.onError,
         chunkSize: CHUNK,
         inFlight: COPIES_IN_FLIGHT,
+        iterationBytes: ITERATION_BYTES,
       });
     } catch (error) {
       if (error instanceof JobCancelled) throw error;
@@ -125,18 +128,11 @@ export class ActiveCommitJob implements JobKind {
     if (this.finished) return;
     this.finished = true;
     this.stopWatching?.();
-    await job.bestEffort('release the nodes', async () => this.nodes?.release());
     const filter = this.filter;
     this.filter = undefined;
     const endDrain = this.endDrain;
     this.endDrain = undefined;
-    if (filter) {
-      const moved = this.layer.graph.removeFilter(filter);
-      endDrain?.(); // requests held in the filter go on to the node below it, before the filter closes
-      await job.bestEffort('take the filter out', () => moved);
-    } else {
-      endDrain?.();
-    }
+    await leaveJobFilter(job, this.layer, this.nodes, filter, endDrain);
   }
 
   /** Set-up failed before the job ran. */

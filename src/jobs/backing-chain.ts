@@ -13,6 +13,13 @@ export function below(node: BlockNode): BlockNode | undefined {
   return node.below();
 }
 
+/** The first node at or below `node` that is not a filter (QEMU's bdrv_skip_filters). */
+export function skipFilters(node: BlockNode): BlockNode {
+  let current = node;
+  while (current.driver.kind === 'filter' && current.primaryChild()) current = current.primaryChild()!.child;
+  return current;
+}
+
 /** The chain below `node`, filters included, top first. */
 export function chainBelow(node: BlockNode): BlockNode[] {
   const chain: BlockNode[] = [];

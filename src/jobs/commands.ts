@@ -5,6 +5,7 @@
  */
 import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
+import type { MirrorCopyMode } from '../generated/qapi-types.js';
 import type { JobRegistry } from './job-registry.js';
 import type { Job } from './job.js';
 
@@ -44,11 +45,12 @@ export function registerJobCommands(registry: CommandTable, jobs: JobRegistry): 
   });
   registry.register('block-job-complete', ({ device }) => jobs.findBlockJob(device).complete());
   registry.register('block-job-finalize', async ({ id }) => finalize(jobs.findBlockJob(id)));
-  // QEMU 8.2's verb: only a mirror has something to change (its copy mode), and blockd has no mirror yet.
+  // QEMU 8.2's verb: only a mirror has something to change (its copy mode).
   registry.register('block-job-change', (options) => {
     const job = jobs.findBlockJob(options.id);
     job.checkVerb('change');
-    throw genericError(`Job type '${job.type}' does not support changing`);
+    if (!job.kind.change || options.type !== job.type) throw genericError(`Job type '${job.type}' does not support changing`);
+    job.kind.change((options as { 'copy-mode': MirrorCopyMode })['copy-mode']);
   });
   registry.register('block-job-dismiss', async ({ id }) => dismiss(jobs.findBlockJob(id)));
 }

@@ -17,7 +17,7 @@ import type { QmpCommandMap } from '../generated/qapi-types.js';
 import type { CommandTable } from '../command-table.js';
 import { QmpError, genericError } from '../errors.js';
 import { ActiveCommitJob } from './active-commit-job.js';
-import { allocatedBetween, below, chainBelow, findBackingImage, isRootNode, overlayIn } from './backing-chain.js';
+import { allocatedBetween, below, chainBelow, findBackingImage, isRootNode, overlayIn, skipFilters } from './backing-chain.js';
 import { copyRange, runCopy } from './copy-engine.js';
 import { JobNodes, insertJobFilter, makeWritable } from './job-nodes.js';
 import type { JobRegistry } from './job-registry.js';
@@ -156,12 +156,6 @@ class IntermediateCommitJob implements JobKind {
 /** Whether some user writes the node (QEMU's cumulative WRITE permission). */
 function hasWriter(node: BlockNode): boolean {
   return node.neededPermissions().perm & PERM_WRITE ? true : false;
-}
-
-function skipFilters(node: BlockNode): BlockNode {
-  let current = node;
-  while (current.driver.kind === 'filter' && current.primaryChild()) current = current.primaryChild()!.child;
-  return current;
 }
 
 function chainContains(top: BlockNode, node: BlockNode): boolean {

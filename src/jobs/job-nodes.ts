@@ -28,6 +28,22 @@ export async function insertJobFilter(layer: BlockLayer, options: Record<string,
   return filter;
 }
 
+/**
+ * The end of a job that ran behind a filter and may hold its source drained (mirror, active
+ * commit): it lets go of its nodes, the filter goes, the held writes go on. Each step runs even
+ * if one before failed: above all the drain ends, or the writes held in the filter would wait forever.
+ */
+export async function leaveJobFilter(job: Job, layer: BlockLayer, nodes: JobNodes<Exclude<HolderKind, 'graph'>> | undefined, filter: BlockNode | undefined, endDrain: (() => void) | undefined): Promise<void> {
+  await job.bestEffort('release the nodes', async () => nodes?.release());
+  if (filter) {
+    const moved = layer.graph.removeFilter(filter);
+    endDrain?.(); // requests held in the filter go on to the node below it, before the filter closes
+    await job.bestEffort('take the filter out', () => moved);
+  } else {
+    endDrain?.();
+  }
+}
+
 /** Reopens a read-only node read-write for a job that writes into it; returns whether it was read-only. */
 export async function makeWritable(layer: BlockLayer, node: BlockNode): Promise<boolean> {
   if (!node.readOnly) return false;
@@ -40,6 +56,7 @@ const EDGE_NAMES: Record<Exclude<HeldRole, `graph.${string}`>, string> = {
   'stream.filter': 'main node', 'stream.active': 'active node', 'stream.inter': 'intermediate node',
   'commit.main': 'main node', 'commit.top': 'intermediate node', 'commit.inter': 'intermediate node', 'commit.base': 'base',
   'active-commit.filter': 'main node', 'active-commit.source': 'source', 'active-commit.inter': 'intermediate node', 'active-commit.base': 'target',
+  'mirror.filter': 'main node', 'mirror.source': 'source', 'mirror.target': 'target',
 };
 
 export class JobNodes<H extends Exclude<HolderKind, 'graph'>> {

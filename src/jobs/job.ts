@@ -9,7 +9,7 @@
  */
 import type { Logger } from 'pino';
 import type { EventBus } from '../event-bus.js';
-import type { JobStatus, JobType, JobVerb } from '../generated/qapi-types.js';
+import type { JobStatus, JobType, JobVerb, MirrorCopyMode } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
 import type { MainLoopLock } from '../main-loop-lock.js';
 import { canTransition, verbAllowed } from './job-state-table.js';
@@ -31,6 +31,8 @@ export interface JobKind {
   clean?(job: Job): Promise<void>;
   /** job-complete on a READY job (mirror, active commit). */
   complete?(job: Job): void;
+  /** block-job-change (QEMU 8.2): a mirror's copy mode is the one thing a job lets change. */
+  change?(copyMode: MirrorCopyMode): void;
   /** When the job object goes away (dismissed): what it holds until then (stream's node blockers, as in QEMU). Logged if it fails. */
   release?(job: Job): Promise<void>;
 }
@@ -276,15 +278,27 @@ export class Job {
    * stop (the job pauses as if the user paused it, and retries once resumed), 'ignore', or 'report'.
    */
   async ioError(code: string, operation: 'read' | 'write', policy: ErrorPolicy): Promise<'retry' | 'ignore' | 'report'> {
+    const action = this.errorAction(code, operation, policy);
+    if (action !== 'stop') return action;
+    await this.pausePoint();
+    return 'retry';
+  }
+
+  /**
+   * The policy's verdict on an error met outside the job's own loop (a write-blocking mirror's
+   * guest write): BLOCK_JOB_ERROR is sent and a stop pauses the job at its next pause point,
+   * but the caller does not wait for it.
+   */
+  errorAction(code: string, operation: 'read' | 'write', policy: ErrorPolicy): 'stop' | 'ignore' | 'report' {
     const nospace = code === 'ENOSPC';
     const action = policy === 'ignore' ? 'ignore' : policy === 'stop' || ((policy === 'enospc' || policy === 'auto') && nospace) ? 'stop' : 'report';
     this.bus.emit('BLOCK_JOB_ERROR', { device: this.id, operation, action });
-    if (action !== 'stop') return action;
-    this.ioStatus = nospace ? 'nospace' : 'failed';
-    this.userPaused = true;
-    this.pauseCount++;
-    await this.pausePoint();
-    return 'retry';
+    if (action === 'stop') this.ioStatus = nospace ? 'nospace' : 'failed';
+    if (action === 'stop' && !this.userPaused) {
+      this.userPaused = true;
+      this.pauseCount++;
+    }
+    return action;
   }
 
   /** The initial copy is done and the job keeps copying new writes until completed (mirror, active commit). */

@@ -1,15 +1,16 @@
 /*
  * The copy loop of jobs that keep a target in sync with a source that is
- * being written (active commit now, mirror later; QEMU's mirror_run): copies
- * what the dirty bitmap marks, several chunks in flight and never two over
- * the same bytes, reaches READY when nothing is left to copy, then keeps
- * copying new writes until completed or cancelled. It ends with the source
- * drained and the target flushed: the caller switches the graph over and
- * then ends the drain.
+ * being written (mirror and active commit; QEMU's mirror_run): copies what
+ * the dirty bitmap marks, several chunks in flight and never two over the
+ * same bytes, reaches READY when nothing is left to copy, then keeps copying
+ * new writes until completed or cancelled. It ends with the source drained
+ * and the target flushed: the caller switches the graph over and then ends
+ * the drain.
  */
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
 import { errnoOf } from '../blockdev/io-error.js';
+import type { RangeLock } from '../blockdev/range-lock.js';
 import { CopyError, copyRange } from './copy-engine.js';
 import type { ErrorPolicy, Job } from './job.js';
 import { RateLimit } from './rate-limit.js';
@@ -23,13 +24,20 @@ export interface MirrorPlan {
   drainSource(): Promise<() => void>;
   /** job-complete was received. */
   shouldComplete(): boolean;
-  onError: ErrorPolicy;
+  /** The on-error policy for a failed read of the source or write of the target. */
+  policy(operation: 'read' | 'write'): ErrorPolicy;
+  /** Bytes per copy (a multiple of the bitmap's granularity). */
   chunkSize: number;
   inFlight: number;
+  /** The most one iteration copies before the speed limit is applied (QEMU's buf-size). */
+  iterationBytes: number;
+  /** Copies one chunk (default: read it and write it, zeroes as zero writes). Errors carry their side. */
+  copy?(offset: number, length: number): Promise<void>;
+  /** Held over each copy's range, so that a write-blocking guest write and a copy never cross. */
+  locks?: RangeLock;
+  /** A failure met outside the loop (a write-blocking write the target refused): the job ends with it. */
+  failure?(): unknown;
 }
-
-/** The most one iteration copies before the speed limit is applied (QEMU's default mirror buffer). */
-const ITERATION_BYTES = 16 << 20;
 
 /** How long a READY job waits for new writes before it looks again (QEMU's BLOCK_JOB_SLICE_TIME). */
 const IDLE_POLL_MS = 100;
@@ -45,19 +53,32 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
   const { bitmap } = plan;
   const limit = new RateLimit();
   const operations = new Set<Operation>();
+  const copy = plan.copy ?? ((offset: number, length: number) => copyRange(plan.source, plan.target, offset, length, {}, true));
   let failure: unknown;
   let cursor = 0;
   job.workers = 1;
 
+  const copyOnce = async (offset: number, length: number) => {
+    const release = await plan.locks?.acquire(offset, offset + length, true);
+    try {
+      bitmap.clear(offset, length); // a write from now on marks the range again
+      await copy(offset, length);
+    } catch (error) {
+      bitmap.set(offset, length); // failed: still to copy
+      throw error;
+    } finally {
+      release?.();
+    }
+  };
+
   const start = (offset: number, length: number) => {
-    bitmap.clear(offset, length); // a write from now on marks the range again
     const operation: Operation = { offset, length, done: Promise.resolve() };
-    operation.done = copyRange(plan.source, plan.target, offset, length, {}, true).then(() => {
+    operation.done = copyOnce(offset, length).then(() => {
       job.currentProgress += length;
     }, async (error: unknown) => {
-      bitmap.set(offset, length); // failed: still to copy
       const cause = error instanceof CopyError ? error.cause : error;
-      const action = await job.ioError(errnoOf(cause), error instanceof CopyError ? error.operation : 'read', plan.onError);
+      const operationType = error instanceof CopyError ? error.operation : 'read';
+      const action = await job.ioError(errnoOf(cause), operationType, plan.policy(operationType));
       if (action === 'report') failure ??= cause;
     }).finally(() => operations.delete(operation));
     operations.add(operation);
@@ -67,18 +88,19 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
     [...operations].some((operation) => operation.offset < offset + length && offset < operation.offset + operation.length);
   const anyDone = () => Promise.race([...operations].map((operation) => operation.done));
   const allDone = () => Promise.allSettled([...operations].map((operation) => operation.done));
+  const failed = () => failure ?? plan.failure?.();
 
   try {
     for (;;) {
       await job.pausePoint();
-      if (failure !== undefined) throw failure;
+      if (failed() !== undefined) throw failed();
       const dirty = bitmap.count();
       const inFlightBytes = [...operations].reduce((sum, operation) => sum + operation.length, 0);
       job.totalProgress = job.currentProgress + inFlightBytes + dirty;
 
       if (dirty > 0 && operations.size < plan.inFlight) {
-        // One iteration takes a dirty run of up to ITERATION_BYTES and copies it in chunks, as QEMU's mirror_iteration.
-        const run = bitmap.nextRun(cursor, ITERATION_BYTES)!;
+        // One iteration takes a dirty run of up to iterationBytes and copies it in chunks, as QEMU's mirror_iteration.
+        const run = bitmap.nextRun(cursor, plan.iterationBytes)!;
         if (overlapsInFlight(run.offset, run.length)) {
           await anyDone(); // never two copies of the same bytes: the later could land first
           continue;
@@ -104,7 +126,7 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
       if (plan.shouldComplete() || job.stopRequested) {
         const endDrain = await plan.drainSource();
         try {
-          if (bitmap.count() === 0) {
+          if (bitmap.count() === 0 && failed() === undefined) {
             await plan.target.flush();
             return endDrain;
           }

@@ -23,6 +23,7 @@ export const HELD_ROLES = {
   stream: ['filter', 'active', 'inter'],
   commit: ['main', 'top', 'inter', 'base'],
   'active-commit': ['filter', 'source', 'inter', 'base'],
+  mirror: ['filter', 'source', 'target'],
   graph: ['backing'],
 } as const;
 
@@ -44,6 +45,9 @@ export const ROLE_NODES: Record<HeldRole, string> = {
   'active-commit.source': "'device' (the active layer)",
   'active-commit.inter': 'every node between the active layer and the base',
   'active-commit.base': 'the base',
+  'mirror.filter': "the mirror_top filter above 'device'",
+  'mirror.source': "'device'",
+  'mirror.target': "'target'",
   'graph.backing': 'a node that is the backing file of another',
 };
 
@@ -88,6 +92,8 @@ export const OPERATION_CHECKS: readonly { command: string; operation: BlockOpera
   { command: 'block-stream', operation: 'stream', nodes: "every node from 'device' down to the base (exclusive) or 'bottom' (inclusive), filters included" },
   { command: 'block-commit', operation: 'commit-source', nodes: "'device' (which must be a root node)" },
   { command: 'block-commit', operation: 'commit-target', nodes: "every node from 'top' down to 'base' (inclusive), and the overlay of 'top' when 'top' is not the active layer" },
+  { command: 'blockdev-mirror', operation: 'mirror-source', nodes: "'device' (which must be a root node)" },
+  { command: 'blockdev-mirror', operation: 'mirror-target', nodes: "'target'" },
   { command: 'blockdev-del', operation: 'drive-del', nodes: 'the node' },
   { command: 'block_resize', operation: 'resize', nodes: "the node; refused as \"Device '...' is in use\"" },
   { command: 'blockdev-snapshot', operation: 'external-snapshot', nodes: "'node'" },

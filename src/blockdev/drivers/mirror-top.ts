@@ -1,7 +1,8 @@
 /*
- * `mirror_top`: the filter an active block-commit (and later mirror) puts
- * above its source (QEMU's bdrv_mirror_top). Every request passes through to
- * the source; the job watches the source's writes to copy them again. For a
+ * `mirror_top`: the filter a mirror or an active block-commit puts above its
+ * source (QEMU's bdrv_mirror_top). Every request passes through to the
+ * source; the job watches the source's writes to copy them again, and a
+ * write-blocking mirror sees each write here first (its hook). For a
  * commit it takes no consistent read of the chain (only the base may be read
  * consistently while the job writes into it) and lets others write, as QEMU
  * does. Named after its child; only jobs create it.
@@ -12,7 +13,15 @@ import { nodeFilename } from '../node-filename.js';
 import type { BlockNode } from '../node.js';
 import { PERM_CONSISTENT_READ, PERM_WRITE, defaultChildPermissions, type PermissionPair } from '../permissions.js';
 
-class MirrorTopState implements DriverState {
+/** A job that takes part in every write to its source (a write-blocking mirror copies it to the target too). */
+export interface MirrorTopHook {
+  /** `request` changes the source; `replay` does the same to another node. Resolves when the write may complete. */
+  write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge) => Promise<void>): Promise<void>;
+}
+
+export class MirrorTopState implements DriverState {
+  hook: MirrorTopHook | undefined;
+
   constructor(private readonly source: ChildEdge, private readonly node: BlockNode, private readonly commit: boolean) {}
 
   length(): number {
@@ -24,11 +33,13 @@ class MirrorTopState implements DriverState {
   }
 
   write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
-    return this.source.write(offset, buffer, flags);
+    if (!this.hook) return this.source.write(offset, buffer, flags);
+    return this.hook.write(offset, buffer.length, () => this.source.write(offset, buffer, flags), (target) => target.write(offset, buffer, { fua: flags.fua }));
   }
 
   writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    return this.source.writeZeroes(offset, length, flags);
+    if (!this.hook) return this.source.writeZeroes(offset, length, flags);
+    return this.hook.write(offset, length, () => this.source.writeZeroes(offset, length, flags), (target) => target.writeZeroes(offset, length, { fua: flags.fua, mayUnmap: flags.mayUnmap }));
   }
 
   discard(offset: number, length: number): Promise<void> {

@@ -1,0 +1,272 @@
+/*
+ * The mirror job (QEMU's mirror_start_job for blockdev-mirror and
+ * drive-mirror): a mirror_top filter takes the source's place and sees every
+ * write, a dirty bitmap records what the target still lacks, and the mirror
+ * loop copies it, zeroes as zero writes and holes never read. At READY the
+ * target is in sync; job-complete puts it in the place of the source (or of
+ * `replaces`) in every parent; a soft cancel leaves the graph as it was, the
+ * target a copy of the source at that moment. In write-blocking mode a guest
+ * write completes only once the target has it too, so READY never falls
+ * back.
+ */
+import type { BlockLayer } from '../blockdev/block-layer.js';
+import type { ChildEdge } from '../blockdev/child-edge.js';
+import { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
+import type { MirrorTopHook, MirrorTopState } from '../blockdev/drivers/mirror-top.js';
+import { describeErrno, errnoOf } from '../blockdev/io-error.js';
+import type { BlockNode } from '../blockdev/node.js';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED } from '../blockdev/permissions.js';
+import { RangeLock } from '../blockdev/range-lock.js';
+import type { MirrorCopyMode } from '../generated/qapi-types.js';
+import { genericError } from '../errors.js';
+import { allocatedBetween } from './backing-chain.js';
+import { CopyError, copyRange } from './copy-engine.js';
+import { JobCancelled, type ErrorPolicy, type Job, type JobKind } from './job.js';
+import { JobNodes, insertJobFilter, leaveJobFilter } from './job-nodes.js';
+import { runMirror } from './mirror-engine.js';
+
+/** The most bytes one copy moves (QEMU's mirror splits its buffer into requests of this size or the granularity). */
+const MAX_CHUNK = 1 << 20;
+/** QEMU's default buf-size: the bytes one iteration may have in flight. */
+export const DEFAULT_BUF_SIZE = 16 << 20;
+/** QEMU's MAX_IN_FLIGHT. */
+const MAX_IN_FLIGHT = 16;
+
+export interface MirrorSettings {
+  source: BlockNode;
+  target: BlockNode;
+  /** The node the target takes the place of at completion (the source unless `replaces` says otherwise). */
+  replaces: BlockNode | undefined;
+  /** The lowest layer whose data is copied (sync=full: the chain's bottom, top: the source); undefined for sync=none. */
+  copyDownTo: BlockNode | undefined;
+  /** sync=full onto a target that cannot be trusted to read as zeroes where the source does (QEMU's zero_target). */
+  zeroTarget: boolean;
+  /** Zeroes may be written to the target as holes. */
+  unmap: boolean;
+  granularity: number;
+  bufSize: number;
+  onSourceError: ErrorPolicy;
+  onTargetError: ErrorPolicy;
+  copyMode: MirrorCopyMode;
+  filterNodeName: string | undefined;
+  /** drive-mirror: gives the target its backing file before it takes the source's place. */
+  beforePivot?: (target: BlockNode) => Promise<void>;
+}
+
+export class MirrorJob implements JobKind, MirrorTopHook {
+  readonly type = 'mirror' as const;
+  readonly blockJob = true;
+  private filter: BlockNode | undefined;
+  private nodes: JobNodes<'mirror'> | undefined;
+  private source: ChildEdge | undefined;
+  private target: ChildEdge | undefined;
+  private bitmap: DirtyBitmap | undefined;
+  private readonly locks = new RangeLock();
+  private copyMode: MirrorCopyMode;
+  /** A write-blocking write the target refused, under on-target-error=report: the job ends with it. */
+  private activeFailure: unknown;
+  private job: Job | undefined;
+  private endDrain: (() => void) | undefined;
+  private completeRequested = false;
+  private finished = false;
+
+  constructor(private readonly layer: BlockLayer, private readonly settings: MirrorSettings) {
+    this.copyMode = settings.copyMode;
+  }
+
+  /** QEMU's mirror_start_job after the job exists: the filter's place, the target's writer, the job's holds. */
+  async setUp(job: Job): Promise<void> {
+    const { source, target, granularity } = this.settings;
+    this.job = job;
+    const filter = await insertJobFilter(this.layer, { driver: 'mirror_top', backing: source.name }, source, this.settings.filterNodeName);
+    this.filter = filter;
+    const nodes = new JobNodes(this.layer, job, 'mirror');
+    this.nodes = nodes;
+    await nodes.hold(filter, 'filter', { perm: PERM_CONSISTENT_READ, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED | PERM_WRITE });
+    // Nobody else may read or write the target while it is being filled.
+    this.target = await nodes.open(target, { perm: PERM_WRITE, shared: PERM_WRITE_UNCHANGED });
+    this.source = await nodes.hold(source, 'source', { perm: 0, shared: PERM_WRITE_UNCHANGED | PERM_WRITE | PERM_CONSISTENT_READ });
+    await nodes.hold(target, 'target', { perm: 0, shared: PERM_ALL });
+    // As QEMU's, the bitmap lives on the source but is marked by the filter, not by the node (it shows as not recording).
+    const bitmap = new DirtyBitmap(source.length(), granularity);
+    bitmap.enabled = false;
+    this.bitmap = bitmap;
+    source.bitmaps.add(bitmap);
+    (filter.state as MirrorTopState).hook = this;
+  }
+
+  async run(job: Job): Promise<void> {
+    const target = this.target!;
+    const bitmap = this.bitmap!;
+    job.startupReached();
+    const length = this.settings.source.length();
+    if (target.length() !== length) throw new Error('Source and target image have different sizes');
+    await this.markInitialCopy(job, bitmap, length);
+    const chunkSize = Math.max(this.settings.granularity, Math.min(MAX_CHUNK, this.settings.bufSize));
+    try {
+      this.endDrain = await runMirror(job, {
+        source: this.source!,
+        target,
+        bitmap,
+        // The job holds its own source still: its drain pauses other users, not itself.
+        drainSource: () => this.filter!.beginDrain({ ignore: this.nodes!.user }),
+        shouldComplete: () => this.completeRequested,
+        policy: (operation) => (operation === 'read' ? this.settings.onSourceError : this.settings.onTargetError),
+        chunkSize,
+        inFlight: Math.max(1, Math.min(MAX_IN_FLIGHT, Math.floor(this.settings.bufSize / chunkSize))),
+        iterationBytes: Math.max(chunkSize, this.settings.bufSize),
+        copy: (offset, chunkLength) => this.copyChunk(offset, chunkLength),
+        locks: this.locks,
+        failure: () => this.activeFailure,
+      });
+    } catch (error) {
+      if (error instanceof JobCancelled) throw error;
+      throw new Error(describeErrno(errnoOf(error)));
+    }
+  }
+
+  /** What the initial copy must move (QEMU's mirror_dirty_init): the layers sync asks for, or the whole target. */
+  private async markInitialCopy(job: Job, bitmap: DirtyBitmap, length: number): Promise<void> {
+    const { source, copyDownTo, zeroTarget } = this.settings;
+    if (!copyDownTo) return;
+    if (zeroTarget) {
+      // Where the source reads zeroes the target must too: marked whole unless zeroes can be written as holes first.
+      if (this.settings.target.settings.discard !== 'unmap') {
+        bitmap.set(0, length);
+        return;
+      }
+      for (let offset = 0; offset < length; offset += MAX_CHUNK) {
+        await job.pausePoint();
+        await this.target!.writeZeroes(offset, Math.min(MAX_CHUNK, length - offset), { mayUnmap: true });
+      }
+    }
+    for (let offset = 0; offset < length;) {
+      await job.pausePoint();
+      const run = await allocatedBetween(source, copyDownTo, offset, length - offset);
+      if (run.allocated) bitmap.set(offset, run.length);
+      offset += run.length;
+    }
+  }
+
+  /** One chunk: what the source reads as zeroes is written as zeroes without being read, the rest is copied. */
+  private async copyChunk(offset: number, length: number): Promise<void> {
+    const source = this.source!;
+    const target = this.target!;
+    const end = offset + length;
+    for (let at = offset; at < end;) {
+      const status = await source.child.blockStatusAbove(at, end - at).catch((error: unknown) => {
+        throw new CopyError('read', error);
+      });
+      const run = Math.min(status.length, end - at);
+      if (status.zero) {
+        await target.writeZeroes(at, run, { mayUnmap: this.settings.unmap }).catch((error: unknown) => {
+          throw new CopyError('write', error);
+        });
+      } else {
+        await copyRange(source, target, at, run, {}, this.settings.unmap);
+      }
+      at += run;
+    }
+  }
+
+  /**
+   * Every write to the source passes here (the filter's hook). In the background the bytes
+   * are marked to be copied; write-blocking, the write goes to the target too before it
+   * completes, holding its range so that no background copy of older data crosses it.
+   */
+  async write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge) => Promise<void>): Promise<void> {
+    const bitmap = this.bitmap!;
+    const target = this.target;
+    if (this.copyMode !== 'write-blocking' || !target || this.finished) {
+      try {
+        return await request();
+      } finally {
+        bitmap.set(offset, length);
+      }
+    }
+    const release = await this.locks.acquire(offset, offset + length, true);
+    try {
+      try {
+        await request();
+      } catch (error) {
+        bitmap.set(offset, length); // the source may have changed in part
+        throw error;
+      }
+      try {
+        await replay(target);
+      } catch (error) {
+        bitmap.set(offset, length);
+        const action = this.job!.errorAction(errnoOf(error), 'write', this.settings.onTargetError);
+        if (action === 'report') this.activeFailure ??= error;
+        return;
+      }
+      // Granules the write covered whole are in sync now; partly written ones keep their state.
+      const { granularity } = bitmap;
+      const first = Math.ceil(offset / granularity) * granularity;
+      const last = Math.floor((offset + length) / granularity) * granularity;
+      if (last > first) bitmap.clear(first, last - first);
+      this.job!.currentProgress += length;
+      this.job!.totalProgress += length;
+    } finally {
+      release();
+    }
+  }
+
+  /** block-job-change (QEMU 8.2): only background → write-blocking. */
+  change(copyMode: MirrorCopyMode): void {
+    if (copyMode === this.copyMode) return;
+    if (copyMode !== 'write-blocking') throw genericError(`Change to copy mode '${copyMode}' is not implemented`);
+    this.copyMode = copyMode;
+  }
+
+  complete(): void {
+    this.completeRequested = true;
+  }
+
+  /** In sync and completed: the target takes the place of the source, or of `replaces` (QEMU's mirror_exit_common). */
+  async prepare(): Promise<void> {
+    if (!this.completeRequested) return;
+    const { graph } = this.layer;
+    const { source, target } = this.settings;
+    const replaced = this.settings.replaces ?? source;
+    await this.nodes!.drop(this.target!);
+    await this.settings.beforePivot?.(target);
+    // The target becomes what it replaces: read-only only if that was.
+    if (replaced.readOnly && !target.readOnly) await graph.reopenReadOnly(target);
+    else if (!replaced.readOnly && target.readOnly) await graph.reopenReadWrite(target);
+    await graph.replaceNode(replaced, target);
+  }
+
+  async commit(job: Job): Promise<void> {
+    await this.finish(job);
+  }
+
+  async abort(job: Job): Promise<void> {
+    await this.finish(job);
+  }
+
+  /** Set-up failed before the job ran. */
+  async undo(job: Job): Promise<void> {
+    await this.finish(job);
+  }
+
+  async release(job: Job): Promise<void> {
+    await this.finish(job);
+  }
+
+  /**
+   * Once, whatever the outcome: the filter stops calling the job, the job lets go of its
+   * nodes, the filter goes and the held writes go on, each step even if one before failed.
+   */
+  private async finish(job: Job): Promise<void> {
+    if (this.finished) return;
+    this.finished = true;
+    const filter = this.filter;
+    this.filter = undefined;
+    if (filter) (filter.state as MirrorTopState).hook = undefined;
+    if (this.bitmap) this.settings.source.bitmaps.remove(this.bitmap);
+    const endDrain = this.endDrain;
+    this.endDrain = undefined;
+    await leaveJobFilter(job, this.layer, this.nodes, filter, endDrain);
+  }
+}
