@@ -17,6 +17,7 @@ import { registerCreateCommand } from './jobs/create-job.js';
 import { JobRegistry } from './jobs/job-registry.js';
 import type { BlockLayer } from './blockdev/block-layer.js';
 import { registerCommitCommand } from './jobs/commit-job.js';
+import { registerDriveMirrorCommand } from './jobs/drive-mirror.js';
 import { registerMirrorCommands } from './jobs/mirror-command.js';
 import { registerStreamCommand } from './jobs/stream-job.js';
 import { OpBlockers } from './opblockers/op-blockers.js';
@@ -64,6 +65,7 @@ export class Daemon {
     registerStreamCommand(this.registry, blockLayer, this.jobs);
     registerCommitCommand(this.registry, blockLayer, this.jobs);
     registerMirrorCommands(this.registry, blockLayer, this.jobs);
+    registerDriveMirrorCommand(this.registry, blockLayer, this.jobs);
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo, lock: this.lock });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     if (nativeAddonMissing !== undefined) {

@@ -61,7 +61,7 @@ function canReplace(source: BlockNode, replaced: BlockNode): boolean {
 }
 
 /** Walks the implicit filters a job put above `node` (QEMU's bdrv_skip_implicit_filters). */
-function skipImplicitFilters(node: BlockNode): BlockNode {
+export function skipImplicitFilters(node: BlockNode): BlockNode {
   let current = node;
   while (current.implicit && current.primaryChild()) current = current.primaryChild()!.child;
   return current;

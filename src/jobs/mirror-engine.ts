@@ -107,6 +107,7 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
         }
         const end = run.offset + run.length;
         cursor = end;
+        job.startupReached(); // the first copy: QEMU's job yields here, its command has returned
         for (let offset = run.offset; offset < end; offset += plan.chunkSize) {
           while (operations.size >= plan.inFlight) await anyDone();
           start(offset, Math.min(plan.chunkSize, end - offset));
@@ -122,6 +123,7 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
       if (job.status !== 'ready' && job.status !== 'standby') {
         await plan.target.flush();
         job.ready();
+        job.startupReached(); // in sync without a copy (sync=none): READY comes before the command's reply
       }
       if (plan.shouldComplete() || job.stopRequested) {
         const endDrain = await plan.drainSource();

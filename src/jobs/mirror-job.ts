@@ -87,9 +87,8 @@ export class MirrorJob implements JobKind, MirrorTopHook {
     this.target = await nodes.open(target, { perm: PERM_WRITE, shared: PERM_WRITE_UNCHANGED });
     this.source = await nodes.hold(source, 'source', { perm: 0, shared: PERM_WRITE_UNCHANGED | PERM_WRITE | PERM_CONSISTENT_READ });
     await nodes.hold(target, 'target', { perm: 0, shared: PERM_ALL });
-    // As QEMU's, the bitmap lives on the source but is marked by the filter, not by the node (it shows as not recording).
+    // Every write to the source marks it, whoever writes (write-blocking writes clear what reached the target too).
     const bitmap = new DirtyBitmap(source.length(), granularity);
-    bitmap.enabled = false;
     this.bitmap = bitmap;
     source.bitmaps.add(bitmap);
     (filter.state as MirrorTopState).hook = this;
@@ -98,7 +97,6 @@ export class MirrorJob implements JobKind, MirrorTopHook {
   async run(job: Job): Promise<void> {
     const target = this.target!;
     const bitmap = this.bitmap!;
-    job.startupReached();
     const length = this.settings.source.length();
     if (target.length() !== length) throw new Error('Source and target image have different sizes');
     await this.markInitialCopy(job, bitmap, length);
@@ -170,28 +168,17 @@ export class MirrorJob implements JobKind, MirrorTopHook {
   }
 
   /**
-   * Every write to the source passes here (the filter's hook). In the background the bytes
-   * are marked to be copied; write-blocking, the write goes to the target too before it
+   * Every write to the source passes here (the filter's hook). In the background it just goes
+   * on (the source marks the bitmap); write-blocking, it goes to the target too before it
    * completes, holding its range so that no background copy of older data crosses it.
    */
   async write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge) => Promise<void>): Promise<void> {
     const bitmap = this.bitmap!;
     const target = this.target;
-    if (this.copyMode !== 'write-blocking' || !target || this.finished) {
-      try {
-        return await request();
-      } finally {
-        bitmap.set(offset, length);
-      }
-    }
+    if (this.copyMode !== 'write-blocking' || !target || this.finished) return request();
     const release = await this.locks.acquire(offset, offset + length, true);
     try {
-      try {
-        await request();
-      } catch (error) {
-        bitmap.set(offset, length); // the source may have changed in part
-        throw error;
-      }
+      await request();
       try {
         await replay(target);
       } catch (error) {

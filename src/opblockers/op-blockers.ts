@@ -94,6 +94,8 @@ export const OPERATION_CHECKS: readonly { command: string; operation: BlockOpera
   { command: 'block-commit', operation: 'commit-target', nodes: "every node from 'top' down to 'base' (inclusive), and the overlay of 'top' when 'top' is not the active layer" },
   { command: 'blockdev-mirror', operation: 'mirror-source', nodes: "'device' (which must be a root node)" },
   { command: 'blockdev-mirror', operation: 'mirror-target', nodes: "'target'" },
+  { command: 'drive-mirror', operation: 'mirror-source', nodes: "'device' (which must be a root node), before the target file is made" },
+  { command: 'drive-mirror', operation: 'mirror-target', nodes: 'the target node it opened' },
   { command: 'blockdev-del', operation: 'drive-del', nodes: 'the node' },
   { command: 'block_resize', operation: 'resize', nodes: "the node; refused as \"Device '...' is in use\"" },
   { command: 'blockdev-snapshot', operation: 'external-snapshot', nodes: "'node'" },

@@ -62,8 +62,8 @@ test('writes through an NBD export before and after READY and after the switch a
   const qmp = await QmpClient.connect(`unix:${path('qmp.sock')}`);
   const model = path('act-expected.raw');
   const random = new SeededRandom(11);
-  // Slow at first, so the first writes land while the initial copy runs.
-  await qmp.execute('block-commit', { 'job-id': 'ac', device: 'act', speed: 4 << 20 });
+  // One iteration, then it waits (speed 1) until set-speed lets it go: the first writes land during the initial copy.
+  await qmp.execute('block-commit', { 'job-id': 'ac', device: 'act', speed: 1 });
   writeBatch(random, 'act', model);
   assert.equal(await jobStatus(qmp, 'ac'), 'running', 'the first writes landed during the initial copy');
   await qmp.execute('block-job-set-speed', { device: 'ac', speed: 0 });
@@ -100,7 +100,8 @@ test('writes to the top through an NBD export during an intermediate commit keep
   assert.deepEqual(chain.map((image) => image.filename), ['mid-top', 'mid-mid', 'mid-base'].map((name) => path(`${name}.qcow2`)));
   const nodes = (await qmp.execute('query-named-block-nodes', { flat: true })) as { 'node-name': string; file: string; drv: string }[];
   const midNode = nodes.find((node) => node.drv === 'qcow2' && node.file === path('mid-mid.qcow2'))!['node-name'];
-  await qmp.execute('block-commit', { 'job-id': 'ic', device: 'mid', 'top-node': midNode, speed: 4 << 20 });
+  // One chunk, then it waits (speed 1) until set-speed lets it go: however slow the machine, the writes land while it runs.
+  await qmp.execute('block-commit', { 'job-id': 'ic', device: 'mid', 'top-node': midNode, speed: 1 });
   for (let batch = 0; batch < 3; batch++) writeBatch(random, 'mid', model);
   assert.equal(await jobStatus(qmp, 'ic'), 'running', 'the client wrote while the job ran');
   await qmp.execute('block-job-set-speed', { device: 'ic', speed: 0 });
