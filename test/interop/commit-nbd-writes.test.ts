@@ -14,7 +14,8 @@ import { QmpClient } from '../../src/qmp/client.js';
 import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
 import { makeTempDir } from '../helpers/paths.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
-import { assertCheckClean, qemuImgCompare, qemuIo, runQemuImg, SeededRandom } from '../helpers/qemu-tools.js';
+import { assertCheckClean, qemuImgCompare, runQemuImg, SeededRandom } from '../helpers/qemu-tools.js';
+import { writeBatch as writeBatchTo } from '../helpers/write-batches.js';
 
 const temp = makeTempDir();
 const dir = temp.dir;
@@ -40,13 +41,7 @@ after(async () => {
 
 /** Random writes (some zeroes) through the export, applied to the model too. */
 function writeBatch(random: SeededRandom, exportName: string, model: string): void {
-  const writes = Array.from({ length: 25 }, () => {
-    const offset = random.int(60 * 16) * 64 * 1024 + random.int(16) * 4096;
-    const length = (1 + random.int(16)) * 4096;
-    return random.chance(0.2) ? `write -z ${offset} ${length}` : `write -P 0x${(0x40 + random.int(0x30)).toString(16)} ${offset} ${length}`;
-  });
-  qemuIo(`nbd+unix:///${exportName}?socket=${path('nbd.sock')}`, writes, ['-f', 'raw']);
-  qemuIo(model, writes, ['-f', 'raw']);
+  writeBatchTo(random, `nbd+unix:///${exportName}?socket=${path('nbd.sock')}`, model);
 }
 
 async function jobStatus(qmp: QmpClient, id: string): Promise<string | undefined> {
