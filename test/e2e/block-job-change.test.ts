@@ -1,8 +1,10 @@
 /*
  * block-job-change (QEMU 8.2; qemu-storage-daemon 7.2 lacks it, so no
- * differential): only a mirror has something to change, so for the jobs
- * blockd runs it answers with QEMU 8.2's refusals, in its order: the job
- * lookup, the verb table, then the job type.
+ * differential): QEMU 8.2's refusals in its order (the job lookup, the verb
+ * table, then the job type), and the one change it allows: a mirror's copy
+ * mode from background to write-blocking, after which a client's write
+ * reaches the target before it completes even while the background copy
+ * stands still.
  */
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -11,14 +13,21 @@ import { QmpClient } from '../../src/qmp/client.js';
 import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
 import { makeTempDir } from '../helpers/paths.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
+import { createQcow2, MiB, qemuIo } from '../helpers/qemu-tools.js';
 
 const temp = makeTempDir();
 let blockd: BlockdProcess;
 
 before(async () => {
   makePatternChain(temp.dir, 'a');
+  makePatternChain(temp.dir, 'm');
+  createQcow2(join(temp.dir, 'target.qcow2'), 64 * MiB);
   blockd = await runBlockd([
     '--blockdev', `driver=qcow2,node-name=top,file.driver=file,file.filename=${join(temp.dir, 'a-top.qcow2')}`,
+    '--blockdev', `driver=qcow2,node-name=source,file.driver=file,file.filename=${join(temp.dir, 'm-top.qcow2')}`,
+    '--blockdev', `driver=qcow2,node-name=target,file.driver=file,file.filename=${join(temp.dir, 'target.qcow2')}`,
+    '--nbd-server', `addr.type=unix,addr.path=${join(temp.dir, 'nbd.sock')}`,
+    '--export', 'type=nbd,id=e,node-name=source,name=source,writable=on',
     '--qmp', `unix:${join(temp.dir, 'qmp.sock')}`,
   ]);
 });
@@ -42,4 +51,39 @@ test('block-job-change: unknown job, a verb the status refuses, a job type with 
   assert.equal(await change('s'), "GenericError: Job 's' in state 'concluded' cannot accept command verb 'change'");
   await qmp.execute('job-dismiss', { id: 's' });
   await qmp.close();
+});
+
+test('block-job-change: a mirror goes from background to write-blocking, and not back', async () => {
+  const qmp = await QmpClient.connect(`unix:${join(temp.dir, 'qmp.sock')}`);
+  const change = (copyMode: string) =>
+    qmp.execute('block-job-change', { id: 'm', type: 'mirror', 'copy-mode': copyMode } as never).then(() => 'ok', (error: Error) => error.message);
+  const progress = async () => ((await qmp.execute('query-block-jobs')) as { device: string; offset: number; len: number; busy: boolean }[]).find((job) => job.device === 'm')!;
+  /** The first iteration has landed and the job sleeps: two polls in a row see it idle at the same offset. */
+  const settled = async () => {
+    for (let last = -1; ;) {
+      const job = await progress();
+      if (!job.busy && job.offset > 0 && job.offset === last) return job;
+      last = job.busy ? -1 : job.offset;
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  };
+  // speed 1: one iteration, then the background copy stands still.
+  await qmp.execute('blockdev-mirror', { 'job-id': 'm', device: 'source', target: 'target', sync: 'full', speed: 1 });
+  const write = (pattern: number, offset: string) => qemuIo(`nbd+unix:///source?socket=${join(temp.dir, 'nbd.sock')}`, [`write -P ${pattern} ${offset} 64k`], ['-f', 'raw']);
+  const before = await settled();
+  write(0x51, '40M');
+  const background = await progress();
+  assert.equal(background.offset, before.offset, 'in the background a write only marks the bitmap');
+  assert.equal(await change('write-blocking'), 'ok');
+  assert.equal(await change('write-blocking'), 'ok', 'the mode it has already');
+  assert.equal(await change('background'), "GenericError: Change to copy mode 'background' is not implemented");
+  write(0x52, '44M');
+  const blocking = await progress();
+  assert.equal(blocking.offset, background.offset + 64 * 1024, 'write-blocking, the write reached the target before it completed');
+  assert.equal(blocking.len, background.len + 64 * 1024);
+  await qmp.execute('block-job-cancel', { device: 'm', force: true });
+  await qmp.waitForEvent('JOB_STATUS_CHANGE', (event) => (event.data as { id: string; status: string }).id === 'm' && (event.data as { status: string }).status === 'null');
+  await qmp.execute('blockdev-del', { 'node-name': 'target' }); // closed, so its metadata is on disk for qemu-io
+  await qmp.close();
+  qemuIo(join(temp.dir, 'target.qcow2'), ['read -P 0x52 44M 64k'], ['-f', 'qcow2']);
 });
