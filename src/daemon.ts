@@ -57,7 +57,7 @@ export class Daemon {
     registerBlockCommands(this.registry, blockLayer);
     registerObjectCommands(this.registry, this.objects);
     this.exports = new ExportRegistry(this.graph, this.bus, log.child({ component: 'exports' }));
-    const exportLayer = { ...blockLayer, exports: this.exports, log };
+    const exportLayer = { ...blockLayer, exports: this.exports, log, findObject: (id: string) => this.objects.find(id) };
     this.nbd = new NbdService(exportLayer);
     registerExportCommands(this.registry, exportLayer, this.nbd);
     registerJobCommands(this.registry, this.jobs);

@@ -9,17 +9,20 @@ import { isIdentifier } from '../blockdev/node-names.js';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE } from '../blockdev/permissions.js';
 import type { BlockExportOptions, NbdServerOptions, SocketAddress, SocketAddressLegacy } from '../generated/qapi-types.js';
 import type { CommandTable } from '../command-table.js';
-import { genericError } from '../errors.js';
+import { genericError, QmpError } from '../errors.js';
 import type { BlockExport } from './block-export.js';
 import type { ExportRegistry } from './export-registry.js';
 import { resolveExportBitmaps } from './nbd/export-bitmaps.js';
 import { NbdExport } from './nbd/nbd-export.js';
 import { NbdServer, type NbdListenAddress } from './nbd/nbd-server.js';
 import { MAX_STRING } from '../nbd/protocol.js';
+import { findTlsCreds } from '../objects/tls-creds.js';
 
 export interface ExportLayer extends BlockLayer {
   exports: ExportRegistry;
   log: Logger;
+  /** User-created objects by id (TLS credentials, authz). */
+  findObject(id: string): unknown;
 }
 
 /** The NBD server the daemon runs, at most one, as in QEMU. */
@@ -28,14 +31,16 @@ export class NbdService {
 
   constructor(private readonly layer: ExportLayer) {}
 
-  async start({ addr, 'tls-creds': tlsCreds, 'max-connections': maxConnections }: NbdServerOptions): Promise<void> {
+  async start({ addr, 'tls-creds': tlsCreds, 'tls-authz': tlsAuthz, 'max-connections': maxConnections }: NbdServerOptions): Promise<void> {
     if (this.server) throw genericError('NBD server already running');
     const address = listenAddress(addr);
-    if (tlsCreds !== undefined) throw genericError(`No TLS credentials with id '${tlsCreds}'`);
+    const { findObject } = this.layer;
+    // tls-authz is looked up when a client connects, as in QEMU.
+    const tls = tlsCreds === undefined ? undefined : () => ({ creds: findTlsCreds(findObject, tlsCreds, 'server'), authzId: tlsAuthz, findObject });
     try {
-      this.server = await NbdServer.start(address, maxConnections ?? 0, this.layer.log.child({ component: 'nbd-server' }));
+      this.server = await NbdServer.start(address, maxConnections ?? 0, this.layer.log.child({ component: 'nbd-server' }), tls);
     } catch (error) {
-      throw genericError((error as Error).message);
+      throw error instanceof QmpError ? error : genericError((error as Error).message);
     }
   }
 

@@ -9,7 +9,8 @@ import type { Socket } from 'node:net';
 const HIGH_WATER = 64 << 20;
 
 export class ConnectionClosed extends Error {
-  constructor(message = 'connection closed') {
+  /** `failure`: the socket error that ended the connection (a reset), none for an orderly end. */
+  constructor(message = 'connection closed', readonly failure?: Error) {
     super(message);
     this.name = 'ConnectionClosed';
   }
@@ -21,16 +22,34 @@ export class SocketReader {
   private closedWith: Error | undefined;
   private waiter: { length: number; resolve: (data: Buffer) => void; reject: (error: Error) => void } | undefined;
 
+  private readonly listeners: Record<'data' | 'end' | 'close' | 'error', (...args: any[]) => void>;
+
   constructor(private readonly socket: Socket) {
-    socket.on('data', (chunk: Buffer) => {
-      this.chunks.push(chunk);
-      this.buffered += chunk.length;
-      if (this.buffered > HIGH_WATER) socket.pause();
-      this.serve();
-    });
-    socket.on('end', () => this.close(new ConnectionClosed()));
-    socket.on('close', () => this.close(new ConnectionClosed()));
-    socket.on('error', (error) => this.close(new ConnectionClosed(error.message)));
+    this.listeners = {
+      data: (chunk: Buffer) => {
+        this.chunks.push(chunk);
+        this.buffered += chunk.length;
+        if (this.buffered > HIGH_WATER) socket.pause();
+        this.serve();
+      },
+      end: () => this.close(new ConnectionClosed()),
+      close: () => this.close(new ConnectionClosed()),
+      error: (error: Error) => this.close(new ConnectionClosed(error.message, error)),
+    };
+    for (const [event, listener] of Object.entries(this.listeners)) socket.on(event, listener);
+  }
+
+  /**
+   * Stops reading the socket, so that another layer (TLS) can take it over; returns the bytes
+   * received but not read, which belong to that layer.
+   */
+  detach(): Buffer {
+    if (this.waiter) throw new Error('SocketReader: detached while a read waits');
+    for (const [event, listener] of Object.entries(this.listeners)) this.socket.off(event, listener);
+    const rest = Buffer.concat(this.chunks);
+    this.chunks.length = 0;
+    this.buffered = 0;
+    return rest;
   }
 
   /** Bytes received but not read yet. */

@@ -4,17 +4,20 @@
  * wait before the greeting until a slot frees, as they wait in QEMU's listen
  * backlog, which holds max-connections of them: more are dropped at once. Each
  * connection runs the handshake, which must end within 10 s (QEMU 8.2's default
- * handshake limit), then transmission; whatever a client does wrong ends that
- * connection only.
+ * handshake limit, TLS included), then transmission; whatever a client does
+ * wrong ends that connection only. With TLS credentials every client must
+ * start TLS first.
  */
 import net from 'node:net';
 import type { Logger } from 'pino';
 import { listenOn, listenUnixPrivate } from '../../net/socket-listener.js';
 import { ProtocolViolation } from '../../nbd/messages.js';
 import type { NbdClientHandle, NbdExport } from './nbd-export.js';
-import { HandshakeAborted, negotiate, type ExportLookup } from './server-handshake.js';
+import { TlsFailure } from '../../net/tls-session.js';
+import { HandshakeAborted, negotiate, type ExportLookup, type ServerTls } from './server-handshake.js';
 import { ServerTransmission } from './server-transmission.js';
 import { ConnectionClosed, SocketReader } from '../../nbd/socket-reader.js';
+import type { NbdChannel } from '../../nbd/nbd-channel.js';
 
 /** A client that has not finished its handshake by then is dropped: it would hold a slot forever. */
 const HANDSHAKE_LIMIT_MS = 10_000;
@@ -29,9 +32,19 @@ export class NbdServer implements ExportLookup {
   private active = 0;
   private nextConnection = 1;
 
-  private constructor(private readonly server: net.Server, readonly address: string, readonly maxConnections: number, private readonly log: Logger) {}
+  private constructor(
+    private readonly server: net.Server,
+    readonly address: string,
+    readonly maxConnections: number,
+    private readonly log: Logger,
+    private readonly tls: ServerTls | undefined,
+  ) {}
 
-  static async start(address: NbdListenAddress, maxConnections: number, log: Logger): Promise<NbdServer> {
+  /**
+   * Listens on `address`. `tls` then gives the TLS settings every client must use: as in QEMU,
+   * the address is taken before the credentials are looked up, and let go if that fails.
+   */
+  static async start(address: NbdListenAddress, maxConnections: number, log: Logger, resolveTls?: () => ServerTls): Promise<NbdServer> {
     const server = net.createServer({ allowHalfOpen: false, noDelay: true });
     let description: string;
     if (address.type === 'unix') {
@@ -42,9 +55,16 @@ export class NbdServer implements ExportLookup {
       const bound = server.address() as net.AddressInfo;
       description = `inet:${bound.address}:${bound.port}`;
     }
-    const nbd = new NbdServer(server, description, maxConnections, log);
+    let tls: ServerTls | undefined;
+    try {
+      tls = resolveTls?.();
+    } catch (error) {
+      await new Promise((resolve) => server.close(resolve));
+      throw error;
+    }
+    const nbd = new NbdServer(server, description, maxConnections, log, tls);
     server.on('connection', (socket) => nbd.accept(socket));
-    log.info({ address: description, maxConnections }, 'NBD server listening');
+    log.info({ address: description, maxConnections, tlsCreds: tls?.creds.id }, 'NBD server listening');
     return nbd;
   }
 
@@ -94,32 +114,35 @@ export class NbdServer implements ExportLookup {
 
   private async runConnection(socket: net.Socket, number: number): Promise<void> {
     const log = this.log.child({ connection: number });
-    const reader = new SocketReader(socket);
+    // STARTTLS replaces the socket and reader with TLS ones.
+    const channel: NbdChannel = { socket, reader: new SocketReader(socket) };
     let handle: NbdClientHandle | undefined;
     let exported: NbdExport | undefined;
     const handshakeLimit = setTimeout(() => {
       log.warn('NBD client dropped: handshake not finished within 10 s');
-      socket.destroy();
+      channel.socket.destroy();
     }, HANDSHAKE_LIMIT_MS);
     try {
-      const client = await negotiate(socket, reader, this).finally(() => clearTimeout(handshakeLimit));
+      const client = await negotiate(channel, this, this.tls).finally(() => clearTimeout(handshakeLimit));
       if (!client) return;
       exported = client.exported;
-      handle = { disconnect: () => socket.destroy() };
+      handle = { disconnect: () => channel.socket.destroy() };
       exported.addClient(handle);
-      log.debug({ export: exported.name, structured: client.structuredReplies }, 'NBD client connected');
-      await new ServerTransmission(socket, reader, client, log).run();
+      log.debug({ export: exported.name, structured: client.structuredReplies, tls: channel.socket !== socket }, 'NBD client connected');
+      await new ServerTransmission(channel.socket, channel.reader, client, log).run();
     } catch (error) {
       if (error instanceof ProtocolViolation || error instanceof HandshakeAborted) {
         log.warn({ reason: error.message }, 'Disconnect client, due to a protocol error');
+      } else if (error instanceof TlsFailure) {
+        log.warn({ reason: error.message }, 'option negotiation failed');
       } else if (!(error instanceof ConnectionClosed)) {
         log.error({ err: error }, 'NBD connection failed');
       }
     } finally {
       if (handle) exported?.removeClient(handle);
-      socket.end();
+      channel.socket.end();
       // A peer that stops reading must not keep the socket (and the export) forever.
-      setTimeout(() => socket.destroy(), 1000).unref();
+      setTimeout(() => channel.socket.destroy(), 1000).unref();
     }
   }
 

@@ -2,9 +2,12 @@
  * The server side of the fixed newstyle handshake, answering options as
  * QEMU 7.2's server does (replies, their order, error types and texts) until
  * the client picks an export with EXPORT_NAME or GO, aborts, or breaks the
- * protocol. A broken client only ends its own connection.
+ * protocol. A broken client only ends its own connection. With TLS
+ * credentials, every option but STARTTLS is refused until TLS has started
+ * (QEMU's forced TLS), and the rest of the handshake runs over TLS.
  */
-import type { Socket } from 'node:net';
+import { acceptTls } from '../../net/tls-session.js';
+import type { TlsCreds } from '../../objects/tls-creds.js';
 import {
   decodeInfoRequest,
   decodeMetaContextRequest,
@@ -24,7 +27,7 @@ import {
 import { NO_CONTEXTS, selectContexts, selectedContexts, type ContextSelection } from './meta-contexts.js';
 import type { NbdExport } from './nbd-export.js';
 import { ClientFlag, Info, MAX_OPTION_LENGTH, MAX_PAYLOAD, MAX_STRING, OPTION_NAMES, Option, OptionReply } from '../../nbd/protocol.js';
-import type { SocketReader } from '../../nbd/socket-reader.js';
+import { switchToTls, type NbdChannel } from '../../nbd/nbd-channel.js';
 
 /** What the transmission phase needs from a finished handshake. */
 export interface NegotiatedClient {
@@ -42,22 +45,53 @@ export interface ExportLookup {
 /** Why the server hangs up without an error reply it could send. */
 export class HandshakeAborted extends Error {}
 
-export async function negotiate(socket: Socket, reader: SocketReader, lookup: ExportLookup): Promise<NegotiatedClient | undefined> {
-  socket.write(encodeGreeting());
-  const clientFlags = (await reader.read(4)).readUInt32BE(0);
+/** The server's TLS settings (nbd-server-start's tls-creds and tls-authz). */
+export interface ServerTls {
+  creds: TlsCreds;
+  authzId: string | undefined;
+  findObject(id: string): unknown;
+}
+
+const hex = (option: number) => `0x${option.toString(16)}`;
+
+export async function negotiate(channel: NbdChannel, lookup: ExportLookup, tls?: ServerTls): Promise<NegotiatedClient | undefined> {
+  channel.socket.write(encodeGreeting());
+  const clientFlags = (await channel.reader.read(4)).readUInt32BE(0);
   const unknown = clientFlags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES);
   if (unknown) throw new ProtocolViolation(`Unknown client flags 0x${unknown.toString(16)} received`);
   const fixedNewstyle = (clientFlags & ClientFlag.FIXED_NEWSTYLE) !== 0;
   const noZeroes = (clientFlags & ClientFlag.NO_ZEROES) !== 0;
   const state = { structuredReplies: false, contexts: NO_CONTEXTS, contextsExport: undefined as NbdExport | undefined };
 
-  const reply = (option: number, type: number, data?: Buffer) => socket.write(encodeOptionReply(option, type, data));
+  const reply = (option: number, type: number, data?: Buffer) => channel.socket.write(encodeOptionReply(option, type, data));
   const replyError = (option: number, type: number, message: string) => reply(option, type, Buffer.from(message, 'utf8'));
+  let secured = false;
 
   for (;;) {
+    const { reader, socket } = channel;
     const { option, length } = decodeOptionHeader(await reader.read(OPTION_HEADER_LENGTH));
     if (length > MAX_OPTION_LENGTH) throw new ProtocolViolation(`len (${length} ) is larger than max len (${MAX_PAYLOAD})`);
     const name = OPTION_NAMES[option] ?? '<unknown>';
+
+    if (tls && !secured) {
+      if (!fixedNewstyle) throw new ProtocolViolation(`Unsupported option ${hex(option)}`);
+      // EXPORT_NAME cannot be answered with an error: the connection ends.
+      if (option === Option.EXPORT_NAME) throw new ProtocolViolation(`Option ${hex(option)} not permitted before TLS`);
+      await reader.read(length);
+      if (option !== Option.STARTTLS) {
+        replyError(option, OptionReply.ERR_TLS_REQD, `Option ${hex(option)} not permitted before TLS`);
+        if (option === Option.ABORT) return undefined;
+        continue;
+      }
+      if (length) {
+        replyError(option, OptionReply.ERR_INVALID, "option 'starttls' has unexpected length");
+        throw new ProtocolViolation("option 'starttls' has unexpected length");
+      }
+      reply(option, OptionReply.ACK);
+      await switchToTls(channel, (plain) => acceptTls(plain, tls.creds, tls.authzId, tls.findObject));
+      secured = true;
+      continue;
+    }
 
     if (option === Option.EXPORT_NAME) {
       if (length > MAX_STRING) throw new ProtocolViolation('Bad length received');
@@ -89,6 +123,7 @@ export async function negotiate(socket: Socket, reader: SocketReader, lookup: Ex
 
       case Option.STARTTLS:
         if (length) unexpectedLength();
+        else if (tls) replyError(option, OptionReply.ERR_INVALID, 'TLS already enabled');
         else replyError(option, OptionReply.ERR_POLICY, 'TLS not configured');
         break;
 
