@@ -10,7 +10,7 @@ import type { SocketAddress } from '../../../generated/qapi-types.js';
 import { SocketReader } from '../../../nbd/socket-reader.js';
 import { genericError } from '../../../errors.js';
 import { IoError } from '../../io-error.js';
-import { negotiate, type ExportInfo } from './negotiate.js';
+import { negotiate, type ClientTls, type ExportInfo } from './negotiate.js';
 import { NbdSession, SessionLost } from './session.js';
 import { connectSocket } from './socket-connect.js';
 
@@ -23,6 +23,8 @@ export interface ServerTarget {
   reconnectDelay: number;
   /** Seconds the first connection may be retried (0: one attempt). */
   openTimeout: number;
+  /** TLS for every connection (tls-creds), reconnections included. */
+  tls?: ClientTls;
 }
 
 /** Checks that a (re)negotiated export suits the node; throws if it does not. */
@@ -54,12 +56,12 @@ class Pause {
 
 async function connectOnce(target: ServerTarget, log: Logger, signal?: AbortSignal): Promise<NbdSession> {
   const socket = await connectSocket(target.address, signal);
-  const reader = new SocketReader(socket);
-  const onAbort = () => socket.destroy();
+  const channel = { socket, reader: new SocketReader(socket) };
+  const onAbort = () => channel.socket.destroy();
   signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    const info = await negotiate(socket, reader, target.exportName, target.statusQuery);
-    return new NbdSession(socket, reader, info, log);
+    const info = await negotiate(channel, target.exportName, target.statusQuery, target.tls);
+    return new NbdSession(channel.socket, channel.reader, info, log);
   } catch (error) {
     throw signal?.aborted ? genericError('Connection attempt cancelled by timeout') : error;
   } finally {

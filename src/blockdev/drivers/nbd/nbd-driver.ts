@@ -1,9 +1,10 @@
 /*
  * The `nbd` protocol driver: a disk served by an NBD server (qemu-nbd,
- * qemu-storage-daemon, nbdkit, blockd) over a unix or TCP socket. With
- * x-dirty-bitmap its block status reads that context instead of base:allocation
- * (a dirty range shows as a hole, as in QEMU). This file reads the options, checks what the export offers against what the node
- * needs, sets the request limits, and names the node as QEMU does.
+ * qemu-storage-daemon, nbdkit, blockd) over a unix or TCP socket, with TLS
+ * when tls-creds is given. With x-dirty-bitmap its block status reads that
+ * context instead of base:allocation (a dirty range shows as a hole, as in
+ * QEMU). This file reads the options, checks what the export offers against
+ * what the node needs, sets the request limits, and names the node as QEMU does.
  */
 import type { BlockdevOptionsNbd } from '../../../generated/qapi-types.js';
 import { CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, MAX_PAYLOAD, MAX_STRING, TransmissionFlag } from '../../../nbd/protocol.js';
@@ -12,7 +13,8 @@ import type { BlockDriver } from '../../block-driver.js';
 import { jsonFilename } from '../../node-filename.js';
 import type { BlockNode } from '../../node.js';
 import { NbdConnection } from './connection.js';
-import type { ExportInfo } from './negotiate.js';
+import type { ClientTls, ExportInfo } from './negotiate.js';
+import { findTlsCreds } from '../../../objects/tls-creds.js';
 import { NbdState, type RequestLimits } from './nbd-state.js';
 
 const SECTOR = 512;
@@ -70,17 +72,24 @@ function exportCheck(node: BlockNode, dirtyBitmap: string | undefined): (info: E
   };
 }
 
+/** tls-creds and the name the server's certificate must carry: tls-hostname, else a TCP server's host (QEMU's choice). */
+function clientTls(options: BlockdevOptionsNbd, findObject: (id: string) => unknown): ClientTls | undefined {
+  const id = options['tls-creds'];
+  if (id === undefined) return undefined;
+  const creds = findTlsCreds(findObject, id, 'client');
+  const { server } = options;
+  return { creds, hostname: options['tls-hostname'] ?? (server.type === 'inet' ? server.host : undefined) };
+}
+
 export const nbdDriver: BlockDriver<BlockdevOptionsNbd> = {
   name: 'nbd',
   kind: 'protocol',
   handlesFua: true,
   strongOptions: ['server', 'export', 'tls-creds', 'tls-hostname'],
   async open(context, options) {
-    for (const option of ['tls-creds', 'tls-hostname'] as const) {
-      if (options[option] !== undefined) throw genericError(`nbd option '${option}' is not supported by blockd yet`);
-    }
     const exportName = options.export ?? '';
     if (Buffer.byteLength(exportName) > MAX_STRING) throw genericError('export name too long to send to server');
+    const tls = clientTls(options, context.findObject);
     const dirtyBitmap = options['x-dirty-bitmap'];
     if (dirtyBitmap !== undefined && Buffer.byteLength(dirtyBitmap) > MAX_STRING) throw genericError('x-dirty-bitmap query too long to send to server');
     const target = {
@@ -89,6 +98,7 @@ export const nbdDriver: BlockDriver<BlockdevOptionsNbd> = {
       statusQuery: dirtyBitmap ?? CONTEXT_BASE_ALLOCATION,
       reconnectDelay: options['reconnect-delay'] ?? 0,
       openTimeout: options['open-timeout'] ?? 0,
+      tls,
     };
     const connection = await NbdConnection.open(target, exportCheck(context.node, dirtyBitmap), context.log);
     const uri = nbdUri(options);

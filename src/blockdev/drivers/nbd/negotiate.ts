@@ -1,12 +1,15 @@
 /*
  * The client side of the fixed newstyle handshake, as QEMU's client runs it:
- * structured replies, one meta context (base:allocation, or the one
- * x-dirty-bitmap names), then GO with a
- * BLOCK_SIZE request, falling back to LIST + EXPORT_NAME when the server does
- * not know GO. Failures carry QEMU's texts, which blockdev-add reports.
+ * STARTTLS first when the node has TLS credentials, then structured replies,
+ * one meta context (base:allocation, or the one x-dirty-bitmap names), then GO
+ * with a BLOCK_SIZE request, falling back to LIST + EXPORT_NAME when the
+ * server does not know GO. Failures carry QEMU's texts, which blockdev-add
+ * reports.
  */
-import type { Socket } from 'node:net';
 import { genericError } from '../../../errors.js';
+import { connectTls, TlsFailure } from '../../../net/tls-session.js';
+import { switchToTls, type NbdChannel } from '../../../nbd/nbd-channel.js';
+import type { TlsCreds } from '../../../objects/tls-creds.js';
 import {
   GREETING_LENGTH, OPTION_REPLY_HEADER_LENGTH, ProtocolViolation, decodeExportDetails, decodeGreeting, decodeInfoReply,
   decodeMetaContextReply, decodeOptionReplyHeader, decodeServerReply, encodeInfoRequest, encodeMetaContextRequest, encodeOption,
@@ -16,7 +19,7 @@ import {
   ClientFlag, CONTEXT_BASE_ALLOCATION, HandshakeFlag, Info, MAX_OPTION_LENGTH, Option, OPTION_NAMES, OPTION_REPLY_NAMES, OptionReply,
   isOptionError,
 } from '../../../nbd/protocol.js';
-import { ConnectionClosed, type SocketReader } from '../../../nbd/socket-reader.js';
+import { ConnectionClosed } from '../../../nbd/socket-reader.js';
 
 /** What the handshake settled: the export and how to talk to it. */
 export interface ExportInfo {
@@ -31,6 +34,12 @@ export interface ExportInfo {
 }
 
 const EXPORT_PADDING = 124;
+
+/** The node's TLS settings: client credentials, and the name the server's certificate must carry. */
+export interface ClientTls {
+  creds: TlsCreds;
+  hostname: string | undefined;
+}
 
 const optionName = (option: number) => `${option} (${OPTION_NAMES[option] ?? '<unknown>'})`;
 const replyName = (type: number) => `${type} (${OPTION_REPLY_NAMES[type] ?? '<unknown>'})`;
@@ -50,20 +59,30 @@ function optionErrorText(reply: OptionReplyHeader): string {
   }
 }
 
+/**
+ * How QEMU's TLS channel reports a server that hangs up, as one refusing our certificate after the
+ * handshake does: an end without TLS goodbye (GnuTLS's premature termination) or a reset.
+ */
+function tlsReadFailure(closed: ConnectionClosed): string {
+  return `Cannot read from TLS channel: ${closed.failure ? 'Input/output error' : 'Software caused connection abort'}`;
+}
+
 class Negotiation {
-  constructor(private readonly socket: Socket, private readonly reader: SocketReader) {}
+  private secured = false;
+
+  constructor(private readonly channel: NbdChannel) {}
 
   async read(length: number, what: string): Promise<Buffer> {
     try {
-      return await this.reader.read(length);
+      return await this.channel.reader.read(length);
     } catch (error) {
-      if (error instanceof ConnectionClosed) throw genericError(`Failed to read ${what}: Unexpected end-of-file before all data were read`);
-      throw error;
+      if (!(error instanceof ConnectionClosed)) throw error;
+      throw genericError(`Failed to read ${what}: ${this.secured ? tlsReadFailure(error) : 'Unexpected end-of-file before all data were read'}`);
     }
   }
 
   send(option: number, data?: Buffer): void {
-    this.socket.write(encodeOption(option, data));
+    this.channel.socket.write(encodeOption(option, data));
   }
 
   /** The next reply header to `option`, and its payload. */
@@ -76,16 +95,39 @@ class Negotiation {
     return { header, payload: await this.read(header.length, 'option reply payload') };
   }
 
-  /** STRUCTURED_REPLY: any refusal just means simple replies (QEMU is lenient here). */
-  async structuredReplies(): Promise<boolean> {
-    this.send(Option.STRUCTURED_REPLY);
-    const { header } = await this.reply(Option.STRUCTURED_REPLY);
-    if (isOptionError(header.type)) return false;
-    if (header.type !== OptionReply.ACK) {
-      throw new ProtocolViolation(`Server answered option ${optionName(Option.STRUCTURED_REPLY)} with unexpected reply ${replyName(header.type)}`);
+  /**
+   * An option without data answered by a bare ACK: true when acknowledged, false when the server does not
+   * support it. Strictly, only ERR_UNSUP means that and other errors fail; otherwise any error does (QEMU's
+   * nbd_request_simple_option).
+   */
+  async simpleOption(option: number, strict: boolean): Promise<boolean> {
+    this.send(option);
+    const { header } = await this.reply(option);
+    if (isOptionError(header.type)) {
+      if (strict && header.type !== OptionReply.ERR_UNSUP) throw genericError(optionErrorText(header));
+      return false;
     }
-    if (header.length !== 0) throw new ProtocolViolation(`Option ${Option.STRUCTURED_REPLY} ('structured reply') response length is ${header.length} (it should be zero)`);
+    if (header.type !== OptionReply.ACK) {
+      throw new ProtocolViolation(`Server answered option ${optionName(option)} with unexpected reply ${replyName(header.type)}`);
+    }
+    if (header.length !== 0) throw new ProtocolViolation(`Option ${option} ('${OPTION_NAMES[option]}') response length is ${header.length} (it should be zero)`);
     return true;
+  }
+
+  /** STARTTLS, then the TLS handshake and QEMU's checks of the server; the rest of the handshake runs over TLS. */
+  async startTls(tls: ClientTls): Promise<void> {
+    if (!(await this.simpleOption(Option.STARTTLS, true))) throw genericError("Server don't support STARTTLS option");
+    try {
+      await switchToTls(this.channel, (plain) => connectTls(plain, tls.creds, tls.hostname));
+    } catch (error) {
+      throw error instanceof TlsFailure ? genericError(error.message) : error;
+    }
+    this.secured = true;
+  }
+
+  /** STRUCTURED_REPLY: any refusal just means simple replies (QEMU is lenient here). */
+  structuredReplies(): Promise<boolean> {
+    return this.simpleOption(Option.STRUCTURED_REPLY, false);
   }
 
   /** SET_META_CONTEXT with one query: the context id, or undefined when the server offers none. */
@@ -154,7 +196,7 @@ class Negotiation {
   }
 
   async exportName(exportName: string, padded: boolean): Promise<{ size: number; flags: number }> {
-    this.socket.write(encodeOption(Option.EXPORT_NAME, Buffer.from(exportName, 'utf8')));
+    this.send(Option.EXPORT_NAME, Buffer.from(exportName, 'utf8'));
     const { size, flags } = decodeExportDetails(await this.read(10, 'export length and flags'));
     if (padded) await this.read(EXPORT_PADDING, 'reserved block');
     return { size: exportSize(size), flags };
@@ -178,12 +220,12 @@ function checkBlockSizes(sizes: BlockSizes): BlockSizes {
 }
 
 /**
- * Runs the handshake on a freshly connected socket. On failure the socket is
- * destroyed (after a courteous ABORT while options are still being exchanged)
- * and a GenericError with QEMU's wording is thrown.
+ * Runs the handshake on a freshly connected socket (with TLS, the channel's socket and reader
+ * become TLS ones). On failure the socket is destroyed (after a courteous ABORT while options
+ * are still being exchanged) and a GenericError with QEMU's wording is thrown.
  */
-export async function negotiate(socket: Socket, reader: SocketReader, exportName: string, statusQuery: string = CONTEXT_BASE_ALLOCATION): Promise<ExportInfo> {
-  const talk = new Negotiation(socket, reader);
+export async function negotiate(channel: NbdChannel, exportName: string, statusQuery: string = CONTEXT_BASE_ALLOCATION, tls?: ClientTls): Promise<ExportInfo> {
+  const talk = new Negotiation(channel);
   let optionPhase = false;
   try {
     const serverFlags = decodeGreeting(await talk.read(GREETING_LENGTH, 'initial magic'));
@@ -191,8 +233,12 @@ export async function negotiate(socket: Socket, reader: SocketReader, exportName
     const noZeroes = (serverFlags & HandshakeFlag.NO_ZEROES) !== 0;
     const clientFlags = Buffer.alloc(4);
     clientFlags.writeUInt32BE((fixed ? ClientFlag.FIXED_NEWSTYLE : 0) | (noZeroes ? ClientFlag.NO_ZEROES : 0));
-    socket.write(clientFlags);
+    channel.socket.write(clientFlags);
     optionPhase = true;
+    if (tls) {
+      if (!fixed) throw genericError('Server does not support STARTTLS');
+      await talk.startTls(tls);
+    }
     let structuredReplies = false;
     let statusContext: number | undefined;
     let details: Omit<ExportInfo, 'structuredReplies'> | undefined;
@@ -210,6 +256,7 @@ export async function negotiate(socket: Socket, reader: SocketReader, exportName
     if (info.size % minimum !== 0) throw new ProtocolViolation(`export size ${info.size} is not multiple of minimum block size ${minimum}`);
     return info;
   } catch (error) {
+    const { socket } = channel;
     if (optionPhase && !socket.destroyed) socket.end(encodeOption(Option.ABORT), () => socket.destroy());
     else socket.destroy();
     throw error instanceof ProtocolViolation ? genericError(error.message) : error;
