@@ -302,7 +302,7 @@ describe('losing the server', () => {
 });
 
 describe('open errors', () => {
-  test('missing socket, unknown export, read-only export, missing x-dirty-bitmap context, unsupported options', async () => {
+  test('missing socket, unknown export, read-only export, missing x-dirty-bitmap context, unsupported options, unknown TLS credentials', async () => {
     const image = seededImage('errors.qcow2');
     const readOnlyImage = join(dir, 'errors-ro.qcow2');
     copyFileSync(image, readOnlyImage);
@@ -314,7 +314,7 @@ describe('open errors', () => {
       await assert.rejects(add({ export: 'nope' }), { message: 'Requested export not available' });
       await assert.rejects(add({}, readOnly), { message: 'Could not open image: Permission denied' });
       await assert.rejects(add({ server: { type: 'vsock', cid: '3', port: '1' } }), { message: 'vsock socket addresses are not supported by blockd' });
-      await assert.rejects(add({ 'tls-creds': 'tls0' }), { message: "nbd option 'tls-creds' is not supported by blockd yet" });
+      await assert.rejects(add({ 'tls-creds': 'tls0' }), { message: "No TLS credentials with id 'tls0'" });
       // qemu-nbd exports no bitmap here; QEMU's own text is dropped on this path.
       await assert.rejects(add({ 'x-dirty-bitmap': 'qemu:dirty-bitmap:bm0' }), { message: 'Could not open image: Invalid argument' });
       await assert.rejects(add({ 'x-dirty-bitmap': 'x'.repeat(4097) }), { message: 'x-dirty-bitmap query too long to send to server' });

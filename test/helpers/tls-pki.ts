@@ -1,0 +1,96 @@
+/*
+ * Certificates and pre-shared keys for the TLS tests, made with openssl in a
+ * test's temporary directory and laid out as QEMU's tls-creds objects read
+ * them: a directory per end holding ca-cert.pem and server-cert.pem /
+ * server-key.pem (or client-cert.pem / client-key.pem); keys.psk with
+ * `username:hexkey` lines. EC P-256 keys: quick to make, and GnuTLS and
+ * OpenSSL both take them.
+ */
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+export interface CertificateAuthority {
+  cert: string;
+  key: string;
+}
+
+function openssl(args: string[]): void {
+  execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+function newKeyArgs(keyFile: string): string[] {
+  return ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile];
+}
+
+/** A self-signed CA (basic constraints CA, may sign certificates) in `dir`. */
+export function makeCa(dir: string, name = 'Test CA', extensions = ['basicConstraints=critical,CA:TRUE', 'keyUsage=critical,keyCertSign,cRLSign']): CertificateAuthority {
+  mkdirSync(dir, { recursive: true });
+  const ca = { cert: join(dir, 'ca-cert.pem'), key: join(dir, 'ca-key.pem') };
+  openssl(['req', '-x509', ...newKeyArgs(ca.key), '-out', ca.cert, '-days', '2', '-subj', `/CN=${name}`, ...extensions.flatMap((ext) => ['-addext', ext])]);
+  return ca;
+}
+
+export interface CertificateOptions {
+  /** The subject, openssl's /A=B/C=D form. */
+  subject: string;
+  /** extendedKeyUsage; default the role's (serverAuth or clientAuth), critical. */
+  purpose?: string;
+  /** subjectAltName for a server; default DNS:localhost,IP:127.0.0.1. */
+  altNames?: string;
+  /** Days of validity; negative makes a certificate that has already expired. */
+  days?: number;
+}
+
+/**
+ * A key and a certificate the CA signs, written as `dir/ROLE-cert.pem` and `dir/ROLE-key.pem` with
+ * the CA's certificate beside them as ca-cert.pem: a directory a tls-creds-x509 object takes.
+ */
+export function issue(ca: CertificateAuthority, dir: string, role: 'server' | 'client', options: CertificateOptions): string {
+  mkdirSync(dir, { recursive: true });
+  const key = join(dir, `${role}-key.pem`);
+  const csr = join(dir, `${role}.csr`);
+  const extensions = join(dir, `${role}.ext`);
+  const lines = [
+    'basicConstraints=critical,CA:FALSE',
+    'keyUsage=critical,digitalSignature,keyEncipherment',
+    `extendedKeyUsage=critical,${options.purpose ?? (role === 'server' ? 'serverAuth' : 'clientAuth')}`,
+  ];
+  if (role === 'server') lines.push(`subjectAltName=${options.altNames ?? 'DNS:localhost,IP:127.0.0.1'}`);
+  writeFileSync(extensions, `${lines.join('\n')}\n`);
+  openssl(['req', ...newKeyArgs(key), '-out', csr, '-subj', options.subject]);
+  openssl(['x509', '-req', '-in', csr, '-CA', ca.cert, '-CAkey', ca.key, '-CAcreateserial', '-CAserial', join(dir, 'ca.srl'),
+    '-out', join(dir, `${role}-cert.pem`), '-days', String(options.days ?? 2), '-extfile', extensions]);
+  copyFileSync(ca.cert, join(dir, 'ca-cert.pem'));
+  return dir;
+}
+
+/** A directory with only the CA's certificate: a client that has no certificate of its own. */
+export function caOnly(ca: CertificateAuthority, dir: string): string {
+  mkdirSync(dir, { recursive: true });
+  copyFileSync(ca.cert, join(dir, 'ca-cert.pem'));
+  return dir;
+}
+
+/** A random 32-byte key in hex, as psktool makes them. */
+export function pskKey(): string {
+  return randomBytes(32).toString('hex');
+}
+
+/** dir/keys.psk with one `username:hexkey` line per entry. */
+export function writePskFile(dir: string, keys: Record<string, string>): string {
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, 'keys.psk'), Object.entries(keys).map(([user, key]) => `${user}:${key}\n`).join(''));
+  return dir;
+}
+
+/** The usual set: one CA, a server for localhost and 127.0.0.1, and a client, under root/{ca,server,client}. */
+export function makePki(root: string): { ca: CertificateAuthority; server: string; client: string } {
+  const ca = makeCa(join(root, 'ca'));
+  return {
+    ca,
+    server: issue(ca, join(root, 'server'), 'server', { subject: '/O=blockd test/CN=server' }),
+    client: issue(ca, join(root, 'client'), 'client', { subject: '/O=blockd test/CN=client' }),
+  };
+}
