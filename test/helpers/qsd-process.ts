@@ -15,6 +15,8 @@ export function qsdAvailable(): boolean {
 export interface QsdProcess {
   child: ChildProcess;
   socket: string;
+  /** What it printed on stderr so far (its error reports, e.g. a refused NBD client). */
+  stderr(): string;
   stop(): Promise<void>;
 }
 
@@ -37,6 +39,7 @@ export async function startQsd(dir: string, extraArgs: string[] = []): Promise<Q
   return {
     child,
     socket,
+    stderr: () => stderr,
     stop: () => new Promise<void>((resolve) => {
       if (child.exitCode !== null || child.signalCode !== null) return resolve(); // already gone (a test may have killed it)
       child.once('exit', () => resolve());

@@ -94,3 +94,46 @@ export function makePki(root: string): { ca: CertificateAuthority; server: strin
     client: issue(ca, join(root, 'client'), 'client', { subject: '/O=blockd test/CN=client' }),
   };
 }
+
+/** Credential directories for every situation the TLS interop tests put clients and servers in. */
+export interface TlsFixtures {
+  /** x509 server for localhost and 127.0.0.1. */
+  server: string;
+  /** x509 client whose distinguished name is `clientName`. */
+  client: string;
+  clientName: string;
+  /** A client of the same CA with another name (an authz check refuses it). */
+  intruder: string;
+  /** A client that trusts our CA but has no certificate. */
+  caOnly: string;
+  /** A client that trusts our CA, with a certificate from another CA. */
+  stranger: string;
+  /** A client with a certificate and trust from another CA only: our server is unknown to it. */
+  distrusting: string;
+  /** PSK server: keys.psk knows "qemu" and "alice". */
+  pskServer: string;
+  /** PSK client: the server's keys for "qemu" (the default username) and "alice". */
+  psk: string;
+  /** PSK client: "qemu" with another key. */
+  pskWrong: string;
+}
+
+export function makeTlsFixtures(root: string): TlsFixtures {
+  const { ca, server, client } = makePki(root);
+  const other = makeCa(join(root, 'other-ca'), 'Other CA');
+  const stranger = issue(other, join(root, 'stranger'), 'client', { subject: '/O=blockd test/CN=stranger' });
+  copyFileSync(ca.cert, join(stranger, 'ca-cert.pem'));
+  const keys = { qemu: pskKey(), alice: pskKey() };
+  return {
+    server,
+    client,
+    clientName: 'O=blockd test,CN=client',
+    intruder: issue(ca, join(root, 'intruder'), 'client', { subject: '/O=blockd test/CN=intruder' }),
+    caOnly: caOnly(ca, join(root, 'ca-only')),
+    stranger,
+    distrusting: issue(other, join(root, 'distrusting'), 'client', { subject: '/O=blockd test/CN=client' }),
+    pskServer: writePskFile(join(root, 'psk-server'), keys),
+    psk: writePskFile(join(root, 'psk'), keys),
+    pskWrong: writePskFile(join(root, 'psk-wrong'), { qemu: pskKey() }),
+  };
+}
