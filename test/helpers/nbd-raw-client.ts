@@ -4,6 +4,7 @@
  * tests can check what a server puts on the wire (and send it garbage).
  */
 import net from 'node:net';
+import { connect as connectTls, type ConnectionOptions } from 'node:tls';
 import {
   decodeBlockStatusPayload,
   decodeErrorPayload,
@@ -43,13 +44,14 @@ export interface SimpleReply {
 }
 
 export class NbdRawClient {
-  readonly reader: SocketReader;
+  /** Replaced, with the socket, by their TLS counterparts once startTls() has run. */
+  reader: SocketReader;
   handshakeFlags = 0;
   size = 0;
   transmissionFlags = 0;
   private nextCookie = 1n;
 
-  private constructor(readonly socket: net.Socket) {
+  private constructor(public socket: net.Socket) {
     this.reader = new SocketReader(socket);
     socket.on('error', () => {}); // a reset by the server shows as the close a test waits for
   }
@@ -76,6 +78,19 @@ export class NbdRawClient {
     const final = replies[replies.length - 1]!;
     if (final.type !== OptionReply.ACK) throw new Error(`GO failed: ${final.type.toString(16)} ${final.data.toString()}`);
     return client;
+  }
+
+  /** The TLS handshake, after the server acknowledged STARTTLS; everything after goes over TLS. */
+  async startTls(options: ConnectionOptions): Promise<void> {
+    this.reader.detach();
+    const tls = connectTls({ ...options, socket: this.socket });
+    await new Promise<void>((resolve, reject) => {
+      tls.once('secureConnect', resolve);
+      tls.once('error', reject);
+    });
+    tls.on('error', () => {});
+    this.socket = tls;
+    this.reader = new SocketReader(tls);
   }
 
   sendClientFlags(flags: number): void {

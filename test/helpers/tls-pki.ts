@@ -66,6 +66,11 @@ export function issue(ca: CertificateAuthority, dir: string, role: 'server' | 'c
   return dir;
 }
 
+/** dir/dh-params.pem (the RFC 7919 ffdhe2048 group), the optional DH parameters of server credentials. */
+export function writeDhParams(dir: string): void {
+  openssl(['genpkey', '-genparam', '-algorithm', 'DH', '-pkeyopt', 'group:ffdhe2048', '-out', join(dir, 'dh-params.pem')]);
+}
+
 /** A directory with only the CA's certificate: a client that has no certificate of its own. */
 export function caOnly(ca: CertificateAuthority, dir: string): string {
   mkdirSync(dir, { recursive: true });
@@ -88,11 +93,9 @@ export function writePskFile(dir: string, keys: Record<string, string>): string 
 /** The usual set: one CA, a server for localhost and 127.0.0.1, and a client, under root/{ca,server,client}. */
 export function makePki(root: string): { ca: CertificateAuthority; server: string; client: string } {
   const ca = makeCa(join(root, 'ca'));
-  return {
-    ca,
-    server: issue(ca, join(root, 'server'), 'server', { subject: '/O=blockd test/CN=server' }),
-    client: issue(ca, join(root, 'client'), 'client', { subject: '/O=blockd test/CN=client' }),
-  };
+  const server = issue(ca, join(root, 'server'), 'server', { subject: '/O=blockd test/CN=server' });
+  writeDhParams(server);
+  return { ca, server, client: issue(ca, join(root, 'client'), 'client', { subject: '/O=blockd test/CN=client' }) };
 }
 
 /** Credential directories for every situation the TLS interop tests put clients and servers in. */
@@ -124,6 +127,8 @@ export function makeTlsFixtures(root: string): TlsFixtures {
   const stranger = issue(other, join(root, 'stranger'), 'client', { subject: '/O=blockd test/CN=stranger' });
   copyFileSync(ca.cert, join(stranger, 'ca-cert.pem'));
   const keys = { qemu: pskKey(), alice: pskKey() };
+  const pskServer = writePskFile(join(root, 'psk-server'), keys);
+  writeDhParams(pskServer);
   return {
     server,
     client,
@@ -132,7 +137,7 @@ export function makeTlsFixtures(root: string): TlsFixtures {
     caOnly: caOnly(ca, join(root, 'ca-only')),
     stranger,
     distrusting: issue(other, join(root, 'distrusting'), 'client', { subject: '/O=blockd test/CN=client' }),
-    pskServer: writePskFile(join(root, 'psk-server'), keys),
+    pskServer,
     psk: writePskFile(join(root, 'psk'), keys),
     pskWrong: writePskFile(join(root, 'psk-wrong'), { qemu: pskKey() }),
   };
