@@ -42,9 +42,16 @@ export function distinguishedName(certificate: X509Certificate): string {
   return certificate.subject.split('\n').map((rdn) => rdn.replaceAll(' + ', '+').replace(/^emailAddress=/, 'EMAIL=')).join(',');
 }
 
-function handshakeFailure(error: (Error & { code?: string; reason?: string }) | undefined): TlsFailure {
+/**
+ * A handshake that failed, in GnuTLS's words for what happened: the peer reset the connection (a
+ * read or write of the socket failed), hung up (Node reports that as a reset too, with no system
+ * call), or sent an alert.
+ */
+function handshakeFailure(error: (Error & { code?: string; reason?: string; syscall?: string }) | undefined): TlsFailure {
   let why: string;
-  if (error === undefined || error.code === 'ECONNRESET' || error.code === 'EPIPE') why = 'The TLS connection was non-properly terminated.';
+  if (error?.syscall === 'read') why = 'Error in the pull function.';
+  else if (error?.syscall === 'write') why = 'Error in the push function.';
+  else if (error === undefined || error.code === 'ECONNRESET') why = 'The TLS connection was non-properly terminated.';
   else if (/alert/i.test(error.reason ?? '')) why = 'A TLS fatal alert has been received.';
   else why = error.reason ?? error.message;
   return new TlsFailure(`TLS handshake failed: ${why}`);
@@ -87,6 +94,17 @@ function guarded(tls: TLSSocket): TLSSocket {
   return tls;
 }
 
+/**
+ * Ends a session refused after its handshake as QEMU's server does: the connection is shut down
+ * first (the client reads an end without TLS goodbye) and closed after, so that what the client
+ * sent meanwhile cannot turn the end into a reset.
+ */
+function hangUp(tls: TLSSocket, plain: Socket): void {
+  guarded(tls);
+  plain.end(() => tls.destroy());
+  setTimeout(() => tls.destroy(), 1000).unref();
+}
+
 async function established(tls: TLSSocket, check: () => string | undefined): Promise<TLSSocket> {
   guarded(tls);
   try {
@@ -125,7 +143,7 @@ export function acceptTls(socket: Socket, creds: TlsCreds, authzId: string | und
       server.removeAllListeners('tlsClientError');
       const refusal = !psk && creds.verifyPeer ? checkPeer(tls, { authz, isClient: false }) : undefined;
       if (refusal === undefined) return resolve(guarded(tls));
-      tls.destroy();
+      hangUp(tls, socket);
       reject(new TlsFailure(refusal));
     });
     server.once('tlsClientError', (error: Error, tls: TLSSocket) => {
