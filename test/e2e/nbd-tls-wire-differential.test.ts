@@ -131,7 +131,7 @@ const SCENARIOS: Record<string, (socket: string) => Promise<string[]>> = {
 };
 
 for (const [name, scenario] of Object.entries(SCENARIOS)) {
-  test(`NBD with TLS on the wire: ${name}`, async () => {
+  test(`NBD with TLS on the wire: ${name}`, { timeout: 60_000 }, async () => {
     const theirs = await scenario(join(temp.dir, 'qsd', 'nbd.sock'));
     const ours = await scenario(join(temp.dir, 'blockd', 'nbd.sock'));
     assert.deepEqual(ours, theirs);
