@@ -41,12 +41,18 @@ blockd, a block-storage daemon speaking QMP (compatible with qemu-storage-daemon
                          (block-export-add; needs --nbd-server before it)
 
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
-               [,max-connections=<n>]
-  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
                          start an NBD server for exporting block nodes
                          (nbd-server-start)
 
   --object throttle-group,id=<id>[,limits.<limit>=<value>...]
+  --object tls-creds-x509,id=<id>,dir=<dir>[,endpoint=client|server]
+           [,verify-peer=on|off][,sanity-check=on|off][,priority=<prio>]
+  --object tls-creds-psk,id=<id>,dir=<dir>[,endpoint=client|server]
+           [,username=<name>]
+  --object authz-simple,id=<id>,identity=<x509 distinguished name>
                          create a QOM object (object-add)
 
 Without --monitor or --qmp, blockd serves QMP on ./blockd-qmp.sock.
