@@ -3,8 +3,9 @@
  * openssl in the test: blockd serves a qcow2 image with x509 (TCP, authz on
  * the client's name) and with PSK (a UNIX socket) to qemu-io, qemu-img,
  * nbdinfo and qemu-storage-daemon's nbd driver; blockd's nbd driver reads and
- * writes through qemu-nbd (x509) and qemu-storage-daemon (PSK) exports. What
- * the clients wrote must be in the images (qemu-img compare, check).
+ * writes through qemu-nbd (x509) and qemu-storage-daemon (PSK) exports, and
+ * reconnects over TLS after the server restarts. What the clients wrote must
+ * be in the images (qemu-img compare, check).
  */
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
@@ -148,6 +149,40 @@ describe("blockd's nbd driver over TLS", () => {
     }
     assertCheckClean(image);
     runQemuImg('compare', '-f', 'qcow2', '-F', 'raw', image, expected);
+  });
+
+  test('after the server restarts, the node reconnects over TLS with the credentials it was given, deleted meanwhile', async () => {
+    const { image } = imageAndExpected('reconnect');
+    qemuIo(image, ['write -P 0x77 0 1M'], ['-f', 'qcow2']);
+    const port = await freePort();
+    const serverArgs = ['--object', x509Object('t0', pki.server, 'server'), '--tls-creds', 't0'];
+    let server = await startQemuNbd(image, { port }, serverArgs);
+    const blockd = await runBlockd(['--qmp', `unix:${join(dir, 'reconnect-qmp.sock')}`]);
+    const qmp = await QmpClient.connect(`unix:${join(dir, 'reconnect-qmp.sock')}`);
+    try {
+      await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'c0', dir: pki.client, endpoint: 'client' });
+      await qmp.execute('blockdev-add', {
+        driver: 'nbd', 'node-name': 'remote', export: 'disk', 'tls-creds': 'c0', 'reconnect-delay': 30,
+        server: { type: 'inet', host: '127.0.0.1', port: String(port) },
+      });
+      await qmp.execute('object-del', { id: 'c0' });
+      await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: join(dir, 'reconnect-nbd.sock') } } });
+      await qmp.execute('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'remote', name: 'remote', writable: true });
+      const uri = `nbd+unix:///remote?socket=${join(dir, 'reconnect-nbd.sock')}`;
+      qemuIo(uri, ['read -P 0x77 0 1M'], ['-f', 'raw']);
+      await server.stop();
+      server = await startQemuNbd(image, { port }, serverArgs);
+      // The read waits for the reconnection (reconnect-delay), which runs the TLS handshake again.
+      qemuIo(uri, ['read -P 0x77 0 1M', 'write -P 0x78 1M 64k', 'flush'], ['-f', 'raw']);
+      await qmp.execute('block-export-del', { id: 'e0' });
+      await qmp.execute('blockdev-del', { 'node-name': 'remote' });
+    } finally {
+      await qmp.close();
+      await blockd.stop();
+      await server.stop();
+    }
+    qemuIo(image, ['read -P 0x78 1M 64k'], ['-f', 'qcow2']);
+    assertCheckClean(image);
   });
 
   test("PSK to qemu-storage-daemon's export over a UNIX socket, with tls-hostname given and unused", async () => {
