@@ -9,58 +9,38 @@
  * requests run as without TLS.
  */
 import assert from 'node:assert/strict';
-import { mkdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import { encodeInfoRequest, encodeMetaContextRequest, encodeOption } from '../../src/nbd/messages.js';
 import { ClientFlag, Command, Info, Option } from '../../src/nbd/protocol.js';
-import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
-import { NbdRawClient, type OptionReplyMessage } from '../helpers/nbd-raw-client.js';
-import { makeTempDir } from '../helpers/paths.js';
-import { startQsd, type QsdProcess } from '../helpers/qsd-process.js';
+import { differentialPeers } from '../helpers/differential-peers.js';
+import { describeOptionReplies, NbdRawClient } from '../helpers/nbd-raw-client.js';
 import { makePki } from '../helpers/tls-pki.js';
-
-const temp = makeTempDir('blockd-nbd-tls-wire-');
-let pki: ReturnType<typeof makePki>;
-let qsd: QsdProcess;
-let blockd: BlockdProcess;
 
 function serverArgs(where: string): string[] {
   return [
     '--blockdev', 'driver=null-co,node-name=n0,size=1048576,read-zeroes=on',
-    '--object', `tls-creds-x509,id=tls0,dir=${pki.server},endpoint=server`,
+    '--object', `tls-creds-x509,id=tls0,dir=${join(where, 'pki', 'server')},endpoint=server`,
     '--nbd-server', `addr.type=unix,addr.path=${join(where, 'nbd.sock')},tls-creds=tls0`,
     '--export', 'type=nbd,id=e0,node-name=n0,name=disk,description=a disk',
   ];
 }
 
-before(async () => {
-  pki = makePki(join(temp.dir, 'pki'));
-  for (const name of ['qsd', 'blockd']) mkdirSync(join(temp.dir, name));
-  qsd = await startQsd(join(temp.dir, 'qsd'), serverArgs(join(temp.dir, 'qsd')));
-  blockd = await runBlockd([...serverArgs(join(temp.dir, 'blockd')), '--qmp', `unix:${join(temp.dir, 'blockd', 'qmp.sock')}`]);
-});
+/** Each daemon has its own certificates, under its directory. */
+const peers = differentialPeers((where) => makePki(join(where, 'pki')), serverArgs);
 
-after(async () => {
-  await qsd.stop();
-  await blockd.stop();
-  temp.cleanup();
-});
-
-const describeReplies = (replies: OptionReplyMessage[]) =>
-  replies.map((reply) => `opt ${reply.option} type 0x${reply.type.toString(16)} ${reply.data.toString('latin1')}`).join(' | ');
-
-/** The client's side of the TLS handshake: its certificate, our CA, the server's name on a UNIX socket. */
-const tlsOptions = () => ({
-  ca: readFileSync(join(pki.client, 'ca-cert.pem')),
-  cert: readFileSync(join(pki.client, 'client-cert.pem')),
-  key: readFileSync(join(pki.client, 'client-key.pem')),
+/** The client's side of the TLS handshake: its certificate, the CA, the server's name (a UNIX socket names none). */
+const tlsOptions = (where: string) => ({
+  ca: readFileSync(join(where, 'pki', 'client', 'ca-cert.pem')),
+  cert: readFileSync(join(where, 'pki', 'client', 'client-cert.pem')),
+  key: readFileSync(join(where, 'pki', 'client', 'client-key.pem')),
   servername: 'localhost',
 });
 
-const SCENARIOS: Record<string, (socket: string) => Promise<string[]>> = {
-  async 'options before and after STARTTLS'(socket) {
-    const client = await NbdRawClient.connect(socket);
+const SCENARIOS: Record<string, (where: string) => Promise<string[]>> = {
+  async 'options before and after STARTTLS'(where) {
+    const client = await NbdRawClient.connect(join(where, 'nbd.sock'));
     const log = [`greeting flags ${client.handshakeFlags}`];
     client.sendClientFlags(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES);
     const before: [number, Buffer?][] = [
@@ -72,8 +52,8 @@ const SCENARIOS: Record<string, (socket: string) => Promise<string[]>> = {
       [42, Buffer.from('some data')],
       [Option.STARTTLS],
     ];
-    for (const [option, data] of before) log.push(describeReplies(await client.option(option, data)));
-    await client.startTls(tlsOptions());
+    for (const [option, data] of before) log.push(describeOptionReplies(await client.option(option, data), 'latin1'));
+    await client.startTls(tlsOptions(where));
     log.push('TLS started');
     const after: [number, Buffer?][] = [
       [Option.STARTTLS],
@@ -82,22 +62,22 @@ const SCENARIOS: Record<string, (socket: string) => Promise<string[]>> = {
       [Option.STRUCTURED_REPLY],
       [Option.GO, encodeInfoRequest('disk', [Info.NAME, Info.BLOCK_SIZE])],
     ];
-    for (const [option, data] of after) log.push(describeReplies(await client.option(option, data)));
+    for (const [option, data] of after) log.push(describeOptionReplies(await client.option(option, data), 'latin1'));
     log.push((await client.read(0, 4096)).equals(Buffer.alloc(4096)) ? 'read zeroes over TLS' : 'read something else');
     await client.disconnect();
     return log;
   },
 
-  async 'ABORT before STARTTLS'(socket) {
-    const client = await NbdRawClient.connect(socket);
+  async 'ABORT before STARTTLS'(where) {
+    const client = await NbdRawClient.connect(join(where, 'nbd.sock'));
     client.sendClientFlags(ClientFlag.FIXED_NEWSTYLE);
-    const log = [describeReplies(await client.option(Option.ABORT))];
+    const log = [describeOptionReplies(await client.option(Option.ABORT), 'latin1')];
     await client.closed();
     log.push('closed');
     return log;
   },
 
-  async 'what ends the connection before TLS'(socket) {
+  async 'what ends the connection before TLS'(where) {
     const log: string[] = [];
     const attempts: [string, number, number, Buffer?][] = [
       ['EXPORT_NAME', ClientFlag.FIXED_NEWSTYLE, Option.EXPORT_NAME, Buffer.from('disk')],
@@ -105,7 +85,7 @@ const SCENARIOS: Record<string, (socket: string) => Promise<string[]>> = {
       ['a client without fixed newstyle', 0, Option.LIST],
     ];
     for (const [what, flags, option, data] of attempts) {
-      const client = await NbdRawClient.connect(socket);
+      const client = await NbdRawClient.connect(join(where, 'nbd.sock'));
       client.sendClientFlags(flags);
       client.socket.write(encodeOption(option, data));
       await client.closed();
@@ -114,14 +94,14 @@ const SCENARIOS: Record<string, (socket: string) => Promise<string[]>> = {
     return log;
   },
 
-  async 'requests over TLS'(socket) {
-    const client = await NbdRawClient.connect(socket);
+  async 'requests over TLS'(where) {
+    const client = await NbdRawClient.connect(join(where, 'nbd.sock'));
     client.sendClientFlags(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES);
     await client.option(Option.STARTTLS);
-    await client.startTls(tlsOptions());
+    await client.startTls(tlsOptions(where));
     await client.option(Option.STRUCTURED_REPLY);
     await client.option(Option.SET_META_CONTEXT, encodeMetaContextRequest('disk', ['base:allocation']));
-    const log = [describeReplies(await client.option(Option.GO, encodeInfoRequest('disk', [Info.BLOCK_SIZE])))];
+    const log = [describeOptionReplies(await client.option(Option.GO, encodeInfoRequest('disk', [Info.BLOCK_SIZE])), 'latin1')];
     const status = await client.blockStatus(0, 1048576);
     log.push(`block status ${JSON.stringify([...status.entries()])}`);
     log.push(`flush: error ${await client.change(Command.FLUSH, 0, 0)}`);
@@ -132,8 +112,8 @@ const SCENARIOS: Record<string, (socket: string) => Promise<string[]>> = {
 
 for (const [name, scenario] of Object.entries(SCENARIOS)) {
   test(`NBD with TLS on the wire: ${name}`, { timeout: 60_000 }, async () => {
-    const theirs = await scenario(join(temp.dir, 'qsd', 'nbd.sock'));
-    const ours = await scenario(join(temp.dir, 'blockd', 'nbd.sock'));
+    const theirs = await scenario(peers.qsd.dir);
+    const ours = await scenario(peers.blockd.dir);
     assert.deepEqual(ours, theirs);
   });
 }

@@ -8,20 +8,13 @@
  * export, reads past the end, bad flags, DF reads, simple-reply mode.
  */
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import { encodeInfoRequest, encodeMetaContextRequest, encodeOption } from '../../src/nbd/messages.js';
 import { ClientFlag, Command, CommandFlag, Info, Option } from '../../src/nbd/protocol.js';
-import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
-import { NbdRawClient, type OptionReplyMessage } from '../helpers/nbd-raw-client.js';
-import { makeTempDir } from '../helpers/paths.js';
+import { differentialPeers } from '../helpers/differential-peers.js';
+import { describeOptionReplies, NbdRawClient } from '../helpers/nbd-raw-client.js';
 import { createQcow2, MiB, qemuIo } from '../helpers/qemu-tools.js';
-import { startQsd, type QsdProcess } from '../helpers/qsd-process.js';
-
-const temp = makeTempDir();
-let qsd: QsdProcess;
-let blockd: BlockdProcess;
 
 function serverArgs(where: string): string[] {
   return [
@@ -33,25 +26,10 @@ function serverArgs(where: string): string[] {
   ];
 }
 
-before(async () => {
-  for (const name of ['qsd', 'blockd']) {
-    const where = join(temp.dir, name);
-    mkdirSync(where);
-    createQcow2(join(where, 'disk.qcow2'), 4 * MiB);
-    qemuIo(join(where, 'disk.qcow2'), ['write -P 0x61 64k 128k', 'write -z 1M 64k'], ['-f', 'qcow2']);
-  }
-  qsd = await startQsd(join(temp.dir, 'qsd'), serverArgs(join(temp.dir, 'qsd')));
-  blockd = await runBlockd([...serverArgs(join(temp.dir, 'blockd')), '--qmp', `unix:${join(temp.dir, 'blockd', 'qmp.sock')}`]);
-});
-
-after(async () => {
-  await qsd.stop();
-  await blockd.stop();
-  temp.cleanup();
-});
-
-const describeOptionReplies = (replies: OptionReplyMessage[]) =>
-  replies.map((reply) => `opt ${reply.option} type 0x${reply.type.toString(16)} ${reply.data.toString('hex')}`).join(' | ');
+const peers = differentialPeers((where) => {
+  createQcow2(join(where, 'disk.qcow2'), 4 * MiB);
+  qemuIo(join(where, 'disk.qcow2'), ['write -P 0x61 64k 128k', 'write -z 1M 64k'], ['-f', 'qcow2']);
+}, serverArgs);
 
 /** Reads replies until `count` requests are answered in full; sorted, since concurrent replies may come in any order. */
 async function answers(client: NbdRawClient, count: number, readLength = 0): Promise<string[]> {
@@ -205,8 +183,8 @@ function withIntendedDeviations(transcript: string[]): string[] {
 
 for (const [name, scenario] of Object.entries(SCENARIOS)) {
   test(`NBD wire: ${name}`, async () => {
-    const theirs = withIntendedDeviations(await scenario(join(temp.dir, 'qsd', 'nbd.sock')));
-    const ours = await scenario(join(temp.dir, 'blockd', 'nbd.sock'));
+    const theirs = withIntendedDeviations(await scenario(join(peers.qsd.dir, 'nbd.sock')));
+    const ours = await scenario(join(peers.blockd.dir, 'nbd.sock'));
     assert.deepEqual(ours, theirs);
   });
 }

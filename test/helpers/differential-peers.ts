@@ -37,15 +37,18 @@ function peerDirs(root: string): { qsd: Peer; blockd: Peer } {
   };
 }
 
-/** Prepares root/qsd and root/blockd alike and starts a daemon in each. */
-export async function startDifferentialPeers(root: string, prepare: (dir: string) => void = () => {}): Promise<DifferentialPeers> {
+/**
+ * Prepares root/qsd and root/blockd alike and starts a daemon in each; `daemonArgs` gives both the
+ * same command-line options beyond their monitor (e.g. --blockdev, --nbd-server, --export).
+ */
+export async function startDifferentialPeers(root: string, prepare: (dir: string) => void = () => {}, daemonArgs: (dir: string) => string[] = () => []): Promise<DifferentialPeers> {
   const { qsd, blockd } = peerDirs(root);
   for (const dir of [qsd.dir, blockd.dir]) {
     mkdirSync(dir, { recursive: true });
     prepare(dir);
   }
-  const qsdProcess = await startQsd(qsd.dir);
-  const blockdProcess = await runBlockd(['--qmp', `unix:${blockd.socket}`, '--pidfile', blockd.pidfile]);
+  const qsdProcess = await startQsd(qsd.dir, daemonArgs(qsd.dir));
+  const blockdProcess = await runBlockd([...daemonArgs(blockd.dir), '--qmp', `unix:${blockd.socket}`, '--pidfile', blockd.pidfile]);
   return {
     qsd,
     blockd,
@@ -55,11 +58,11 @@ export async function startDifferentialPeers(root: string, prepare: (dir: string
   };
 }
 
-export function differentialPeers(prepare: (dir: string) => void = () => {}): DifferentialPeers {
+export function differentialPeers(prepare: (dir: string) => void = () => {}, daemonArgs?: (dir: string) => string[]): DifferentialPeers {
   const temp = makeTempDir();
   let running: DifferentialPeers | undefined;
   before(async () => {
-    running = await startDifferentialPeers(temp.dir, prepare);
+    running = await startDifferentialPeers(temp.dir, prepare, daemonArgs);
   });
   after(async () => {
     await running?.stopQsd();

@@ -43,6 +43,11 @@ export interface SimpleReply {
   data?: Buffer;
 }
 
+/** Option replies as one line: option, reply type and data (hex, or as text for messages). */
+export function describeOptionReplies(replies: OptionReplyMessage[], encoding: 'hex' | 'latin1' = 'hex'): string {
+  return replies.map((reply) => `opt ${reply.option} type 0x${reply.type.toString(16)} ${reply.data.toString(encoding)}`).join(' | ');
+}
+
 export class NbdRawClient {
   /** Replaced, with the socket, by their TLS counterparts once startTls() has run. */
   reader: SocketReader;
