@@ -6,8 +6,8 @@
  * certificate is refused), then on a server its distinguished name against
  * the tls-authz object, on a client the server's certificate against the
  * hostname. PSK sessions are authenticated by the key itself. Failures carry
- * QEMU's texts; the socket is then destroyed without a TLS goodbye, as QEMU
- * hangs up.
+ * QEMU's texts (a failed handshake GnuTLS's, chosen by what the peer did), and
+ * the connection ends without a TLS goodbye, as QEMU's does.
  */
 import type { X509Certificate } from 'node:crypto';
 import { isIP, type Socket } from 'node:net';
@@ -57,7 +57,7 @@ function handshakeFailure(error: (Error & { code?: string; reason?: string; sysc
   return new TlsFailure(`TLS handshake failed: ${why}`);
 }
 
-/** Resolves once the handshake is done; rejects with the handshake failure otherwise. */
+/** A client's handshake: resolves once it is done; rejects with the handshake failure otherwise. */
 function handshake(tls: TLSSocket): Promise<void> {
   return new Promise((resolve, reject) => {
     let failure: Error | undefined;
@@ -105,6 +105,7 @@ function hangUp(tls: TLSSocket, plain: Socket): void {
   setTimeout(() => tls.destroy(), 1000).unref();
 }
 
+/** A client's session once its handshake is done and `check` finds nothing wrong with the server. */
 async function established(tls: TLSSocket, check: () => string | undefined): Promise<TLSSocket> {
   guarded(tls);
   try {
