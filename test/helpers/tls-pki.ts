@@ -71,6 +71,18 @@ export function writeDhParams(dir: string): void {
   openssl(['genpkey', '-genparam', '-algorithm', 'DH', '-pkeyopt', 'group:ffdhe2048', '-out', join(dir, 'dh-params.pem')]);
 }
 
+/** dir/ca-crl.pem: the CA's revocation list, naming the certificates given (openssl ca keeps its database beside it). */
+export function writeCrl(ca: CertificateAuthority, dir: string, revoked: string[]): void {
+  const database = join(dir, 'crl-db');
+  mkdirSync(database, { recursive: true });
+  writeFileSync(join(database, 'index.txt'), '');
+  const config = join(database, 'ca.cnf');
+  writeFileSync(config, `[ca]\ndefault_ca = crl\n[crl]\ndatabase = ${join(database, 'index.txt')}\ndefault_md = sha256\ndefault_crl_days = 2\n`);
+  const signer = ['-config', config, '-keyfile', ca.key, '-cert', ca.cert];
+  for (const cert of revoked) openssl(['ca', ...signer, '-revoke', cert]);
+  openssl(['ca', ...signer, '-gencrl', '-out', join(dir, 'ca-crl.pem')]);
+}
+
 /** A directory with only the CA's certificate: a client that has no certificate of its own. */
 export function caOnly(ca: CertificateAuthority, dir: string): string {
   mkdirSync(dir, { recursive: true });
@@ -100,13 +112,15 @@ export function makePki(root: string): { ca: CertificateAuthority; server: strin
 
 /** Credential directories for every situation the TLS interop tests put clients and servers in. */
 export interface TlsFixtures {
-  /** x509 server for localhost and 127.0.0.1. */
+  /** x509 server for localhost and 127.0.0.1, with a revocation list (ca-crl.pem). */
   server: string;
   /** x509 client whose distinguished name is `clientName`. */
   client: string;
   clientName: string;
   /** A client of the same CA with another name (an authz check refuses it). */
   intruder: string;
+  /** A client whose certificate the server's ca-crl.pem revokes. */
+  revoked: string;
   /** A client that trusts our CA but has no certificate. */
   caOnly: string;
   /** A client that trusts our CA, with a certificate from another CA. */
@@ -123,6 +137,8 @@ export interface TlsFixtures {
 
 export function makeTlsFixtures(root: string): TlsFixtures {
   const { ca, server, client } = makePki(root);
+  const revoked = issue(ca, join(root, 'revoked'), 'client', { subject: '/O=blockd test/CN=revoked' });
+  writeCrl(ca, server, [join(revoked, 'client-cert.pem')]);
   const other = makeCa(join(root, 'other-ca'), 'Other CA');
   const stranger = issue(other, join(root, 'stranger'), 'client', { subject: '/O=blockd test/CN=stranger' });
   copyFileSync(ca.cert, join(stranger, 'ca-cert.pem'));
@@ -134,6 +150,7 @@ export function makeTlsFixtures(root: string): TlsFixtures {
     client,
     clientName: 'O=blockd test,CN=client',
     intruder: issue(ca, join(root, 'intruder'), 'client', { subject: '/O=blockd test/CN=intruder' }),
+    revoked,
     caOnly: caOnly(ca, join(root, 'ca-only')),
     stranger,
     distrusting: issue(other, join(root, 'distrusting'), 'client', { subject: '/O=blockd test/CN=client' }),

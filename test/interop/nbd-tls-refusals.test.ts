@@ -4,8 +4,8 @@
  *   script against the same servers (QSD's and blockd's x509 server over TCP
  *   with an authz check, their PSK servers, qemu-nbd with x509 on a UNIX
  *   socket, a plain qemu-nbd):
- *   no credentials, a good certificate, no certificate, one of another CA, a
- *   server of an unknown CA, the wrong hostname, a name the authz refuses,
+ *   no credentials, a good certificate, no certificate, a revoked one, one of
+ *   another CA, a server of an unknown CA, the wrong hostname, a name the authz refuses,
  *   PSK with the right and a wrong key, the wrong kind of credentials, TLS to
  *   a server without it. Their replies must be equal.
  * - as a server: qemu-img and nbdinfo connect in the same ways to QSD's and
@@ -134,6 +134,7 @@ describe('as a client', () => {
   const credentials = (): TranscriptStep[] => [
     objectAdd('tls-creds-x509', 'cx', pki.client),
     objectAdd('tls-creds-x509', 'intruder', pki.intruder),
+    objectAdd('tls-creds-x509', 'revoked', pki.revoked),
     objectAdd('tls-creds-x509', 'ca-only', pki.caOnly),
     // Its own certificate is of another CA than its ca-cert.pem: QEMU's sanity check would refuse it.
     objectAdd('tls-creds-x509', 'stranger', pki.stranger, { 'sanity-check': false }),
@@ -164,6 +165,7 @@ describe('as a client', () => {
         ...attach(tcp, { 'tls-creds': 'cx', 'tls-hostname': 'localhost' }),
         ...attach(tcp, { 'tls-creds': 'cx', 'tls-hostname': 'elsewhere.example' }),
         ...attach(tcp, { 'tls-creds': 'intruder' }),
+        ...attach(tcp, { 'tls-creds': 'revoked' }),
         ...attach(tcp, { 'tls-creds': 'ca-only' }),
         ...attach(tcp, { 'tls-creds': 'stranger' }),
         ...attach(tcp, { 'tls-creds': 'distrusting' }),
@@ -221,6 +223,7 @@ describe('as a server', () => {
       qemuImg('plain to x509', undefined, tcp),
       qemuImg('x509', x509(pki.client), `${tcp},tls-creds=c0`),
       qemuImg('intruder', x509(pki.intruder), `${tcp},tls-creds=c0`),
+      qemuImg('revoked', x509(pki.revoked), `${tcp},tls-creds=c0`),
       qemuImg('no certificate', x509(pki.caOnly), `${tcp},tls-creds=c0`),
       qemuImg('stranger', `${x509(pki.stranger)},sanity-check=off`, `${tcp},tls-creds=c0`),
       qemuImg('distrusting', x509(pki.distrusting), `${tcp},tls-creds=c0`),
@@ -260,10 +263,10 @@ describe('as a server', () => {
     assert.ok(ours.filter((line) => /exit 0/.test(line)).length >= 5, ours.join('\n'));
 
     // The servers give the same reasons for the clients they refused.
-    const refused = ['intruder', 'no certificate', 'stranger', 'nbdinfo no certificate'].length;
+    const refused = ['intruder', 'revoked', 'no certificate', 'stranger', 'nbdinfo no certificate'].length;
     await waitUntil(() => qsdServers.refusals().length >= refused && blockdServers.refusals().length >= refused, 'both servers reported their refusals');
     assert.deepEqual(blockdServers.refusals(), qsdServers.refusals());
-    assert.deepEqual(blockdServers.refusals()[0], `TLS x509 authz check for O=blockd test,CN=intruder is denied`);
+    assert.deepEqual(blockdServers.refusals().slice(0, 2), ['TLS x509 authz check for O=blockd test,CN=intruder is denied', 'The certificate has been revoked']);
   });
 
   test('a failed PSK handshake is refused by both; QEMU words the alert OpenSSL sends differently', () => {
