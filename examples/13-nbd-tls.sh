@@ -9,24 +9,13 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 source "$here/lib/qmp.sh"
+source "$here/lib/tls-pki.sh"
 fail() { echo "FAILED: $*" >&2; exit 1; }
 
 # The credentials, in QEMU's layout: a directory per end, holding ca-cert.pem and
 # server-cert.pem/server-key.pem (or client-cert.pem/client-key.pem).
-pki="$work/pki"; mkdir -p "$pki/ca" "$pki/server" "$pki/client"
-newkey() { echo -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1"; }
-openssl req -x509 $(newkey "$pki/ca/ca-key.pem") -out "$pki/ca/ca-cert.pem" -days 1 -subj "/CN=Example CA" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-for end in server client; do
-  purpose=$([ $end = server ] && echo serverAuth || echo clientAuth)
-  names=$([ $end = server ] && echo "subjectAltName=DNS:localhost,IP:127.0.0.1" || true)
-  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
-    "extendedKeyUsage=critical,$purpose" $names > "$work/$end.ext"
-  openssl req $(newkey "$pki/$end/$end-key.pem") -out "$work/$end.csr" -subj "/O=Example/CN=$end" 2>/dev/null
-  openssl x509 -req -in "$work/$end.csr" -CA "$pki/ca/ca-cert.pem" -CAkey "$pki/ca/ca-key.pem" -CAcreateserial \
-    -CAserial "$work/ca.srl" -out "$pki/$end/$end-cert.pem" -days 1 -extfile "$work/$end.ext" 2>/dev/null
-  cp "$pki/ca/ca-cert.pem" "$pki/$end/"
-done
+pki="$work/pki"
+make_pki "$pki"
 
 qemu-img create -q -f qcow2 "$work/disk.qcow2" 16M
 qemu-io -c 'write -P 0x47 0 1M' "$work/disk.qcow2" >/dev/null

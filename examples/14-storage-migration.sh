@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Live storage migration between two blockd processes (two hosts): the destination exports an
-# empty image over NBD; the source mirrors its disk into that export while a client keeps
+# Live storage migration between two blockd processes (two hosts), over TLS: the destination
+# exports an empty image over NBD, TLS only, to the holder of the client certificate
+# (tls-creds-x509 + authz-simple); the source mirrors its disk into that export (an nbd node
+# with tls-creds) while a client keeps
 # writing to the disk through the source's own NBD export; at READY, job-complete pivots, and
 # the source's export now serves the destination's disk. The destination then holds every
 # write the client made, before, during and after the pivot.
-# Needs: npm run build, socat, qemu-utils.
+# Needs: npm run build, socat, openssl, qemu-utils.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/lib/qmp.sh"
+source "$here/lib/tls-pki.sh"
 work="$(mktemp -d)"
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -19,10 +22,17 @@ qemu-img create -q -f qcow2 "$work/disk.qcow2" 64M
 qemu-io -f qcow2 -c 'write -P 0x11 0 32M' "$work/disk.qcow2" >/dev/null
 qemu-img create -q -f qcow2 "$work/destination.qcow2" 64M
 
-# The destination host: its image, exported writable over NBD (a TCP port on a real network).
+# The hosts' credentials: the destination serves with the server certificate, the source dials
+# with the client certificate (a CA both trust).
+make_pki "$work/pki"
+
+# The destination host: its image, exported writable over NBD with TLS, to the client certificate's
+# holder only. Across hosts the server listens on addr.type=inet; a UNIX socket keeps this self-contained.
 "$here/../bin/blockd" --qmp "unix:$work/dst-qmp.sock" --pidfile "$work/dst.pid" \
   --blockdev "driver=qcow2,node-name=incoming,file.driver=file,file.filename=$work/destination.qcow2" \
-  --nbd-server "addr.type=unix,addr.path=$work/dst-nbd.sock" \
+  --object "tls-creds-x509,id=tls0,dir=$work/pki/server,endpoint=server" \
+  --object "authz-simple,id=auth0,identity=O=Example,,CN=client" \
+  --nbd-server "addr.type=unix,addr.path=$work/dst-nbd.sock,tls-creds=tls0,tls-authz=auth0" \
   --export type=nbd,id=incoming,node-name=incoming,name=incoming,writable=on 2>"$work/dst.log" &
 pids+=($!)
 # The source host: the disk, exported to its client.
@@ -49,8 +59,14 @@ client() {
 client & client_pid=$!
 pids+=($client_pid)
 
-# The migration: the destination's export as a node on the source, then the mirror.
-qmp_ok "$src" '{"execute": "blockdev-add", "arguments": {"driver": "nbd", "node-name": "remote", "export": "incoming", "server": {"type": "unix", "path": "'"$work"'/dst-nbd.sock"}}}'
+# Without TLS the destination turns the source away.
+qmp "$src" '{"execute": "blockdev-add", "arguments": {"driver": "nbd", "node-name": "plain", "export": "incoming", "server": {"type": "unix", "path": "'"$work"'/dst-nbd.sock"}}}' \
+  | grep -q 'TLS negotiation required' || fail "the destination served a client without TLS"
+
+# The migration: the destination's export as a node on the source, over TLS (the client end's
+# credentials; tls-hostname is the name the server's certificate must carry), then the mirror.
+qmp_ok "$src" '{"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", "id": "tls0", "dir": "'"$work"'/pki/client", "endpoint": "client"}}'
+qmp_ok "$src" '{"execute": "blockdev-add", "arguments": {"driver": "nbd", "node-name": "remote", "export": "incoming", "tls-creds": "tls0", "tls-hostname": "localhost", "server": {"type": "unix", "path": "'"$work"'/dst-nbd.sock"}}}'
 qmp_ok "$src" '{"execute": "blockdev-mirror", "arguments": {"job-id": "migrate", "device": "disk", "target": "remote", "sync": "full"}}'
 wait_job "$src" migrate ready
 echo "in sync; the client goes on writing"
