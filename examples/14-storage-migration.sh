@@ -2,9 +2,8 @@
 # Live storage migration between two blockd processes (two hosts), over TLS: the destination
 # exports an empty image over NBD, TLS only, to the holder of the client certificate
 # (tls-creds-x509 + authz-simple); the source mirrors its disk into that export (an nbd node
-# with tls-creds) while a client keeps
-# writing to the disk through the source's own NBD export; at READY, job-complete pivots, and
-# the source's export now serves the destination's disk. The destination then holds every
+# with tls-creds) while a client keeps writing to the disk through the source's own NBD export;
+# at READY, job-complete pivots, and the source's export now serves the destination's disk. The destination then holds every
 # write the client made, before, during and after the pivot.
 # Needs: npm run build, socat, openssl, qemu-utils.
 set -euo pipefail
