@@ -49,6 +49,9 @@ test('blkdebug: errors by event, iotype, sector, once and state', async () => {
   await disk.write(0, buffer); // once: disarmed
   await disk.flush(); // state 1 -> 2: the state-2 rule now fails every read
   await assert.rejects(disk.read(0, buffer), (error: Error & { code: string }) => error.code === 'EPERM');
+  // A rule without iotype fails every request but block status, as QEMU's default does.
+  await disk.child.blockStatus(0, 512);
+  await assert.rejects(disk.read(0, buffer), (error: Error & { code: string }) => error.code === 'EPERM');
   await daemon.graph.detach(disk);
   await assert.rejects(daemon.runCommand('blockdev-add', { driver: 'blkdebug', 'node-name': 'x', image: 'dbg', 'inject-error': [{ event: 'l1_update' }] }),
     /blkdebug event 'l1_update' is not supported by blockd/);

@@ -32,6 +32,8 @@ interface BlkdebugOptions {
 
 const FIRED_EVENTS = new Set(['read_aio', 'write_aio', 'flush_to_os', 'flush_to_disk']);
 type IoType = 'read' | 'write' | 'write-zeroes' | 'discard' | 'flush' | 'block-status';
+/** What a rule without `iotype` fails, as in QEMU: every request but block status. */
+const DEFAULT_IO_TYPES: readonly IoType[] = ['read', 'write', 'write-zeroes', 'discard', 'flush'];
 
 const ERRNO_NAMES: Record<number, string> = { 1: 'EPERM', 5: 'EIO', 12: 'ENOMEM', 22: 'EINVAL', 28: 'ENOSPC', 95: 'ENOTSUP', 122: 'EDQUOT' };
 
@@ -63,7 +65,7 @@ class BlkdebugState implements DriverState {
     const rule = this.active.find((candidate) => {
       const at = candidate.sector === undefined || candidate.sector < 0 ? -1 : candidate.sector * 512;
       const offsetMatches = at === -1 || (length > 0 && at >= offset && at < offset + length);
-      return offsetMatches && (candidate.iotype === undefined || candidate.iotype === type);
+      return offsetMatches && (candidate.iotype === undefined ? DEFAULT_IO_TYPES.includes(type) : candidate.iotype === type);
     });
     if (!rule) return;
     if (rule.once) {
