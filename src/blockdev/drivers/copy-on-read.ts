@@ -122,7 +122,7 @@ function findBottom(context: OpenContext, top: BlockNode, name: string): BlockNo
 export const copyOnReadDriver: BlockDriver<CorOptions> = {
   name: 'copy-on-read',
   kind: 'filter',
-  strongOptions: ['bottom'],
+  strongOptions: [], // as in QEMU, 'bottom' is not part of the filter's json: filename
   async open(context, options) {
     const file = await context.openChild('file', { name: 'file', role: 'filtered' });
     const bottom = options.bottom === undefined ? undefined : findBottom(context, file.child, options.bottom);
