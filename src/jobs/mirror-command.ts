@@ -99,15 +99,12 @@ export async function startMirror(layer: BlockLayer, jobs: JobRegistry, request:
 
   if (sync === 'incremental' || sync === 'bitmap') throw genericError(`Sync mode '${sync}' not supported`);
   if (bufSize !== undefined && bufSize < 0) throw genericError("Invalid parameter 'buf-size'");
-  if (source === target) throw genericError("Can't mirror node into itself");
+  // Filters read what the node below them reads: mirroring through them is mirroring into itself.
+  if (skipFilters(source) === skipFilters(target)) throw genericError("Can't mirror node into itself");
   const filterNodeName = args['filter-node-name'];
   if (filterNodeName !== undefined) {
     checkNodeName(filterNodeName);
     if (layer.graph.has(filterNodeName)) throw genericError(`Duplicate nodes with node-name='${filterNodeName}'`);
-  }
-  const unfilteredTarget = skipFilters(target);
-  if (unfilteredTarget !== target && [source, ...chainBelow(source)].includes(unfilteredTarget)) {
-    throw genericError("Cannot mirror to a filter on top of a node in the source's backing chain");
   }
 
   const kind = new MirrorJob(layer, {

@@ -19,7 +19,7 @@ import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED } from
 import { RangeLock } from '../blockdev/range-lock.js';
 import type { MirrorCopyMode } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
-import { allocatedBetween } from './backing-chain.js';
+import { allocatedBetween, chainBelow, skipFilters } from './backing-chain.js';
 import { CopyError, copyRange } from './copy-engine.js';
 import { JobCancelled, type ErrorPolicy, type Job, type JobKind } from './job.js';
 import { JobNodes, insertJobFilter, leaveJobFilter } from './job-nodes.js';
@@ -78,6 +78,11 @@ export class MirrorJob implements JobKind, MirrorTopHook {
   async setUp(job: Job): Promise<void> {
     const { source, target, granularity } = this.settings;
     this.job = job;
+    // QEMU refuses this once the job exists: the error comes between its created and null events.
+    const unfilteredTarget = skipFilters(target);
+    if (unfilteredTarget !== target && [source, ...chainBelow(source)].includes(unfilteredTarget)) {
+      throw genericError("Cannot mirror to a filter on top of a node in the source's backing chain");
+    }
     const filter = await insertJobFilter(this.layer, { driver: 'mirror_top', backing: source.name }, source, this.settings.filterNodeName);
     this.filter = filter;
     const nodes = new JobNodes(this.layer, job, 'mirror');
