@@ -92,8 +92,10 @@ export class MirrorJob implements JobKind, MirrorTopHook {
     this.target = await nodes.open(target, { perm: PERM_WRITE, shared: PERM_WRITE_UNCHANGED });
     this.source = await nodes.hold(source, 'source', { perm: 0, shared: PERM_WRITE_UNCHANGED | PERM_WRITE | PERM_CONSISTENT_READ });
     await nodes.hold(target, 'target', { perm: 0, shared: PERM_ALL });
-    // Every write to the source marks it, whoever writes (write-blocking writes clear what reached the target too).
+    // As QEMU 7.2's, the bitmap lives on the source and records its writes in the background;
+    // write-blocking, the filter's hook keeps it (it shows as not recording).
     const bitmap = new DirtyBitmap(source.length(), granularity);
+    bitmap.enabled = this.copyMode === 'background';
     this.bitmap = bitmap;
     source.bitmaps.add(bitmap);
     (filter.state as MirrorTopState).hook = this;
@@ -173,17 +175,29 @@ export class MirrorJob implements JobKind, MirrorTopHook {
   }
 
   /**
-   * Every write to the source passes here (the filter's hook). In the background it just goes
-   * on (the source marks the bitmap); write-blocking, it goes to the target too before it
-   * completes, holding its range so that no background copy of older data crosses it.
+   * Every write to the source passes here (the filter's hook). In the background it just
+   * goes on (the source marks the bitmap); write-blocking, the write goes to the target too
+   * before it completes, holding its range so that no background copy of older data crosses it.
    */
   async write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge) => Promise<void>): Promise<void> {
     const bitmap = this.bitmap!;
     const target = this.target;
-    if (this.copyMode !== 'write-blocking' || !target || this.finished) return request();
+    if (this.copyMode !== 'write-blocking' || !target || this.finished) {
+      try {
+        return await request();
+      } finally {
+        // Switched to write-blocking meanwhile: the source no longer marked it, and the target does not have it.
+        if (!bitmap.enabled) bitmap.set(offset, length);
+      }
+    }
     const release = await this.locks.acquire(offset, offset + length, true);
     try {
-      await request();
+      try {
+        await request();
+      } catch (error) {
+        bitmap.set(offset, length); // the source may have changed in part (its bitmap does not record now)
+        throw error;
+      }
       try {
         await replay(target);
       } catch (error) {
@@ -209,6 +223,7 @@ export class MirrorJob implements JobKind, MirrorTopHook {
     if (copyMode === this.copyMode) return;
     if (copyMode !== 'write-blocking') throw genericError(`Change to copy mode '${copyMode}' is not implemented`);
     this.copyMode = copyMode;
+    if (this.bitmap) this.bitmap.enabled = false;
   }
 
   complete(): void {
