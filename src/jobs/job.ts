@@ -430,6 +430,20 @@ export class Job {
     return this.until(() => !this.shownPaused || this.pauseCount > 0 || !this.executing);
   }
 
+  /**
+   * The run has ended holding the job's own source drained (a mirror's last copy): QEMU's job
+   * is drained along with its node, so it shows as paused until the returned function (the
+   * end of that drain) is called.
+   */
+  pausedByOwnDrain(): () => void {
+    this.pauseCount++;
+    let held = true;
+    return () => {
+      if (held) this.pauseCount--;
+      held = false;
+    };
+  }
+
   get isUserPaused(): boolean {
     return this.userPaused;
   }

@@ -130,7 +130,12 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
         try {
           if (bitmap.count() === 0 && failed() === undefined) {
             await plan.target.flush();
-            return endDrain;
+            // QEMU's job is drained with its source until its end lets the drain go: it shows as paused.
+            const resume = job.pausedByOwnDrain();
+            return () => {
+              endDrain();
+              resume();
+            };
           }
         } catch (error) {
           endDrain();

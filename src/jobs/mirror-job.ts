@@ -105,7 +105,13 @@ export class MirrorJob implements JobKind, MirrorTopHook {
     const target = this.target!;
     const bitmap = this.bitmap!;
     const length = this.settings.source.length();
-    if (target.length() !== length) throw new Error('Source and target image have different sizes');
+    if (target.length() !== length) {
+      job.startupReached(); // QEMU reports a failed run from its main loop, after the command's reply
+      throw new Error('Source and target image have different sizes');
+    }
+    // The initial copy's first look at the source is where QEMU's job first yields; with
+    // nothing to copy (sync=none) that is only once it is READY (the engine says when).
+    if (this.settings.copyDownTo) job.startupReached();
     await this.markInitialCopy(job, bitmap, length);
     const chunkSize = Math.max(this.settings.granularity, Math.min(MAX_CHUNK, this.settings.bufSize));
     try {
