@@ -87,6 +87,12 @@ export class Job {
   workers = 1;
   private sleepers = 0;
   private sleepKicks: (() => void)[] = [];
+  /**
+   * Set by a run whose I/O goes on beside it (the mirror loop's copies): a pause parks only once
+   * that I/O has settled, as QEMU's mirror_pause waits for its operations, so a paused job's
+   * offset stands still.
+   */
+  settleBeforePause: (() => Promise<unknown>) | undefined;
   /** Counts parkings, so a sleeper can tell that the job was paused while it slept. */
   pauseGeneration = 0;
   private statusWaiters: { test: () => boolean; resolve: () => void }[] = [];
@@ -297,6 +303,7 @@ export class Job {
     if (action === 'stop' && !this.userPaused) {
       this.userPaused = true;
       this.pauseCount++;
+      this.kickSleepers(); // a run waiting under its speed limit goes to its pause point now
     }
     return action;
   }
@@ -329,6 +336,11 @@ export class Job {
   async pausePoint(): Promise<void> {
     if (this.cancelled) throw new JobCancelled();
     if (this.pauseCount === 0) return;
+    if (this.settleBeforePause) {
+      await this.settleBeforePause();
+      if (this.cancelled) throw new JobCancelled();
+      if (this.pauseCount === 0) return;
+    }
     this.parked++;
     this.kickSleepers(); // a worker sleeping under the speed limit parks now, not after its sleep
     this.showPausedOnceParked();

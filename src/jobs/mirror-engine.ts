@@ -75,10 +75,11 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
     const operation: Operation = { offset, length, done: Promise.resolve() };
     operation.done = copyOnce(offset, length).then(() => {
       job.currentProgress += length;
-    }, async (error: unknown) => {
+    }, (error: unknown) => {
+      // The range is dirty again: copied later (ignore), after the resume (stop), or never (report).
       const cause = error instanceof CopyError ? error.cause : error;
       const operationType = error instanceof CopyError ? error.operation : 'read';
-      const action = await job.ioError(errnoOf(cause), operationType, plan.policy(operationType));
+      const action = job.errorAction(errnoOf(cause), operationType, plan.policy(operationType));
       if (action === 'report') failure ??= cause;
     }).finally(() => operations.delete(operation));
     operations.add(operation);
@@ -90,6 +91,7 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
   const allDone = () => Promise.allSettled([...operations].map((operation) => operation.done));
   const failed = () => failure ?? plan.failure?.();
 
+  job.settleBeforePause = allDone;
   try {
     for (;;) {
       await job.pausePoint();
@@ -147,6 +149,7 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
       await job.sleep(IDLE_POLL_MS);
     }
   } finally {
+    job.settleBeforePause = undefined;
     await allDone();
   }
 }
