@@ -26,7 +26,7 @@ export interface MirrorPlan {
   shouldComplete(): boolean;
   /** The on-error policy for a failed read of the source or write of the target. */
   policy(operation: 'read' | 'write'): ErrorPolicy;
-  /** Bytes per copy (a multiple of the bitmap's granularity). */
+  /** The most bytes one copy of data moves (a multiple of the bitmap's granularity; QEMU's max_io_bytes). */
   chunkSize: number;
   inFlight: number;
   /** The most one iteration copies before the speed limit is applied (QEMU's buf-size). */
@@ -85,6 +85,23 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
     operations.add(operation);
   };
 
+  /**
+   * The length of the copy at `offset` (QEMU's mirror_iteration): one run of the source's block
+   * status in whole granules, a run of data at most a chunk, a run of zeroes or holes whole.
+   */
+  const copyLength = async (offset: number, remaining: number): Promise<number> => {
+    const { granularity } = bitmap;
+    let length: number;
+    try {
+      const status = await plan.source.child.blockStatusAbove(offset, remaining);
+      length = status.data ? Math.min(status.length, plan.chunkSize) : status.length;
+    } catch {
+      length = plan.chunkSize; // the copy itself meets the error
+    }
+    length -= length % granularity;
+    return Math.min(remaining, Math.max(length, granularity));
+  };
+
   const overlapsInFlight = (offset: number, length: number) =>
     [...operations].some((operation) => operation.offset < offset + length && offset < operation.offset + operation.length);
   const anyDone = () => Promise.race([...operations].map((operation) => operation.done));
@@ -110,9 +127,12 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
         const end = run.offset + run.length;
         cursor = end;
         job.startupReached(); // the first copy: QEMU's job yields here, its command has returned
-        for (let offset = run.offset; offset < end; offset += plan.chunkSize) {
+        for (let offset = run.offset; offset < end;) {
           while (operations.size >= plan.inFlight) await anyDone();
-          start(offset, Math.min(plan.chunkSize, end - offset));
+          if (failed() !== undefined) break; // as QEMU's, an iteration issues no more copies once one has failed
+          const length = await copyLength(offset, end - offset);
+          start(offset, length);
+          offset += length;
         }
         await limit.take(job, run.length);
         continue;

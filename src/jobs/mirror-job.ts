@@ -25,8 +25,8 @@ import { JobCancelled, type ErrorPolicy, type Job, type JobKind } from './job.js
 import { JobNodes, insertJobFilter, leaveJobFilter } from './job-nodes.js';
 import { runMirror } from './mirror-engine.js';
 
-/** The most bytes one copy moves (QEMU's mirror splits its buffer into requests of this size or the granularity). */
-const MAX_CHUNK = 1 << 20;
+/** The bytes each zero write of the target's initial zeroing covers. */
+const ZEROING_CHUNK = 1 << 20;
 /** QEMU's default buf-size: the bytes one iteration may have in flight. */
 export const DEFAULT_BUF_SIZE = 16 << 20;
 /** QEMU's MAX_IN_FLIGHT. */
@@ -113,7 +113,9 @@ export class MirrorJob implements JobKind, MirrorTopHook {
     // nothing to copy (sync=none) that is only once it is READY (the engine says when).
     if (this.settings.copyDownTo) job.startupReached();
     await this.markInitialCopy(job, bitmap, length);
-    const chunkSize = Math.max(this.settings.granularity, Math.min(MAX_CHUNK, this.settings.bufSize));
+    // QEMU's max_io_bytes: the buffer shared by MAX_IN_FLIGHT copies, in whole granules.
+    const { granularity, bufSize } = this.settings;
+    const chunkSize = Math.max(granularity, Math.floor(bufSize / MAX_IN_FLIGHT / granularity) * granularity);
     try {
       this.endDrain = await runMirror(job, {
         source: this.source!,
@@ -146,9 +148,9 @@ export class MirrorJob implements JobKind, MirrorTopHook {
         bitmap.set(0, length);
         return;
       }
-      for (let offset = 0; offset < length; offset += MAX_CHUNK) {
+      for (let offset = 0; offset < length; offset += ZEROING_CHUNK) {
         await job.pausePoint();
-        await this.target!.writeZeroes(offset, Math.min(MAX_CHUNK, length - offset), { mayUnmap: true });
+        await this.target!.writeZeroes(offset, Math.min(ZEROING_CHUNK, length - offset), { mayUnmap: true });
       }
     }
     for (let offset = 0; offset < length;) {
