@@ -58,12 +58,14 @@ test('block-job-change: a mirror goes from background to write-blocking, and not
   const change = (copyMode: string) =>
     qmp.execute('block-job-change', { id: 'm', type: 'mirror', 'copy-mode': copyMode } as never).then(() => 'ok', (error: Error) => error.message);
   const progress = async () => ((await qmp.execute('query-block-jobs')) as { device: string; offset: number; len: number; busy: boolean }[]).find((job) => job.device === 'm')!;
-  /** The first iteration has landed and the job sleeps: two polls in a row see it idle at the same offset. */
+  /**
+   * The first iteration (buf-size, 16 MiB) has landed and the job sleeps. Idle alone is not
+   * enough: the job sleeps under its limit while the iteration's last copies are in flight.
+   */
   const settled = async () => {
-    for (let last = -1; ;) {
+    for (;;) {
       const job = await progress();
-      if (!job.busy && job.offset > 0 && job.offset === last) return job;
-      last = job.busy ? -1 : job.offset;
+      if (!job.busy && job.offset === 16 * MiB) return job;
       await new Promise((resolve) => setTimeout(resolve, 10));
     }
   };
