@@ -1,15 +1,15 @@
 /*
  * The images the mirror data and crash tests work on: the source is the top of the pattern
- * chain `m-base <- m-mid <- m-top` (pattern-chains.ts), made once and copied for each run;
- * the target is empty for sync=full and backed by the source's backing (m-mid) for sync=top
- * and none. The guest writes only where the top has no data, so that sync=none, which never
+ * chain `m-base <- m-mid <- m-top` (pattern-chains.ts); the target holds old data for
+ * sync=full and is backed by the source's backing (m-mid) for sync=top and none. All are made
+ * once and copied for each run. The guest writes only where the top has no data, so that sync=none, which never
  * copies the top, still leaves the target reading what the source reads where it was written.
  */
 import { copyFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { MirrorSyncMode } from '../../src/generated/qapi-types.js';
 import { makePatternChain } from './pattern-chains.js';
-import { createQcow2, MiB, qemuIo, runQemuImg } from './qemu-tools.js';
+import { convertToRaw, createQcow2, MiB, qemuIo, runQemuImg } from './qemu-tools.js';
 
 export type MirrorSync = Extract<MirrorSyncMode, 'full' | 'top' | 'none'>;
 
@@ -20,31 +20,47 @@ export const WRITE_REGIONS = [
   { offset: 44 * MiB, length: 6 * MiB },
 ];
 
-const CHAIN_FILES = ['m-base.qcow2', 'm-mid.qcow2', 'm-top.qcow2', 'm-expected.raw'];
+const SYNCS: MirrorSync[] = ['full', 'top', 'none'];
 
-/** The layer images of a run, outermost first; node names are `<prefix>-<layer>`. */
-export const LAYERS = [
+/** The layer images of a run, outermost first. */
+const LAYERS = [
   { layer: 'src', file: 'm-top.qcow2', backing: 'mid' },
   { layer: 'mid', file: 'm-mid.qcow2', backing: 'base' },
   { layer: 'base', file: 'm-base.qcow2', backing: undefined },
 ] as const;
 
-/** Makes the source chain once in `dir`; returns what copies it into another folder. */
-export function mirrorChainTemplate(dir: string): (into: string) => void {
+/** A run's images: the source chain, `m-expected.raw` (what the source reads), the target and what it reads before the job. */
+export interface MirrorRunImages {
+  target: string;
+  targetInitial: string;
+}
+
+/**
+ * Makes the source chain and a target for each sync mode once in `dir`; returns what copies
+ * them into a run's folder (the target as `m-target.qcow2`, what it reads as `target-initial.raw`).
+ */
+export function mirrorChainTemplate(dir: string): (into: string, sync: MirrorSync) => MirrorRunImages {
   mkdirSync(dir, { recursive: true });
   makePatternChain(dir, 'm');
-  return (into) => {
+  for (const sync of SYNCS) {
+    const target = createMirrorTarget(join(dir, `m-target-${sync}.qcow2`), sync);
+    convertToRaw(target, join(dir, `target-initial-${sync}.raw`));
+  }
+  return (into, sync) => {
     mkdirSync(into, { recursive: true });
-    for (const file of CHAIN_FILES) copyFileSync(join(dir, file), join(into, file));
+    for (const file of ['m-base.qcow2', 'm-mid.qcow2', 'm-top.qcow2', 'm-expected.raw']) copyFileSync(join(dir, file), join(into, file));
+    const images = { target: join(into, 'm-target.qcow2'), targetInitial: join(into, 'target-initial.raw') };
+    copyFileSync(join(dir, `m-target-${sync}.qcow2`), images.target);
+    copyFileSync(join(dir, `target-initial-${sync}.raw`), images.targetInitial);
+    return images;
   };
 }
 
 /**
- * The target image for `sync`, in `dir` next to the source chain. For sync=full it holds old
- * data where the source reads data, zeroes and holes: the mirror must overwrite all of it.
+ * The target image for `sync`, next to the source chain. For sync=full it holds old data
+ * where the source reads data, zeroes and holes: the mirror must overwrite all of it.
  */
-export function createMirrorTarget(dir: string, sync: MirrorSync): string {
-  const target = join(dir, 'm-target.qcow2');
+function createMirrorTarget(target: string, sync: MirrorSync): string {
   if (sync === 'full') {
     createQcow2(target, 64 * MiB);
     qemuIo(target, ['write -P 0x5a 10M 10M', 'write -P 0x5b 36M 4M', 'write -P 0x5c 59M 5M'], ['-f', 'qcow2']);

@@ -23,10 +23,10 @@ import type { MirrorCopyMode } from '../../src/generated/qapi-types.js';
 import { QmpClient } from '../../src/qmp/client.js';
 import { assertReadsAsAckedWrites } from '../helpers/acked-write-model.js';
 import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
-import { createMirrorTarget, mirrorChainTemplate, mirrorNodes, WRITE_REGIONS, type MirrorSync } from '../helpers/mirror-images.js';
+import { mirrorChainTemplate, mirrorNodes, WRITE_REGIONS, type MirrorSync } from '../helpers/mirror-images.js';
 import { AckedWriter, type AckedWrite } from '../helpers/nbd-acked-writes.js';
 import { makeTempDir } from '../helpers/paths.js';
-import { convertToRaw, MiB, qemuImgCheck, qemuImgCompare, runQemuImg, SeededRandom, testSeeds } from '../helpers/qemu-tools.js';
+import { MiB, qemuImgCheck, qemuImgCompare, runQemuImg, SeededRandom, testSeeds } from '../helpers/qemu-tools.js';
 
 /** When the kill comes: at a random acknowledgement of a phase, or (`pivoted`) as BLOCK_JOB_COMPLETED arrives. */
 type KillMoment = 'copying' | 'ready' | 'completing' | 'pivoted' | 'writing-after-pivot';
@@ -35,12 +35,12 @@ const MODES: MirrorCopyMode[] = ['background', 'write-blocking'];
 const SYNCS: MirrorSync[] = ['full', 'top', 'none'];
 
 const root = makeTempDir('blockd-mirror-crash-');
-let copyChain: (into: string) => void;
+let copyImages: ReturnType<typeof mirrorChainTemplate>;
 /** The blockd that opens the images again after each crash. */
 let reader: { blockd: BlockdProcess; qmp: QmpClient; socket: string; opened: number } | undefined;
 
 before(async () => {
-  copyChain = mirrorChainTemplate(join(root.dir, 'template'));
+  copyImages = mirrorChainTemplate(join(root.dir, 'template'));
   const socket = join(root.dir, 'reader-nbd.sock');
   const blockd = await runBlockd(['--nbd-server', `addr.type=unix,addr.path=${socket}`, '--qmp', `unix:${join(root.dir, 'reader-qmp.sock')}`]);
   reader = { blockd, qmp: await QmpClient.connect(`unix:${join(root.dir, 'reader-qmp.sock')}`), socket, opened: 0 };
@@ -90,11 +90,9 @@ async function crashRound(t: TestContext, { seed, round, moment, mode, sync }: R
   const context = `seed ${seed}, round ${round} (sync=${sync}, ${mode}, killed ${moment})`;
   const dir = join(root.dir, `round${seed}-${round}`);
   const path = (name: string) => join(dir, name);
-  copyChain(dir);
-  const target = createMirrorTarget(dir, sync);
-  convertToRaw(target, path('target-initial.raw'));
+  const { target, targetInitial: targetInitialRaw } = copyImages(dir, sync);
   const sourceInitial = readFileSync(path('m-expected.raw'));
-  const targetInitial = sync === 'none' ? readFileSync(path('target-initial.raw')) : sourceInitial;
+  const targetInitial = sync === 'none' ? readFileSync(targetInitialRaw) : sourceInitial;
 
   const blockd = await runBlockd([
     ...mirrorNodes(dir, target, sync).flatMap((node) => ['--blockdev', JSON.stringify(node)]),

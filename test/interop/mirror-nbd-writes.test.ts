@@ -25,10 +25,10 @@ import type { MirrorCopyMode } from '../../src/generated/qapi-types.js';
 import { QmpClient } from '../../src/qmp/client.js';
 import { applyAcked } from '../helpers/acked-write-model.js';
 import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
-import { backingChain, createMirrorTarget, mirrorChainTemplate, mirrorNodes, qcow2Node, WRITE_REGIONS, type MirrorSync } from '../helpers/mirror-images.js';
+import { backingChain, mirrorChainTemplate, mirrorNodes, qcow2Node, WRITE_REGIONS, type MirrorRunImages, type MirrorSync } from '../helpers/mirror-images.js';
 import { AckedWriter } from '../helpers/nbd-acked-writes.js';
 import { makeTempDir } from '../helpers/paths.js';
-import { assertCheckClean, convertToRaw, createQcow2, MiB, qemuImgCompare, SeededRandom, testSeeds } from '../helpers/qemu-tools.js';
+import { assertCheckClean, createQcow2, MiB, qemuImgCompare, SeededRandom, testSeeds } from '../helpers/qemu-tools.js';
 import { waitUntil } from '../helpers/wait-until.js';
 
 /** Acknowledged writes per phase of the job. */
@@ -57,13 +57,13 @@ interface BlockJob {
 // One daemon serves every run, each on its own copy of the images and its own nodes and export.
 const root = makeTempDir('blockd-mirror-writes-');
 const nbdSocket = join(root.dir, 'nbd.sock');
-let copyChain: (into: string) => void;
+let copyImages: ReturnType<typeof mirrorChainTemplate>;
 let blockd: BlockdProcess;
 let qmp: QmpClient;
 let runs = 0;
 
 before(async () => {
-  copyChain = mirrorChainTemplate(join(root.dir, 'template'));
+  copyImages = mirrorChainTemplate(join(root.dir, 'template'));
   blockd = await runBlockd(['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`, '--qmp', `unix:${join(root.dir, 'qmp.sock')}`]);
   qmp = await QmpClient.connect(`unix:${join(root.dir, 'qmp.sock')}`);
 });
@@ -75,20 +75,19 @@ after(async () => {
 });
 
 /**
- * A run's folder with the source chain and the target for `sync` (what it reads before the job
- * in target-initial.raw), opened as nodes `<run>-src` ... and `<run>-tgt`, the source exported as `<run>`.
+ * A run's folder with the source chain and the target for `sync`, opened as nodes `<run>-src`
+ * ... and `<run>-tgt`, the source exported as `<run>`.
  */
-async function openRun(sync: MirrorSync, unmapTarget = false): Promise<{ run: string; dir: string; target: string }> {
+async function openRun(sync: MirrorSync, unmapTarget = false): Promise<{ run: string; dir: string } & MirrorRunImages> {
   const run = `r${runs++}`;
   const dir = join(root.dir, run);
-  copyChain(dir);
-  const target = createMirrorTarget(dir, sync);
-  convertToRaw(target, join(dir, 'target-initial.raw'));
+  const images = copyImages(dir, sync);
+  const { target } = images;
   const nodes = mirrorNodes(dir, target, sync, `${run}-`);
   if (unmapTarget) nodes.at(-1)!.discard = 'unmap';
   for (const node of nodes) await qmp.execute('blockdev-add', node as never);
   await qmp.execute('block-export-add', { type: 'nbd', id: run, name: run, 'node-name': `${run}-src`, writable: true });
-  return { run, dir, target };
+  return { run, dir, ...images };
 }
 
 /** The export and every node of the run go: the images are closed. */
@@ -136,11 +135,11 @@ async function assertStaysInSync(run: string, writer: AckedWriter, samples: numb
 async function mirrorWhileWriting(t: TestContext, scenario: Scenario, seed: number): Promise<void> {
   const context = `seed ${seed}, ${JSON.stringify(scenario)}`;
   const random = new SeededRandom(seed);
-  const { run, dir, target } = await openRun(scenario.sync, scenario.unmapTarget);
+  const { run, dir, target, targetInitial: targetInitialRaw } = await openRun(scenario.sync, scenario.unmapTarget);
   const path = (name: string) => join(dir, name);
   const sourceInitial = readFileSync(path('m-expected.raw'));
   // sync=none copies only new writes: the target keeps what it read before (the layers below the top).
-  const targetInitial = scenario.sync === 'none' ? readFileSync(path('target-initial.raw')) : sourceInitial;
+  const targetInitial = scenario.sync === 'none' ? readFileSync(targetInitialRaw) : sourceInitial;
   let writer: AckedWriter | undefined;
   try {
     const ready = jobEvent('BLOCK_JOB_READY', run);
