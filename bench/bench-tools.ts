@@ -35,15 +35,20 @@ export function makeRandomFile(path: string, size: number): void {
   closeSync(fd);
 }
 
-/**
- * User CPU seconds a process has used so far, from /proc (clock ticks of 1/100 s). System time
- * is left out: a writer through the page cache pays for the kernel's writeback there, which
- * varies far more from run to run than the daemon's own work.
- */
-export function userCpuSeconds(pid: number): number {
+/** User and system CPU seconds a process has used so far, from /proc (clock ticks of 1/100 s). */
+export function cpuSeconds(pid: number): { user: number; system: number } {
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return Number(fields[11]) / 100;
+  return { user: Number(fields[11]) / 100, system: Number(fields[12]) / 100 };
+}
+
+/**
+ * User CPU seconds a process has used so far. System time is left out: a writer through the
+ * page cache pays for the kernel's writeback there, which varies far more from run to run
+ * than the daemon's own work.
+ */
+export function userCpuSeconds(pid: number): number {
+  return cpuSeconds(pid).user;
 }
 
 /** Runs `action`; returns its seconds and the user CPU seconds process `pid` used meanwhile. */
