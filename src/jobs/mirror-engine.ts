@@ -6,6 +6,11 @@
  * new writes until completed or cancelled. It ends with the source drained
  * and the target flushed: the caller switches the graph over and then ends
  * the drain.
+ * An iteration clears its dirty run first (a write from then on marks it
+ * again), then cuts it by the source's block status, each look deciding one
+ * copy; the copy is told what was found (zeroes are written without a read,
+ * the status not asked again) unless a write-blocking write reached the target
+ * since, which only the job sees (its bitmap does not record it).
  */
 import type { ChildEdge } from '../blockdev/child-edge.js';
 import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
@@ -31,10 +36,16 @@ export interface MirrorPlan {
   inFlight: number;
   /** The most one iteration copies before the speed limit is applied (QEMU's buf-size). */
   iterationBytes: number;
-  /** Copies one chunk (default: read it and write it, zeroes as zero writes). Errors carry their side. */
-  copy?(offset: number, length: number): Promise<void>;
+  /**
+   * Copies one range (default: read it and write it, zeroes as zero writes). `zero`: the range
+   * was found to read as zeroes, or (false) as data; undefined: not known (or no longer: look
+   * again under the range's lock). Errors carry their side.
+   */
+  copy?(offset: number, length: number, zero: boolean | undefined): Promise<void>;
   /** Held over each copy's range, so that a write-blocking guest write and a copy never cross. */
   locks?: RangeLock;
+  /** Counts the writes that reached the target outside the loop (write-blocking): what was found before one is looked at again. */
+  targetWrites?(): number;
   /** A failure met outside the loop (a write-blocking write the target refused): the job ends with it. */
   failure?(): unknown;
 }
@@ -56,13 +67,15 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
   const copy = plan.copy ?? ((offset: number, length: number) => copyRange(plan.source, plan.target, offset, length, {}, true));
   let failure: unknown;
   let cursor = 0;
+  /** Wakes the loop when a copy ends (the loop is the only one waiting, and only while copies are in flight). */
+  let operationEnded: (() => void) | undefined;
   job.workers = 1;
 
-  const copyOnce = async (offset: number, length: number) => {
+  /** One copy; its iteration cleared its range in the bitmap before looking at the source. */
+  const copyOnce = async (offset: number, length: number, zero: boolean | undefined, foundAt: number | undefined) => {
     const release = await plan.locks?.acquire(offset, offset + length, true);
     try {
-      bitmap.clear(offset, length); // a write from now on marks the range again
-      await copy(offset, length);
+      await copy(offset, length, foundAt === plan.targetWrites?.() ? zero : undefined);
     } catch (error) {
       bitmap.set(offset, length); // failed: still to copy
       throw error;
@@ -71,9 +84,9 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
     }
   };
 
-  const start = (offset: number, length: number) => {
+  const start = (offset: number, length: number, zero: boolean | undefined, foundAt: number | undefined) => {
     const operation: Operation = { offset, length, done: Promise.resolve() };
-    operation.done = copyOnce(offset, length).then(() => {
+    operation.done = copyOnce(offset, length, zero, foundAt).then(() => {
       job.currentProgress += length;
     }, (error: unknown) => {
       // The range is dirty again: copied later (ignore), after the resume (stop), or never (report).
@@ -81,30 +94,40 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
       const operationType = error instanceof CopyError ? error.operation : 'read';
       const action = job.errorAction(errnoOf(cause), operationType, plan.policy(operationType));
       if (action === 'report') failure ??= cause;
-    }).finally(() => operations.delete(operation));
+    }).finally(() => {
+      operations.delete(operation);
+      operationEnded?.();
+      operationEnded = undefined;
+    });
     operations.add(operation);
   };
 
   /**
-   * The length of the copy at `offset` (QEMU's mirror_iteration): one run of the source's block
-   * status in whole granules, a run of data at most a chunk, a run of zeroes or holes whole.
+   * The copy at `offset` (QEMU's mirror_iteration): one run of the source's block status in whole
+   * granules, a run of data at most a chunk, a run of zeroes or holes whole; whether it reads as
+   * zeroes, when the run covers it whole.
    */
-  const copyLength = async (offset: number, remaining: number): Promise<number> => {
+  const nextCopy = async (offset: number, remaining: number): Promise<{ length: number; zero: boolean | undefined }> => {
     const { granularity } = bitmap;
     let length: number;
+    let zero: boolean | undefined;
+    let found = 0;
     try {
       const status = await plan.source.child.blockStatusAbove(offset, remaining);
       length = status.data ? Math.min(status.length, plan.chunkSize) : status.length;
+      found = status.length;
+      zero = status.zero;
     } catch {
       length = plan.chunkSize; // the copy itself meets the error
     }
     length -= length % granularity;
-    return Math.min(remaining, Math.max(length, granularity));
+    length = Math.min(remaining, Math.max(length, granularity));
+    return { length, zero: length <= found ? zero : undefined };
   };
 
   const overlapsInFlight = (offset: number, length: number) =>
     [...operations].some((operation) => operation.offset < offset + length && offset < operation.offset + operation.length);
-  const anyDone = () => Promise.race([...operations].map((operation) => operation.done));
+  const anyDone = () => new Promise<void>((resolve) => (operationEnded = resolve));
   const allDone = () => Promise.allSettled([...operations].map((operation) => operation.done));
   const failed = () => failure ?? plan.failure?.();
 
@@ -127,11 +150,16 @@ export async function runMirror(job: Job, plan: MirrorPlan): Promise<() => void>
         const end = run.offset + run.length;
         cursor = end;
         job.startupReached(); // the first copy: QEMU's job yields here, its command has returned
+        bitmap.clear(run.offset, run.length); // a write from now on marks the range again
         for (let offset = run.offset; offset < end;) {
           while (operations.size >= plan.inFlight) await anyDone();
-          if (failed() !== undefined) break; // as QEMU's, an iteration issues no more copies once one has failed
-          const length = await copyLength(offset, end - offset);
-          start(offset, length);
+          if (failed() !== undefined) {
+            bitmap.set(offset, end - offset); // as QEMU's, an iteration issues no more copies once one has failed
+            break;
+          }
+          const foundAt = plan.targetWrites?.();
+          const { length, zero } = await nextCopy(offset, end - offset);
+          start(offset, length, zero, foundAt);
           offset += length;
         }
         await limit.take(job, run.length);

@@ -69,6 +69,8 @@ export class MirrorJob implements JobKind, MirrorTopHook {
   private endDrain: (() => void) | undefined;
   private completeRequested = false;
   private finished = false;
+  /** Write-blocking writes done (the copy loop's test whether what it found about a range still holds). */
+  private targetWrites = 0;
 
   constructor(private readonly layer: BlockLayer, private readonly settings: MirrorSettings) {
     this.copyMode = settings.copyMode;
@@ -128,8 +130,9 @@ export class MirrorJob implements JobKind, MirrorTopHook {
         chunkSize,
         inFlight: Math.max(1, Math.min(MAX_IN_FLIGHT, Math.floor(this.settings.bufSize / chunkSize))),
         iterationBytes: Math.max(chunkSize, this.settings.bufSize),
-        copy: (offset, chunkLength) => this.copyChunk(offset, chunkLength),
+        copy: (offset, chunkLength, zero) => this.copyChunk(offset, chunkLength, zero),
         locks: this.locks,
+        targetWrites: () => this.targetWrites,
         failure: () => this.activeFailure,
       });
     } catch (error) {
@@ -161,22 +164,31 @@ export class MirrorJob implements JobKind, MirrorTopHook {
     }
   }
 
-  /** One chunk: what the source reads as zeroes is written as zeroes without being read, the rest is copied. */
-  private async copyChunk(offset: number, length: number): Promise<void> {
-    const source = this.source!;
-    const target = this.target!;
+  /** What the source reads at `offset`, through its backing chain. */
+  private async sourceStatus(offset: number, length: number): Promise<{ length: number; zero: boolean }> {
+    const status = await this.source!.child.blockStatusAbove(offset, length);
+    return { length: status.length, zero: status.zero };
+  }
+
+  /**
+   * One range the loop found all zero or all data (`zero`), or found nothing about: then it is
+   * walked here, under the range's lock. Zeroes are written as zeroes without being read.
+   */
+  private async copyChunk(offset: number, length: number, zero: boolean | undefined): Promise<void> {
     const end = offset + length;
     for (let at = offset; at < end;) {
-      const status = await source.child.blockStatusAbove(at, end - at).catch((error: unknown) => {
-        throw new CopyError('read', error);
-      });
+      const status = zero === undefined
+        ? await this.sourceStatus(at, end - at).catch((error: unknown) => {
+          throw new CopyError('read', error);
+        })
+        : { length: end - at, zero };
       const run = Math.min(status.length, end - at);
       if (status.zero) {
-        await target.writeZeroes(at, run, { mayUnmap: this.settings.unmap }).catch((error: unknown) => {
+        await this.target!.writeZeroes(at, run, { mayUnmap: this.settings.unmap }).catch((error: unknown) => {
           throw new CopyError('write', error);
         });
       } else {
-        await copyRange(source, target, at, run, {}, this.settings.unmap);
+        await copyRange(this.source!, this.target!, at, run, {}, this.settings.unmap);
       }
       at += run;
     }
@@ -222,6 +234,7 @@ export class MirrorJob implements JobKind, MirrorTopHook {
       this.job!.currentProgress += length;
       this.job!.totalProgress += length;
     } finally {
+      this.targetWrites++; // counted once done, so that a walk that overlapped it is not trusted
       release();
     }
   }
