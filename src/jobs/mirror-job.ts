@@ -199,7 +199,7 @@ export class MirrorJob implements JobKind, MirrorTopHook {
    * goes on (the source marks the bitmap); write-blocking, the write goes to the target too
    * before it completes, holding its range so that no background copy of older data crosses it.
    */
-  async write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge) => Promise<void>): Promise<void> {
+  async write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge, offset: number, length: number) => Promise<void>): Promise<void> {
     const bitmap = this.bitmap!;
     const target = this.target;
     if (this.copyMode !== 'write-blocking' || !target || this.finished) {
@@ -218,21 +218,28 @@ export class MirrorJob implements JobKind, MirrorTopHook {
         bitmap.set(offset, length); // the source may have changed in part (its bitmap does not record now)
         throw error;
       }
+      // QEMU's do_sync_target_write: a partly written granule that is dirty is left to the
+      // background copy (copying part of it could not make it clean); the granules written
+      // whole are in sync once the target has them.
+      const { granularity } = bitmap;
+      let start = offset;
+      let end = offset + length;
+      if (start % granularity !== 0 && bitmap.isDirty(start)) start = Math.ceil(start / granularity) * granularity;
+      if (end % granularity !== 0 && end > start && bitmap.isDirty(end - 1)) end = Math.floor(end / granularity) * granularity;
+      if (end <= start) return;
+      const first = Math.ceil(start / granularity) * granularity;
+      const last = Math.floor(end / granularity) * granularity;
+      if (last > first) bitmap.clear(first, last - first);
       try {
-        await replay(target);
+        await replay(target, start, end - start);
       } catch (error) {
-        bitmap.set(offset, length);
+        bitmap.set(start, end - start);
         const action = this.job!.errorAction(errnoOf(error), 'write', this.settings.onTargetError);
         if (action === 'report') this.activeFailure ??= error;
         return;
       }
-      // Granules the write covered whole are in sync now; partly written ones keep their state.
-      const { granularity } = bitmap;
-      const first = Math.ceil(offset / granularity) * granularity;
-      const last = Math.floor((offset + length) / granularity) * granularity;
-      if (last > first) bitmap.clear(first, last - first);
-      this.job!.currentProgress += length;
-      this.job!.totalProgress += length;
+      this.job!.currentProgress += end - start;
+      this.job!.totalProgress += end - start;
     } finally {
       this.targetWrites++; // counted once done, so that a walk that overlapped it is not trusted
       release();

@@ -15,8 +15,8 @@ import { PERM_CONSISTENT_READ, PERM_WRITE, defaultChildPermissions, type Permiss
 
 /** A job that takes part in every write to its source (a write-blocking mirror copies it to the target too). */
 export interface MirrorTopHook {
-  /** `request` changes the source; `replay` does the same to another node. Resolves when the write may complete. */
-  write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge) => Promise<void>): Promise<void>;
+  /** `request` changes the source; `replay` does the same to a part of it on another node. Resolves when the write may complete. */
+  write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge, offset: number, length: number) => Promise<void>): Promise<void>;
 }
 
 export class MirrorTopState implements DriverState {
@@ -34,12 +34,14 @@ export class MirrorTopState implements DriverState {
 
   write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
     if (!this.hook) return this.source.write(offset, buffer, flags);
-    return this.hook.write(offset, buffer.length, () => this.source.write(offset, buffer, flags), (target) => target.write(offset, buffer, { fua: flags.fua }));
+    return this.hook.write(offset, buffer.length, () => this.source.write(offset, buffer, flags),
+      (target, at, length) => target.write(at, buffer.subarray(at - offset, at - offset + length), { fua: flags.fua }));
   }
 
   writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     if (!this.hook) return this.source.writeZeroes(offset, length, flags);
-    return this.hook.write(offset, length, () => this.source.writeZeroes(offset, length, flags), (target) => target.writeZeroes(offset, length, { fua: flags.fua, mayUnmap: flags.mayUnmap }));
+    return this.hook.write(offset, length, () => this.source.writeZeroes(offset, length, flags),
+      (target, at, part) => target.writeZeroes(at, part, { fua: flags.fua, mayUnmap: flags.mayUnmap }));
   }
 
   discard(offset: number, length: number): Promise<void> {
