@@ -59,11 +59,11 @@ function prepare(dir: string): void {
 
 const peers = differentialPeers(prepare);
 
-/** blockdev-add of one image as libvirt does it: the file node, then the format node over it. */
+/** blockdev-add of one image as libvirt does it (for a disk with discard='unmap'): the file node, then the format node over it. */
 function addImage(index: number, path: string, readOnly: boolean, backing: string | null): TranscriptStep[] {
   return [
     { execute: 'blockdev-add', arguments: { driver: 'file', filename: path, 'node-name': storage(index), 'auto-read-only': true, discard: 'unmap' } },
-    { execute: 'blockdev-add', arguments: { 'node-name': format(index), 'read-only': readOnly, driver: 'qcow2', file: storage(index), backing } },
+    { execute: 'blockdev-add', arguments: { 'node-name': format(index), 'read-only': readOnly, driver: 'qcow2', file: storage(index), backing, discard: 'unmap' } },
   ];
 }
 
@@ -104,12 +104,18 @@ function mirror(disk: Disk, sync: 'full' | 'top', extra: object = {}): Transcrip
   };
 }
 
-/** The guest writes through the disk's export (a qemu-io over NBD); the same writes go to the disk's model. */
-function guestWrites(disk: Disk, commands: string[]): TranscriptStep {
+/**
+ * The guest writes through the disk's export (a qemu-io over NBD); the same writes go to the
+ * disk's model. While a job runs the export's node is the job's filter, which (as QEMU's,
+ * opened without discard=unmap) drops discards; otherwise a discard of whole clusters
+ * leaves them reading zeroes.
+ */
+function guestWrites(disk: Disk, commands: string[], duringJob = true): TranscriptStep {
+  const effect = (command: string) => (command.startsWith('discard ') ? (duringJob ? [] : [command.replace(/^discard /, 'write -z ')]) : [command]);
   return {
     action: async (dir) => {
       await qemuIoInBackground(`nbd+unix:///${disk.dev}?socket=${join(dir, 'nbd.sock')}`, commands, ['-f', 'raw']);
-      qemuIo(join(dir, `${disk.chain}-expected.raw`), commands, ['-f', 'raw']);
+      qemuIo(join(dir, `${disk.chain}-expected.raw`), commands.flatMap(effect), ['-f', 'raw']);
       return `(the guest of ${disk.dev} wrote: ${commands.join('; ')})`;
     },
   };
@@ -125,10 +131,13 @@ function keepModel(disk: Disk, as: string): TranscriptStep {
   };
 }
 
-/** Writes racing the copy: whole and partial clusters, a zero write, data past what the chain holds. */
-const BEFORE_READY = ['write -P 0x51 0 64k', 'write -P 0x52 6M 128k', 'write -P 0x53 40M 1M', 'write -z 32M 64k', 'write -P 0x54 1000 3000'];
-const WHILE_READY = ['write -P 0x61 4M 64k', 'write -P 0x62 62M 512k', 'write -P 0x63 5000 100', 'write -z 7M 64k'];
-const AFTER_JOB = ['write -P 0x71 8M 64k', 'write -P 0x72 63M 4k'];
+/**
+ * Writes racing the copy: whole and partial clusters (in what the job copied already and in what
+ * it has still to copy), a zero write, a discard, data past what the chain holds.
+ */
+const BEFORE_READY = ['write -P 0x51 0 64k', 'write -P 0x52 6M 128k', 'write -P 0x53 40M 1M', 'write -z 32M 64k', 'write -P 0x54 1000 3000', 'write -P 0x55 33M 100', 'discard 1M 128k'];
+const WHILE_READY = ['write -P 0x61 4M 64k', 'write -P 0x62 62M 512k', 'write -P 0x63 5000 100', 'write -z 7M 64k', 'discard 60M 128k'];
+const AFTER_JOB = ['write -P 0x71 8M 64k', 'write -P 0x72 63M 4k', 'discard 2M 128k'];
 
 const ready = (disk: Disk) => untilJob(disk.job, 'ready');
 const unlimit = (disk: Disk): TranscriptStep => ({ execute: 'block-job-set-speed', arguments: { device: disk.job, speed: 0 } });
@@ -144,9 +153,10 @@ function shallowCopyAndPivot(disk: Disk): TranscriptStep[] {
     { execute: 'blockdev-add', arguments: { driver: 'file', filename: path, 'node-name': storage(copy), 'auto-read-only': true, discard: 'unmap' } },
     ...create(`create-${format(copy)}`, { driver: 'qcow2', file: storage(copy), size: 64 * MiB, 'backing-file': `$DIR/${disk.chain}-mid.qcow2`, 'backing-fmt': 'qcow2' }),
     // The copy shares the disk's backing chain: its format node opens over the disk's backing node.
-    { execute: 'blockdev-add', arguments: { 'node-name': format(copy), 'read-only': false, driver: 'qcow2', file: storage(copy), backing: format(disk.first + 1) } },
+    { execute: 'blockdev-add', arguments: { 'node-name': format(copy), 'read-only': false, driver: 'qcow2', file: storage(copy), backing: format(disk.first + 1), discard: 'unmap' } },
     mirror(disk, 'top'),
     untilBlockJobIdle(disk.job),
+    graph, // the mirror's bitmap on the disk's top: recording
     guestWrites(disk, BEFORE_READY),
     unlimit(disk),
     ready(disk),
@@ -156,7 +166,7 @@ function shallowCopyAndPivot(disk: Disk): TranscriptStep[] {
     ...concluded(disk.job),
     // The old top leaves; its backing chain stays under the copy.
     ...deleteImages([disk.first]),
-    guestWrites(disk, AFTER_JOB),
+    guestWrites(disk, AFTER_JOB, false),
     graph,
   ];
 }
@@ -167,6 +177,7 @@ function synchronousCopyAndPivot(disk: Disk): TranscriptStep[] {
     ...addImage(copyIndex(disk), `$DIR/${disk.chain}-copy.qcow2`, false, null),
     mirror(disk, 'full', { 'copy-mode': 'write-blocking' }),
     untilBlockJobIdle(disk.job),
+    graph, // write-blocking: the mirror's bitmap records nothing
     guestWrites(disk, BEFORE_READY),
     unlimit(disk),
     ready(disk),
@@ -176,7 +187,7 @@ function synchronousCopyAndPivot(disk: Disk): TranscriptStep[] {
     ...concluded(disk.job),
     // A full copy replaces the whole chain: all of the old one leaves.
     ...deleteImages([disk.first, disk.first + 1, disk.first + 2]),
-    guestWrites(disk, AFTER_JOB),
+    guestWrites(disk, AFTER_JOB, false),
     graph,
   ];
 }
@@ -195,7 +206,7 @@ function copyAndFinish(disk: Disk): TranscriptStep[] {
     { execute: 'block-job-cancel', arguments: { device: disk.job } },
     ...concluded(disk.job),
     ...deleteImages([copyIndex(disk)]),
-    guestWrites(disk, AFTER_JOB),
+    guestWrites(disk, AFTER_JOB, false),
     graph,
   ];
 }
@@ -210,7 +221,7 @@ function copyAndAbort(disk: Disk): TranscriptStep[] {
     { execute: 'block-job-cancel', arguments: { device: disk.job } },
     ...concluded(disk.job),
     ...deleteImages([copyIndex(disk)]),
-    guestWrites(disk, AFTER_JOB),
+    guestWrites(disk, AFTER_JOB, false),
   ];
 }
 
