@@ -1,7 +1,8 @@
 /*
  * blockd's native addon: the file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate,
- * OFD byte-range locks, sync_file_range) and batched pwrite. Every call runs on the libuv
- * thread pool and returns a promise; src/blockdev/native/native-file-ops.ts is its only user.
+ * OFD byte-range locks, sync_file_range), batched pwrite and a read that never waits for the
+ * disk. Every call but that read runs on the libuv thread pool and returns a promise;
+ * src/blockdev/native/native-file-ops.ts is its only user.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <node_api.h>
 
@@ -308,10 +310,41 @@ static napi_value write_batch(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * readCached(fd: number, buffer: Uint8Array, offset: number): number
+ * One preadv2 with RWF_NOWAIT on the calling thread: what the page cache holds is copied at
+ * once, without the thread hand-off an fs read costs; nothing waits for the disk. Returns the
+ * bytes read (fewer than asked when only a first part is cached, 0 at the end of the file) or
+ * -errno (-EAGAIN: not cached; -EOPNOTSUPP: the file system cannot read without waiting).
+ */
+static napi_value read_cached(napi_env env, napi_callback_info info) {
+  napi_value argv[3], result;
+  size_t argc = 3, length;
+  int32_t fd;
+  int64_t offset;
+  void *data;
+  ssize_t r;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 ||
+      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      typed_elements(env, argv[1], napi_uint8_array, 0, &data, &length) != napi_ok ||
+      get_int64(env, argv[2], &offset) != napi_ok || offset < 0) {
+    throw_failure(env, napi_invalid_arg, "readCached: expected an fd, a buffer and an offset");
+    return NULL;
+  }
+  struct iovec iov = { .iov_base = data, .iov_len = length };
+  do {
+    r = preadv2(fd, &iov, 1, offset, RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+  if (napi_create_double(env, r < 0 ? -(double)errno : (double)r, &result) != napi_ok) return NULL;
+  return result;
+}
+
 NAPI_MODULE_INIT() {
-  napi_value batch_fn;
+  napi_value batch_fn, read_fn;
   if (napi_create_function(env, "writeBatch", NAPI_AUTO_LENGTH, write_batch, NULL, &batch_fn) != napi_ok ||
-      napi_set_named_property(env, exports, "writeBatch", batch_fn) != napi_ok)
+      napi_set_named_property(env, exports, "writeBatch", batch_fn) != napi_ok ||
+      napi_create_function(env, "readCached", NAPI_AUTO_LENGTH, read_cached, NULL, &read_fn) != napi_ok ||
+      napi_set_named_property(env, exports, "readCached", read_fn) != napi_ok)
     return NULL;
   for (size_t op = 0; op < sizeof ops / sizeof ops[0]; op++) {
     napi_value fn;

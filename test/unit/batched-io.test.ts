@@ -1,8 +1,13 @@
-/* Batched writes on real files: every byte lands where it was sent, errors reach only their own request, reads stay whole. */
+/*
+ * Batched writes on real files: every byte lands where it was sent, errors reach only their own request,
+ * reads stay whole, and small reads of cached data skip the thread pool.
+ */
 import assert from 'node:assert/strict';
-import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { closeSync, fsyncSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { constants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { preadFull, pwriteFull } from '../../src/blockdev/native/batched-io.js';
@@ -76,6 +81,39 @@ test('reads fill the whole buffer and report a short count only at the end of th
     assert.equal(await preadFull(fd, buffer, 0), 3000);
     assert.ok(buffer.subarray(0, 3000).equals(Buffer.alloc(3000, 7)));
     assert.equal(await preadFull(fd, Buffer.alloc(512), 8192), 0);
+  } finally {
+    closeSync(fd);
+  }
+});
+
+/** Drops a file's pages from the page cache (GNU dd: `iflag=nocache count=0` does it for the whole file; the pages must be clean). */
+function dropFromCache(path: string): void {
+  const result = spawnSync('dd', [`if=${path}`, 'iflag=nocache', 'count=0', 'status=none']);
+  assert.equal(result.status, 0, `dd could not drop ${path} from the page cache: ${result.stderr}`);
+}
+
+test('small reads of what the page cache holds are copied at once (RWF_NOWAIT); others wait for the pool, and then are cached', async () => {
+  const readCached = nativeFileOps.readCached!;
+  assert.equal(typeof readCached, 'function', 'the addon offers cached reads (no silent fallback)');
+  const path = join(dir, 'cached');
+  const data = randomBytes(256 * KiB);
+  writeFileSync(path, data);
+  const fd = openSync(path, 'r');
+  try {
+    fsyncSync(fd);
+    const buffer = Buffer.alloc(data.length);
+    assert.equal(readCached(fd, buffer, 0), data.length);
+    assert.ok(buffer.equals(data));
+    assert.equal(readCached(fd, buffer.subarray(0, 100), data.length - 44), 44, 'a short count at the end of the file');
+    assert.equal(readCached(fd, buffer, data.length + 4096), 0, 'nothing past the end');
+
+    dropFromCache(path);
+    assert.equal(readCached(fd, Buffer.alloc(64 * KiB), 64 * KiB), -constants.errno.EAGAIN, 'not cached: the read would wait for the disk');
+    const read = Buffer.alloc(64 * KiB);
+    assert.equal(await preadFull(fd, read, 64 * KiB), 64 * KiB, 'preadFull reads what is not cached through the pool');
+    assert.ok(read.equals(data.subarray(64 * KiB, 128 * KiB)));
+    assert.equal(readCached(fd, Buffer.alloc(64 * KiB), 64 * KiB), 64 * KiB, 'and then it is cached');
+    assert.throws(() => readCached(fd, 'x' as unknown as Buffer, 0), { name: 'TypeError', code: 'ERR_INVALID_ARG_TYPE' });
   } finally {
     closeSync(fd);
   }

@@ -1,6 +1,6 @@
 /*
  * The file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks,
- * sync_file_range, batched pwrite),
+ * sync_file_range, batched pwrite, a read of the page cache that never waits for the disk),
  * from blockd's native addon (native/, built at npm install) or, when it cannot be loaded,
  * from a pure-JS fallback: everything is data, no fallocate, no locking (so nodes that
  * want image locks refuse to open: see drivers/file.ts).
@@ -30,6 +30,12 @@ export interface NativeFileOps {
   startWriteback(fd: number, offset: number, length: number): Promise<void>;
   /** Runs n pwrites one after the other on one pool thread; results[i] becomes the bytes written or -errno. Absent without the addon. */
   writeBatch?(fds: Int32Array, offsets: Float64Array, buffers: Buffer[], results: Float64Array): Promise<void>;
+  /**
+   * preadv2(RWF_NOWAIT) on the calling thread: the bytes the page cache holds from `offset`
+   * (fewer than asked when only a first part is cached, 0 at the end of the file), or -errno
+   * (-EAGAIN: not cached). Absent without the addon.
+   */
+  readCached?(fd: number, buffer: Buffer, offset: number): number;
 }
 
 /** The addon's exports (native/blockd_native.c); they throw a TypeError on bad arguments. */
@@ -41,6 +47,7 @@ interface Addon {
   ofdTestConflict(fd: number, start: number, length: number): Promise<boolean>;
   writeBatch(fds: Int32Array, offsets: Float64Array, buffers: Buffer[], results: Float64Array): Promise<void>;
   startWriteback(fd: number, offset: number, length: number): Promise<void>;
+  readCached(fd: number, buffer: Buffer, offset: number): number;
 }
 
 const fstatAsync = promisify(fstat);
@@ -100,6 +107,7 @@ function addonFileOps(addon: Addon): NativeFileOps {
     writeBatch: typeof addon.writeBatch === 'function'
       ? async (fds, offsets, buffers, results) => addon.writeBatch(fds, offsets, buffers, results)
       : undefined,
+    readCached: typeof addon.readCached === 'function' ? (fd, buffer, offset) => addon.readCached(fd, buffer, offset) : undefined,
   };
 }
 
