@@ -9,7 +9,8 @@
  * read into it; the copy is compared with the source afterwards (untimed). Ratios are paired
  * (the two runs of one round): QSD time / blockd time, above 1 = blockd faster; the median
  * of the rounds is the figure. The sparse case should take about the dense time's share of
- * the allocated data (10 %).
+ * the allocated data (10 %). Each round also times `dd conv=fdatasync` of the dense source:
+ * what the disk allows a job that flushes its copy.
  * Run: node dist/bench/mirror.js [--quick]   (--quick: 256 MiB, 2 rounds)
  */
 import { join } from 'node:path';
@@ -20,7 +21,7 @@ import { runBlockd } from '../test/helpers/blockd-process.js';
 import { makeTempDir } from '../test/helpers/paths.js';
 import { startQsd } from '../test/helpers/qsd-process.js';
 import { cpuSeconds, ROUNDS, run, SIZE } from './bench-tools.js';
-import { allocatedBytes, levelPageCache, makeRandomQcow2, readIntoCache, type Fill } from './random-images.js';
+import { allocatedBytes, flushedCopySeconds, levelPageCache, makeRandomQcow2, readIntoCache, type Fill } from './random-images.js';
 
 type Side = 'qsd' | 'blockd';
 
@@ -82,12 +83,14 @@ try {
   const daemons: Record<Side, Daemon> = { qsd: { socket: qsd.socket, child: qsd.child }, blockd: { socket: blockdSocket, child: blockd.child } };
   const lines: string[] = [];
   const totals = new Map<Fill, Record<Side, number>>();
+  const limits: number[] = [];
   try {
     for (const fill of ['dense', 'sparse'] as const) {
       const source = join(temp.dir, `source-${fill}.qcow2`);
       makeRandomQcow2(source, SIZE, fill);
       const rounds: Record<Side, MirrorTiming>[] = [];
       for (let round = 0; round < ROUNDS; round++) {
+        if (fill === 'dense') limits.push(flushedCopySeconds(source, temp.dir));
         const order: Side[] = round % 2 === 0 ? ['qsd', 'blockd'] : ['blockd', 'qsd'];
         const timing = {} as Record<Side, MirrorTiming>;
         for (const side of order) {
@@ -136,6 +139,9 @@ try {
   const sparse = totals.get('sparse')!;
   const share = (side: Side) => `${((100 * sparse[side]) / dense[side]).toFixed(1)} %`;
   process.stdout.write(`\nsparse time to COMPLETED as a share of dense (10 % of the data allocated): QSD ${share('qsd')}, blockd ${share('blockd')}\n`);
+  const limit = median(limits);
+  process.stdout.write(`the disk's limit, dd conv=fdatasync of the dense source: ${limit.toFixed(3)} s (${((SIZE >> 20) / limit).toFixed(0)} MiB/s);`
+    + ` dense COMPLETED reaches ${((100 * limit) / dense.qsd).toFixed(0)} % of it (QSD), ${((100 * limit) / dense.blockd).toFixed(0)} % (blockd)\n`);
 } finally {
   temp.cleanup();
 }
