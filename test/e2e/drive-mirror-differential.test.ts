@@ -12,8 +12,8 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { differentialPeers } from '../helpers/differential-peers.js';
-import { describeDifferences, maskImageSizes, runTranscript, untilBlockJob, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { assertSameTranscripts, differentialPeers } from '../helpers/differential-peers.js';
+import { maskImageSizes, untilBlockJob, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
 
 /** base (8 MiB of 0x01 at 0) <- top (8 MiB of 0x02 at 16 MiB); existing targets, one full of old data. */
@@ -99,13 +99,7 @@ const STEPS: TranscriptStep[] = [
 ];
 
 test('drive-mirror follows qemu-storage-daemon: refusals, targets made and opened, pivots and cancels', async () => {
-  const theirs = await runTranscript(peers.qsd.socket, peers.qsd.dir, STEPS, maskImageSizes);
-  const ours = await runTranscript(peers.blockd.socket, peers.blockd.dir, STEPS, maskImageSizes).catch((error: Error) => {
-    throw new Error(`${error.message}; blockd said: ${peers.blockdLog().slice(-3000)}`);
-  });
-  assert.equal(describeDifferences(ours, theirs), '');
-  await peers.stopBlockd();
-  await peers.stopQsd();
+  await assertSameTranscripts(peers, STEPS, maskImageSizes);
   for (const dir of [peers.blockd.dir, peers.qsd.dir]) {
     const image = (name: string) => join(dir, name);
     const info = (name: string) => JSON.parse(runQemuImg('info', '--output=json', image(name))) as { 'backing-filename'?: string; format: string };

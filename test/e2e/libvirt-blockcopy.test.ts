@@ -24,9 +24,9 @@ import assert from 'node:assert/strict';
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { differentialPeers } from '../helpers/differential-peers.js';
+import { assertSameTranscripts, differentialPeers } from '../helpers/differential-peers.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
-import { describeDifferences, maskImageSizes, runTranscript, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { maskImageSizes, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, qemuIoInBackground, runQemuImg } from '../helpers/qemu-tools.js';
 
 /** One guest disk: its chain's letter (files a-top.qcow2 ...), libvirt's first node index and the disk's target name. */
@@ -97,10 +97,10 @@ function deleteImages(indexes: number[]): TranscriptStep[] {
   ]);
 }
 
-function mirror(disk: Disk, sync: 'full' | 'top', extra: object = {}): TranscriptStep {
+function mirror(disk: Disk, mirrorArguments: { sync: 'full' | 'top'; 'copy-mode'?: string }): TranscriptStep {
   return {
     execute: 'blockdev-mirror',
-    arguments: { 'job-id': disk.job, device: format(disk.first), target: format(copyIndex(disk)), speed: 1, sync, ...extra, 'auto-finalize': true, 'auto-dismiss': false },
+    arguments: { 'job-id': disk.job, device: format(disk.first), target: format(copyIndex(disk)), speed: 1, ...mirrorArguments, 'auto-finalize': true, 'auto-dismiss': false },
   };
 }
 
@@ -143,8 +143,40 @@ const ready = (disk: Disk) => untilJob(disk.job, 'ready');
 const unlimit = (disk: Disk): TranscriptStep => ({ execute: 'block-job-set-speed', arguments: { device: disk.job, speed: 0 } });
 const graph: TranscriptStep = { execute: 'query-named-block-nodes', arguments: { flat: true } };
 
-/** `virsh blockcopy vda copy.qcow2 --shallow --pivot` (libvirt creates the image: blockdev-create). */
-function shallowCopyAndPivot(disk: Disk): TranscriptStep[] {
+/** How a blockcopy ends: `--pivot` (job-complete), `--finish` (a soft cancel once READY), `virsh blockjob --abort` before READY. */
+type CopyEnd = 'pivot' | 'finish' | 'abort';
+
+/**
+ * One blockcopy of `disk` onto the target `setup` added: the guest writes while the job copies
+ * under its speed limit, the limit goes, READY, the guest writes again, the end, libvirt's
+ * dismissal, and the nodes left over (`leftover`, libvirt image indexes) deleted; the guest
+ * writes once more to what its export serves then.
+ */
+function blockcopy(disk: Disk, setup: TranscriptStep[], mirrorArguments: { sync: 'full' | 'top'; 'copy-mode'?: string }, end: CopyEnd, leftover: number[]): TranscriptStep[] {
+  const stop: TranscriptStep = end === 'pivot'
+    ? { execute: 'job-complete', arguments: { id: disk.job } }
+    : { execute: 'block-job-cancel', arguments: { device: disk.job } };
+  const untilReady = [unlimit(disk), ready(disk), guestWrites(disk, WHILE_READY), keepModel(disk, `at-${end}`)];
+  return [
+    ...setup,
+    mirror(disk, mirrorArguments),
+    untilBlockJobIdle(disk.job),
+    graph, // the mirror's bitmap on the disk's top: recording in the background, not write-blocking
+    guestWrites(disk, BEFORE_READY),
+    ...(end === 'abort' ? [] : untilReady),
+    stop,
+    ...concluded(disk.job),
+    ...deleteImages(leftover),
+    guestWrites(disk, AFTER_JOB, false),
+    graph,
+  ];
+}
+
+/** The copy's image made by the user (`--reuse-external`), added as libvirt adds it. */
+const reusedCopy = (disk: Disk) => addImage(copyIndex(disk), `$DIR/${disk.chain}-copy.qcow2`, false, null);
+
+/** libvirt makes a `--shallow` copy's image (blockdev-create) naming the disk's backing file, and opens it over the disk's backing node. */
+function shallowCopy(disk: Disk): TranscriptStep[] {
   const copy = copyIndex(disk);
   const path = `$DIR/${disk.chain}-copy.qcow2`;
   return [
@@ -152,86 +184,22 @@ function shallowCopyAndPivot(disk: Disk): TranscriptStep[] {
     ...create(`create-${storage(copy)}`, { driver: 'file', filename: path, size: 0 }),
     { execute: 'blockdev-add', arguments: { driver: 'file', filename: path, 'node-name': storage(copy), 'auto-read-only': true, discard: 'unmap' } },
     ...create(`create-${format(copy)}`, { driver: 'qcow2', file: storage(copy), size: 64 * MiB, 'backing-file': `$DIR/${disk.chain}-mid.qcow2`, 'backing-fmt': 'qcow2' }),
-    // The copy shares the disk's backing chain: its format node opens over the disk's backing node.
     { execute: 'blockdev-add', arguments: { 'node-name': format(copy), 'read-only': false, driver: 'qcow2', file: storage(copy), backing: format(disk.first + 1), discard: 'unmap' } },
-    mirror(disk, 'top'),
-    untilBlockJobIdle(disk.job),
-    graph, // the mirror's bitmap on the disk's top: recording
-    guestWrites(disk, BEFORE_READY),
-    unlimit(disk),
-    ready(disk),
-    guestWrites(disk, WHILE_READY),
-    keepModel(disk, 'at-pivot'),
-    { execute: 'job-complete', arguments: { id: disk.job } },
-    ...concluded(disk.job),
-    // The old top leaves; its backing chain stays under the copy.
-    ...deleteImages([disk.first]),
-    guestWrites(disk, AFTER_JOB, false),
-    graph,
   ];
 }
 
-/** `virsh blockcopy vdb copy.qcow2 --reuse-external --synchronous-writes --pivot`. */
-function synchronousCopyAndPivot(disk: Disk): TranscriptStep[] {
-  return [
-    ...addImage(copyIndex(disk), `$DIR/${disk.chain}-copy.qcow2`, false, null),
-    mirror(disk, 'full', { 'copy-mode': 'write-blocking' }),
-    untilBlockJobIdle(disk.job),
-    graph, // write-blocking: the mirror's bitmap records nothing
-    guestWrites(disk, BEFORE_READY),
-    unlimit(disk),
-    ready(disk),
-    guestWrites(disk, WHILE_READY),
-    keepModel(disk, 'at-pivot'),
-    { execute: 'job-complete', arguments: { id: disk.job } },
-    ...concluded(disk.job),
-    // A full copy replaces the whole chain: all of the old one leaves.
-    ...deleteImages([disk.first, disk.first + 1, disk.first + 2]),
-    guestWrites(disk, AFTER_JOB, false),
-    graph,
-  ];
-}
-
-/** `virsh blockcopy vdc copy.qcow2 --reuse-external --finish`: READY, then a soft cancel keeps the copy and the disk. */
-function copyAndFinish(disk: Disk): TranscriptStep[] {
-  return [
-    ...addImage(copyIndex(disk), `$DIR/${disk.chain}-copy.qcow2`, false, null),
-    mirror(disk, 'full'),
-    untilBlockJobIdle(disk.job),
-    guestWrites(disk, BEFORE_READY),
-    unlimit(disk),
-    ready(disk),
-    guestWrites(disk, WHILE_READY),
-    keepModel(disk, 'at-finish'),
-    { execute: 'block-job-cancel', arguments: { device: disk.job } },
-    ...concluded(disk.job),
-    ...deleteImages([copyIndex(disk)]),
-    guestWrites(disk, AFTER_JOB, false),
-    graph,
-  ];
-}
-
-/** `virsh blockcopy vdd copy.qcow2 --reuse-external`, then `virsh blockjob vdd --abort` before READY. */
-function copyAndAbort(disk: Disk): TranscriptStep[] {
-  return [
-    ...addImage(copyIndex(disk), `$DIR/${disk.chain}-copy.qcow2`, false, null),
-    mirror(disk, 'full'),
-    untilBlockJobIdle(disk.job),
-    guestWrites(disk, BEFORE_READY),
-    { execute: 'block-job-cancel', arguments: { device: disk.job } },
-    ...concluded(disk.job),
-    ...deleteImages([copyIndex(disk)]),
-    guestWrites(disk, AFTER_JOB, false),
-  ];
-}
-
+const { shallow, sync, finish, abort } = DISKS;
 const STEPS: TranscriptStep[] = [
   { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: '$DIR/nbd.sock' } } } },
   ...Object.values(DISKS).flatMap(attachDisk),
-  ...shallowCopyAndPivot(DISKS.shallow),
-  ...synchronousCopyAndPivot(DISKS.sync),
-  ...copyAndFinish(DISKS.finish),
-  ...copyAndAbort(DISKS.abort),
+  // virsh blockcopy vda copy.qcow2 --shallow --pivot: the old top leaves, its backing chain stays under the copy.
+  ...blockcopy(shallow, shallowCopy(shallow), { sync: 'top' }, 'pivot', [shallow.first]),
+  // virsh blockcopy vdb copy.qcow2 --reuse-external --synchronous-writes --pivot: the whole old chain leaves.
+  ...blockcopy(sync, reusedCopy(sync), { sync: 'full', 'copy-mode': 'write-blocking' }, 'pivot', [sync.first, sync.first + 1, sync.first + 2]),
+  // virsh blockcopy vdc copy.qcow2 --reuse-external --finish: the copy is kept, the disk stays.
+  ...blockcopy(finish, reusedCopy(finish), { sync: 'full' }, 'finish', [copyIndex(finish)]),
+  // virsh blockcopy vdd copy.qcow2 --reuse-external, then virsh blockjob vdd --abort before READY.
+  ...blockcopy(abort, reusedCopy(abort), { sync: 'full' }, 'abort', [copyIndex(abort)]),
   { execute: 'query-block-exports' },
   ...Object.values(DISKS).map((disk) => ({ execute: 'block-export-del', arguments: { id: disk.dev } })),
   { execute: 'nbd-server-stop' },
@@ -241,13 +209,7 @@ const backingChain = (image: string) =>
   (JSON.parse(runQemuImg('info', '--backing-chain', '--output=json', image)) as { filename: string }[]).map((layer) => layer.filename);
 
 test('virsh blockcopy flows (shallow + pivot, synchronous writes + pivot, finish, abort) as libvirt sends them: as qemu-storage-daemon, and the data copied', async () => {
-  const theirs = await runTranscript(peers.qsd.socket, peers.qsd.dir, STEPS, maskImageSizes);
-  const ours = await runTranscript(peers.blockd.socket, peers.blockd.dir, STEPS, maskImageSizes).catch((error: Error) => {
-    throw new Error(`${error.message}; blockd said: ${peers.blockdLog().slice(-3000)}`);
-  });
-  assert.equal(describeDifferences(ours, theirs), '');
-  await peers.stopBlockd();
-  await peers.stopQsd();
+  await assertSameTranscripts(peers, STEPS, maskImageSizes);
 
   for (const dir of [peers.blockd.dir, peers.qsd.dir]) {
     const image = (disk: Disk, layer: string) => join(dir, `${disk.chain}-${layer}.qcow2`);
@@ -255,7 +217,6 @@ test('virsh blockcopy flows (shallow + pivot, synchronous writes + pivot, finish
     const same = (path: string, raw: string, what: string) => qemuImgCompare(path, raw, ['qcow2', 'raw'], `${dir}: ${what}`);
 
     // Pivoted: the copy holds every write, the old top what it held at the pivot.
-    const { shallow, sync, finish, abort } = DISKS;
     same(image(shallow, 'copy'), model(shallow), 'the shallow copy after the pivot');
     same(image(shallow, 'top'), model(shallow, 'at-pivot'), 'the shallow copy\'s old top');
     assert.deepEqual(backingChain(image(shallow, 'copy')), ['copy', 'mid', 'base'].map((layer) => image(shallow, layer)));

@@ -4,11 +4,13 @@
  * registered as the file's before/after hooks (differentialPeers), or started and stopped
  * by a test itself when each scenario needs a fresh pair (startDifferentialPeers).
  */
+import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before } from 'node:test';
 import { runBlockd } from './blockd-process.js';
 import { makeTempDir } from './paths.js';
+import { describeDifferences, runTranscript, type TranscriptStep } from './qmp-transcript.js';
 import { startQsd } from './qsd-process.js';
 
 export interface Peer {
@@ -75,4 +77,19 @@ export function differentialPeers(prepare: (dir: string) => void = () => {}, dae
     stopQsd: async () => running?.stopQsd(),
     blockdLog: () => running?.blockdLog() ?? '',
   };
+}
+
+/**
+ * Runs `steps` on qemu-storage-daemon, then on blockd, and requires the same transcripts
+ * (`normalise` applied to each line); then stops both, so that their images are closed for
+ * the checks that follow.
+ */
+export async function assertSameTranscripts(peers: DifferentialPeers, steps: readonly TranscriptStep[], normalise?: (line: string) => string): Promise<void> {
+  const theirs = await runTranscript(peers.qsd.socket, peers.qsd.dir, steps, normalise);
+  const ours = await runTranscript(peers.blockd.socket, peers.blockd.dir, steps, normalise).catch((error: Error) => {
+    throw new Error(`${error.message}; blockd said: ${peers.blockdLog().slice(-3000)}`);
+  });
+  assert.equal(describeDifferences(ours, theirs), '');
+  await peers.stopBlockd();
+  await peers.stopQsd();
 }
