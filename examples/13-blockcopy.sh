@@ -7,7 +7,10 @@
 # copy that plus what the client wrote afterwards. Needs: npm run build, socat, qemu-utils.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+work="$(mktemp -d)"
+blockd=""
+cleanup() { if [ -n "$blockd" ]; then kill "$blockd" 2>/dev/null || true; wait "$blockd" 2>/dev/null || true; fi; rm -rf "$work"; }
+trap cleanup EXIT
 cd "$work"
 
 qemu-img create -q -f qcow2 disk.qcow2 64M
@@ -19,6 +22,7 @@ sock="$work/qmp.sock"
 "$here/../bin/blockd" --blockdev driver=qcow2,node-name=disk,file.driver=file,file.filename=disk.qcow2 \
   --nbd-server "addr.type=unix,addr.path=$work/nbd.sock" --export type=nbd,id=vda,node-name=disk,name=vda,writable=on \
   --qmp "unix:$sock" --pidfile "$work/blockd.pid" 2>"$work/blockd.log" &
+blockd=$!
 wait_for_pidfile "$work/blockd.pid"
 uri="nbd+unix:///vda?socket=$work/nbd.sock"
 
@@ -51,7 +55,8 @@ qemu-img convert -O raw disk.qcow2 at-pivot.raw
 qemu-io -f raw -c 'write -P 0x77 8M 1M' "$uri" >/dev/null
 qemu-io -f raw -c 'write -P 0x77 8M 1M' at-pivot.raw >/dev/null
 qmp "$sock" '{"execute": "quit"}' >/dev/null
-wait
+wait "$blockd"
+blockd=""
 
 qemu-img compare -q at-pivot.raw copy.qcow2
 echo "the copy holds the disk as it was at the switch, and the write made after it"
