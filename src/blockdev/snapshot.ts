@@ -7,9 +7,7 @@
  */
 import type { BlockdevOptions } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
-import { createQcow2 } from './drivers/qcow2/create.js';
-import { createImageFile } from './image-file-creation.js';
-import { describeErrno } from './io-error.js';
+import { createQcow2File } from './drivers/qcow2/create.js';
 import { asQmpError, asTransaction, checkNotBlocked, type BlockLayer } from './block-layer.js';
 import type { BlockNode } from './node.js';
 import { PERM_CONSISTENT_READ } from './permissions.js';
@@ -96,15 +94,7 @@ async function snapshotToNewImage(layer: BlockLayer, args: SnapshotSyncArguments
     // QEMU compares the names as given; a file named otherwise is still refused by its image locks.
     if (path === backingFile) throw genericError('Error: Trying to create an image with the same filename as the backing file');
     // Refused, unchanged, when another user (a node here, another process) holds the file.
-    const handle = await createImageFile(path, { size: 0 });
-    try {
-      await createQcow2(handle, { size: old.length(), backingFile, backingFormat: old.driver.name });
-    } catch (error) {
-      const code = (error as NodeJS.ErrnoException).code;
-      throw genericError(code ? `Could not create '${path}': ${describeErrno(code)}` : (error as Error).message);
-    } finally {
-      await handle.close();
-    }
+    await createQcow2File(path, { size: old.length(), backingFile, backingFormat: old.driver.name });
   }
   const options = {
     driver: format,

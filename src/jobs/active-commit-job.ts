@@ -19,12 +19,10 @@ import { JobCancelled, type Job, type JobKind } from './job.js';
 import { allocatedBetween, below } from './backing-chain.js';
 import { holdIntermediates, type CommitPlan } from './commit-job.js';
 import { JobNodes, insertJobFilter, leaveJobFilter } from './job-nodes.js';
-import { runMirror } from './mirror-engine.js';
+import { DEFAULT_BUF_SIZE, runMirror } from './mirror-engine.js';
 
 const CHUNK = 1 << 20;
 const COPIES_IN_FLIGHT = 16;
-/** The most one iteration copies before the speed limit is applied (QEMU's default mirror buffer). */
-const ITERATION_BYTES = 16 << 20;
 const MIN_GRANULARITY = 64 * 1024;
 
 export class ActiveCommitJob implements JobKind {
@@ -88,7 +86,7 @@ export class ActiveCommitJob implements JobKind {
         policy: () => this.plan.onError,
         chunkSize: CHUNK,
         inFlight: COPIES_IN_FLIGHT,
-        iterationBytes: ITERATION_BYTES,
+        iterationBytes: DEFAULT_BUF_SIZE,
       });
     } catch (error) {
       if (error instanceof JobCancelled) throw error;

@@ -10,7 +10,7 @@
  * start, as QEMU leaves it.
  */
 import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
-import { createQcow2 } from '../blockdev/drivers/qcow2/create.js';
+import { createQcow2File } from '../blockdev/drivers/qcow2/create.js';
 import { createImageFile } from '../blockdev/image-file-creation.js';
 import { probeImageFormat } from '../blockdev/image-session.js';
 import { describeErrno } from '../blockdev/io-error.js';
@@ -41,15 +41,9 @@ const CREATABLE = ['qcow2', 'raw'];
 async function createTarget(path: string, format: string, size: number, backing: BlockNode | undefined): Promise<void> {
   if (!CREATABLE.includes(format)) throw genericError(`Creating ${format} images is not supported by blockd`);
   if (format === 'raw' && backing) throw genericError("Backing file not supported for file format 'raw'");
-  const handle = await createImageFile(path, { size: format === 'raw' ? size : 0 });
-  try {
-    if (format === 'qcow2') await createQcow2(handle, { size, backingFile: backing && nodeFilename(backing), backingFormat: backing?.driver.name });
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    throw genericError(code ? `Could not create '${path}': ${describeErrno(code)}` : (error as Error).message);
-  } finally {
-    await handle.close();
-  }
+  if (format === 'qcow2') return createQcow2File(path, { size, backingFile: backing && nodeFilename(backing), backingFormat: backing?.driver.name });
+  const handle = await createImageFile(path, { size });
+  await handle.close();
 }
 
 /** mode=existing: at the pivot the target's backing chain opens from its header (QEMU's bdrv_open_backing_file). */

@@ -13,7 +13,8 @@ import { genericError } from '../errors.js';
 import type { MirrorSyncMode, QmpCommandMap } from '../generated/qapi-types.js';
 import { chainBelow, isRootNode, overlayIn, skipFilters } from './backing-chain.js';
 import type { JobRegistry } from './job-registry.js';
-import { DEFAULT_BUF_SIZE, MirrorJob, type MirrorSettings } from './mirror-job.js';
+import { DEFAULT_BUF_SIZE } from './mirror-engine.js';
+import { MirrorJob, type MirrorSettings } from './mirror-job.js';
 
 type BlockdevMirrorArguments = QmpCommandMap['blockdev-mirror']['args'];
 

@@ -50,6 +50,9 @@ export interface MirrorPlan {
   failure?(): unknown;
 }
 
+/** QEMU's default buf-size: the most one iteration copies before the speed limit applies. */
+export const DEFAULT_BUF_SIZE = 16 << 20;
+
 /** How long a READY job waits for new writes before it looks again (QEMU's BLOCK_JOB_SLICE_TIME). */
 const IDLE_POLL_MS = 100;
 

@@ -27,8 +27,6 @@ import { runMirror } from './mirror-engine.js';
 
 /** The bytes each zero write of the target's initial zeroing covers. */
 const ZEROING_CHUNK = 1 << 20;
-/** QEMU's default buf-size: the bytes one iteration may have in flight. */
-export const DEFAULT_BUF_SIZE = 16 << 20;
 /** QEMU's MAX_IN_FLIGHT. */
 const MAX_IN_FLIGHT = 16;
 

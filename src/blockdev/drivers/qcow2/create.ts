@@ -6,6 +6,9 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import type { ChildEdge } from '../../child-edge.js';
+import { createImageFile } from '../../image-file-creation.js';
+import { describeErrno } from '../../io-error.js';
+import { genericError } from '../../../errors.js';
 import {
   CompatibleFeature, CompressionType, IncompatibleFeature, L1_ENTRY_SIZE, L2_ENTRY_SIZE, MAX_CLUSTER_BITS, MAX_L1_TABLE_BYTES,
   MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS, OFLAG_COPIED, Qcow2FormatError, REFCOUNT_TABLE_ENTRY_SIZE, SUBCLUSTERS_PER_CLUSTER,
@@ -335,4 +338,20 @@ export async function createQcow2(target: ChildEdge | FileHandle, options: Qcow2
   await target.datasync();
   await target.write(header, 0, header.length, 0);
   await target.datasync();
+}
+
+/**
+ * Makes a new qcow2 image file at `path` (an overlay, a mirror's target): created under QEMU's
+ * image locks, so a file another user holds is refused unchanged; an I/O failure in QEMU's words.
+ */
+export async function createQcow2File(path: string, options: Qcow2CreateOptions): Promise<void> {
+  const handle = await createImageFile(path, { size: 0 });
+  try {
+    await createQcow2(handle, options);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw genericError(code ? `Could not create '${path}': ${describeErrno(code)}` : (error as Error).message);
+  } finally {
+    await handle.close();
+  }
 }
