@@ -6,6 +6,9 @@
 
 export type ErrnoName = 'EIO' | 'EPERM' | 'EINVAL' | 'ENOSPC' | 'ENOTSUP' | 'ENOMEDIUM' | 'EBUSY' | 'EROFS' | 'EFBIG' | 'ENOENT' | 'EAGAIN' | 'EACCES';
 
+/** What a node answers when its driver cannot change its size (QEMU's words). */
+export const RESIZE_UNSUPPORTED = 'Image format driver does not support resize';
+
 const DESCRIPTIONS: Record<string, string> = {
   EIO: 'Input/output error',
   EPERM: 'Operation not permitted',

@@ -9,7 +9,7 @@ import type { BlockdevOptions } from '../generated/qapi-types.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
 import { BitmapRegistry } from './bitmaps/bitmap-registry.js';
-import { IoError } from './io-error.js';
+import { IoError, RESIZE_UNSUPPORTED } from './io-error.js';
 import { RangeLock } from './range-lock.js';
 import { usersReached, withUsersDrained, type DrainOptions } from './drain.js';
 import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, type PermissionPair } from './permissions.js';
@@ -348,7 +348,7 @@ export class BlockNode {
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new IoError('EPERM', `node '${this.name}' is read-only`);
     const truncate = this.state.truncate;
-    if (!truncate) throw new IoError('ENOTSUP', 'Image format driver does not support resize');
+    if (!truncate) throw new IoError('ENOTSUP', RESIZE_UNSUPPORTED);
     await this.track(() => truncate.call(this.state, size));
     // QEMU's bdrv_dirty_bitmap_truncate: the bitmaps follow the new size.
     this.bitmaps.resize(this.length());

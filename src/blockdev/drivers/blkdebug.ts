@@ -9,12 +9,13 @@
  */
 import type { BlkdebugInjectErrorOptions, BlkdebugSetStateOptions } from '../../generated/qapi-types.js';
 import { genericError } from '../../errors.js';
-import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import { IoError } from '../io-error.js';
 import type { BlockNode } from '../node.js';
 import { permissionsFromQapi, type PermissionPair, defaultChildPermissions } from '../permissions.js';
 import { jsonFilename } from '../node-filename.js';
+import { PassThroughFilter } from './pass-through-filter.js';
 
 interface BlkdebugOptions {
   config?: string;
@@ -37,18 +38,20 @@ const DEFAULT_IO_TYPES: readonly IoType[] = ['read', 'write', 'write-zeroes', 'd
 
 const ERRNO_NAMES: Record<number, string> = { 1: 'EPERM', 5: 'EIO', 12: 'ENOMEM', 22: 'EINVAL', 28: 'ENOSPC', 95: 'ENOTSUP', 122: 'EDQUOT' };
 
-class BlkdebugState implements DriverState {
+class BlkdebugState extends PassThroughFilter {
   private state = 1;
   private active: BlkdebugInjectErrorOptions[] = [];
 
   constructor(
-    private readonly image: ChildEdge,
-    private readonly node: BlockNode,
+    image: ChildEdge,
+    node: BlockNode,
     private readonly injections: BlkdebugInjectErrorOptions[],
     private readonly transitions: BlkdebugSetStateOptions[],
     private readonly take: number,
     private readonly unshare: number,
-  ) {}
+  ) {
+    super(image, node);
+  }
 
   private event(name: string): void {
     const armed = this.injections.filter((rule) => rule.event === name && (rule.state === undefined || rule.state === this.state));
@@ -76,35 +79,26 @@ class BlkdebugState implements DriverState {
     throw new IoError(ERRNO_NAMES[errno] ?? `E${errno}`, `blkdebug: injected error ${errno}`);
   }
 
-  length(): number {
-    return this.image.length();
-  }
-
-  /** A format above may write past the end when the file below grows on write. */
-  get growsOnWrite(): boolean {
-    return this.image.growsOnWrite;
-  }
-
-  async read(offset: number, buffer: Buffer): Promise<void> {
+  override async read(offset: number, buffer: Buffer): Promise<void> {
     this.event('read_aio');
     this.check('read', offset, buffer.length);
-    return this.image.read(offset, buffer);
+    return this.filtered.read(offset, buffer);
   }
 
-  async write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+  override async write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
     this.event('write_aio');
     this.check('write', offset, buffer.length);
-    return this.image.write(offset, buffer, flags);
+    return this.filtered.write(offset, buffer, flags);
   }
 
-  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+  override async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     this.check('write-zeroes', offset, length);
-    return this.image.writeZeroes(offset, length, flags);
+    return this.filtered.writeZeroes(offset, length, flags);
   }
 
-  async discard(offset: number, length: number): Promise<void> {
+  override async discard(offset: number, length: number): Promise<void> {
     this.check('discard', offset, length);
-    return this.image.discard(offset, length);
+    return this.filtered.discard(offset, length);
   }
 
   async flush(): Promise<void> {
@@ -113,13 +107,14 @@ class BlkdebugState implements DriverState {
     this.check('flush', 0, 0);
   }
 
-  async blockStatus(offset: number, length: number) {
+  override async blockStatus(offset: number, length: number) {
     this.check('block-status', offset, length);
-    return { length, delegate: this.image, offset };
+    return { length, delegate: this.filtered, offset };
   }
 
-  truncate(size: number): Promise<void> {
-    return this.image.truncate(size);
+  /** blkdebug resizes its image child, which the generic filter rule (a `file` child) would refuse. */
+  override truncate(size: number): Promise<void> {
+    return this.filtered.truncate(size);
   }
 
   childPermissions(edge: ChildEdge, parents: PermissionPair): PermissionPair {
@@ -127,15 +122,13 @@ class BlkdebugState implements DriverState {
     return { perm: pair.perm | this.take, shared: pair.shared & ~this.unshare };
   }
 
-  info() {
+  override info() {
     return { filename: jsonFilename(this.node) };
   }
 
   async allocatedSize(): Promise<undefined> {
     return undefined; // QEMU treats blkdebug like a protocol without a size of its own
   }
-
-  async close(): Promise<void> {}
 }
 
 export const blkdebugDriver: BlockDriver<BlkdebugOptions> = {

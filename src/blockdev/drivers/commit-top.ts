@@ -5,36 +5,14 @@
  * into the base while the layers in between stay readable to no one else.
  * Read-only, named after its child; only jobs create it.
  */
-import type { BlockDriver, DriverState } from '../block-driver.js';
-import type { ChildEdge } from '../child-edge.js';
-import { nodeFilename } from '../node-filename.js';
-import type { BlockNode } from '../node.js';
+import type { BlockDriver } from '../block-driver.js';
+import { PassThroughFilter } from './pass-through-filter.js';
 import { PERM_ALL, type PermissionPair } from '../permissions.js';
 
-class CommitTopState implements DriverState {
-  constructor(private readonly backing: ChildEdge, private readonly node: BlockNode) {}
-
-  length(): number {
-    return this.backing.length();
-  }
-
-  read(offset: number, buffer: Buffer): Promise<void> {
-    return this.backing.read(offset, buffer);
-  }
-
-  async blockStatus(offset: number, length: number) {
-    return { length, delegate: this.backing, offset };
-  }
-
+class CommitTopState extends PassThroughFilter {
   childPermissions(): PermissionPair {
     return { perm: 0, shared: PERM_ALL };
   }
-
-  info() {
-    return { filename: nodeFilename(this.node) };
-  }
-
-  async close(): Promise<void> {}
 }
 
 export const commitTopDriver: BlockDriver = {

@@ -5,36 +5,28 @@
  * disk reads (QEMU's write-unchanged permission).
  */
 import { genericError } from '../../errors.js';
-import type { BlockDriver, DriverState, OpenContext, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, OpenContext } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import type { BlockNode } from '../node.js';
 import { PERM_WRITE_UNCHANGED, defaultChildPermissions, type PermissionPair } from '../permissions.js';
-import { nodeFilename } from '../node-filename.js';
+import { PassThroughFilter } from './pass-through-filter.js';
 
 interface CorOptions {
   bottom?: string;
 }
 
-class CopyOnReadState implements DriverState {
+class CopyOnReadState extends PassThroughFilter {
   /** While the filter is open, copies into the top and writes to it never interleave (BlockNode.serialisedCopy). */
   private readonly endSerialising: () => void;
 
-  constructor(private readonly file: ChildEdge, private readonly bottom: BlockNode | undefined, private readonly node: BlockNode) {
+  constructor(file: ChildEdge, private readonly bottom: BlockNode | undefined, node: BlockNode) {
+    super(file, node);
     this.endSerialising = file.child.beginSerialising();
-  }
-
-  length(): number {
-    return this.file.length();
-  }
-
-  /** A format above may write past the end when the file below grows on write. */
-  get growsOnWrite(): boolean {
-    return this.file.growsOnWrite;
   }
 
   /** Whether data at `offset` comes from a layer that may be copied up (below the top, down to `bottom`). */
   private async copyableRun(offset: number, length: number): Promise<{ length: number; copy: boolean }> {
-    const top = this.file.child;
+    const top = this.filtered.child;
     const status = await top.blockStatus(offset, length);
     if (status.allocated || this.bottom === top) return { length: status.length, copy: false };
     // Walk down to the layer the data comes from; stop at bottom.
@@ -54,42 +46,22 @@ class CopyOnReadState implements DriverState {
     return false;
   }
 
-  async read(offset: number, buffer: Buffer): Promise<void> {
+  override async read(offset: number, buffer: Buffer): Promise<void> {
     // Most reads find nothing to copy up; they need no serialising.
-    if (!(await this.anythingToCopy(offset, buffer.length))) return this.file.read(offset, buffer);
+    if (!(await this.anythingToCopy(offset, buffer.length))) return this.filtered.read(offset, buffer);
     // Read, then write back, with no write to these clusters in between (QEMU's serialising
     // copy-on-read request): a client write acknowledged meanwhile would be overwritten with
     // the older data read here. Under the lock the top's allocation cannot change, so what is
     // copied is decided after the read.
-    const top = this.file.child;
+    const top = this.filtered.child;
     await top.serialisedCopy(offset, buffer.length, async () => {
-      await this.file.read(offset, buffer);
+      await this.filtered.read(offset, buffer);
       for (let done = 0; done < buffer.length;) {
         const run = await this.copyableRun(offset + done, buffer.length - done);
-        if (run.copy) await this.file.write(offset + done, buffer.subarray(done, done + run.length), { serialisedCopy: true, contentUnchanged: true });
+        if (run.copy) await this.filtered.write(offset + done, buffer.subarray(done, done + run.length), { serialisedCopy: true, contentUnchanged: true });
         done += run.length;
       }
     });
-  }
-
-  write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
-    return this.file.write(offset, buffer, flags);
-  }
-
-  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    return this.file.writeZeroes(offset, length, flags);
-  }
-
-  discard(offset: number, length: number): Promise<void> {
-    return this.file.discard(offset, length);
-  }
-
-  async blockStatus(offset: number, length: number) {
-    return { length, delegate: this.file, offset };
-  }
-
-  truncate(size: number): Promise<void> {
-    return this.file.truncate(size);
   }
 
   childPermissions(edge: ChildEdge, parents: PermissionPair): PermissionPair {
@@ -97,11 +69,7 @@ class CopyOnReadState implements DriverState {
     return { perm: pair.perm | PERM_WRITE_UNCHANGED, shared: pair.shared };
   }
 
-  info() {
-    return { filename: nodeFilename(this.node) };
-  }
-
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     this.endSerialising();
   }
 }

@@ -7,10 +7,10 @@
  * consistently while the job writes into it) and lets others write, as QEMU
  * does. Named after its child; only jobs create it.
  */
-import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
-import { nodeFilename } from '../node-filename.js';
 import type { BlockNode } from '../node.js';
+import { PassThroughFilter } from './pass-through-filter.js';
 import { PERM_CONSISTENT_READ, PERM_WRITE, defaultChildPermissions, type PermissionPair } from '../permissions.js';
 
 /** A job that takes part in every write to its source (a write-blocking mirror copies it to the target too). */
@@ -19,37 +19,23 @@ export interface MirrorTopHook {
   write(offset: number, length: number, request: () => Promise<void>, replay: (target: ChildEdge, offset: number, length: number) => Promise<void>): Promise<void>;
 }
 
-export class MirrorTopState implements DriverState {
+export class MirrorTopState extends PassThroughFilter {
   hook: MirrorTopHook | undefined;
 
-  constructor(private readonly source: ChildEdge, private readonly node: BlockNode, private readonly commit: boolean) {}
-
-  length(): number {
-    return this.source.length();
+  constructor(source: ChildEdge, node: BlockNode, private readonly commit: boolean) {
+    super(source, node);
   }
 
-  read(offset: number, buffer: Buffer): Promise<void> {
-    return this.source.read(offset, buffer);
-  }
-
-  write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
-    if (!this.hook) return this.source.write(offset, buffer, flags);
-    return this.hook.write(offset, buffer.length, () => this.source.write(offset, buffer, flags),
+  override write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+    if (!this.hook) return this.filtered.write(offset, buffer, flags);
+    return this.hook.write(offset, buffer.length, () => this.filtered.write(offset, buffer, flags),
       (target, at, length) => target.write(at, buffer.subarray(at - offset, at - offset + length), { fua: flags.fua }));
   }
 
-  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    if (!this.hook) return this.source.writeZeroes(offset, length, flags);
-    return this.hook.write(offset, length, () => this.source.writeZeroes(offset, length, flags),
+  override writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    if (!this.hook) return this.filtered.writeZeroes(offset, length, flags);
+    return this.hook.write(offset, length, () => this.filtered.writeZeroes(offset, length, flags),
       (target, at, part) => target.writeZeroes(at, part, { fua: flags.fua, mayUnmap: flags.mayUnmap }));
-  }
-
-  discard(offset: number, length: number): Promise<void> {
-    return this.source.discard(offset, length);
-  }
-
-  async blockStatus(offset: number, length: number) {
-    return { length, delegate: this.source, offset };
   }
 
   childPermissions(edge: ChildEdge, parents: PermissionPair): PermissionPair {
@@ -57,12 +43,6 @@ export class MirrorTopState implements DriverState {
     if (!this.commit) return pair;
     return { perm: pair.perm & ~PERM_CONSISTENT_READ, shared: pair.shared | PERM_WRITE };
   }
-
-  info() {
-    return { filename: nodeFilename(this.node) };
-  }
-
-  async close(): Promise<void> {}
 }
 
 interface MirrorTopOptions {

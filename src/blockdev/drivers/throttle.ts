@@ -5,60 +5,46 @@
  */
 import { genericError } from '../../errors.js';
 import { ThrottleGroup } from '../../objects/throttle-group.js';
-import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import { jsonFilename } from '../node-filename.js';
 import type { BlockNode } from '../node.js';
+import { PassThroughFilter } from './pass-through-filter.js';
 
 interface ThrottleOptions {
   'throttle-group': string;
 }
 
-class ThrottleState implements DriverState {
-  constructor(private readonly file: ChildEdge, private readonly group: ThrottleGroup, private readonly node: BlockNode) {}
-
-  length(): number {
-    return this.file.length();
+class ThrottleState extends PassThroughFilter {
+  constructor(file: ChildEdge, private readonly group: ThrottleGroup, node: BlockNode) {
+    super(file, node);
   }
 
-  /** A format above may write past the end when the file below grows on write. */
-  get growsOnWrite(): boolean {
-    return this.file.growsOnWrite;
-  }
-
-  async read(offset: number, buffer: Buffer): Promise<void> {
+  override async read(offset: number, buffer: Buffer): Promise<void> {
     await this.group.admit(false, buffer.length);
-    return this.file.read(offset, buffer);
+    return this.filtered.read(offset, buffer);
   }
 
-  async write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+  override async write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
     await this.group.admit(true, buffer.length);
-    return this.file.write(offset, buffer, flags);
+    return this.filtered.write(offset, buffer, flags);
   }
 
-  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+  override async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     await this.group.admit(true, length);
-    return this.file.writeZeroes(offset, length, flags);
+    return this.filtered.writeZeroes(offset, length, flags);
   }
 
-  async discard(offset: number, length: number): Promise<void> {
+  override async discard(offset: number, length: number): Promise<void> {
     await this.group.admit(true, length);
-    return this.file.discard(offset, length);
+    return this.filtered.discard(offset, length);
   }
 
-  async blockStatus(offset: number, length: number) {
-    return { length, delegate: this.file, offset };
-  }
-
-  truncate(size: number): Promise<void> {
-    return this.file.truncate(size);
-  }
-
-  info() {
+  override info() {
     return { filename: jsonFilename(this.node) };
   }
 
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     this.group.users--;
   }
 }

@@ -15,33 +15,23 @@
  * base, then the overlay's header) can be merged in one order. Truncation
  * passes through unlogged, as in QEMU (the format has no entry for it).
  */
-import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
+import type { BlockDriver, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import type { ChildEdge } from '../../child-edge.js';
 import { IoError } from '../../io-error.js';
 import { jsonFilename } from '../../node-filename.js';
 import type { BlockNode } from '../../node.js';
 import { defaultChildPermissions, type PermissionPair } from '../../permissions.js';
 import { RangeLock } from '../../range-lock.js';
+import { PassThroughFilter } from '../pass-through-filter.js';
 import type { LogAppender } from './log-appender.js';
 import { openLog, type LogOptions } from './open-log.js';
 
-class BlklogwritesState implements DriverState {
+class BlklogwritesState extends PassThroughFilter {
   /** Sector spans being written: a read-modify-write holds its span alone. */
   private readonly spans = new RangeLock();
 
-  constructor(private readonly file: ChildEdge, private readonly log: LogAppender, private readonly node: BlockNode) {}
-
-  /** A format above may write past the end when the file below grows on write. */
-  get growsOnWrite(): boolean {
-    return this.file.growsOnWrite;
-  }
-
-  length(): number {
-    return this.file.length();
-  }
-
-  read(offset: number, buffer: Buffer): Promise<void> {
-    return this.file.read(offset, buffer);
+  constructor(file: ChildEdge, private readonly log: LogAppender, node: BlockNode) {
+    super(file, node);
   }
 
   private alignDown(offset: number): number {
@@ -52,14 +42,14 @@ class BlklogwritesState implements DriverState {
     return Math.ceil(offset / this.log.sectorSize) * this.log.sectorSize;
   }
 
-  async write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
+  override async write(offset: number, buffer: Buffer, flags: WriteFlags): Promise<void> {
     const start = this.alignDown(offset);
     const end = this.alignUp(offset + buffer.length);
     const padded = start !== offset || end !== offset + buffer.length;
     const release = await this.spans.acquire(start, end, padded);
     try {
       const bytes = padded ? await this.padToSectors(start, end, offset, buffer) : buffer;
-      await this.file.write(start, bytes, flags);
+      await this.filtered.write(start, bytes, flags);
       await this.log.write(start, bytes);
     } finally {
       release();
@@ -70,20 +60,20 @@ class BlklogwritesState implements DriverState {
   private async padToSectors(start: number, end: number, offset: number, buffer: Buffer): Promise<Buffer> {
     const sector = this.log.sectorSize;
     const bytes = Buffer.alloc(end - start);
-    if (start < offset) await this.file.read(start, bytes.subarray(0, sector));
+    if (start < offset) await this.filtered.read(start, bytes.subarray(0, sector));
     if (end > offset + buffer.length && end - sector >= start + (start < offset ? sector : 0)) {
-      await this.file.read(end - sector, bytes.subarray(bytes.length - sector));
+      await this.filtered.read(end - sector, bytes.subarray(bytes.length - sector));
     }
     buffer.copy(bytes, offset - start);
     return bytes;
   }
 
-  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+  override async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     // Partial sectors go the node's generic way: zero buffers through write(), which pads them.
     if (offset % this.log.sectorSize !== 0 || length % this.log.sectorSize !== 0) throw new IoError('ENOTSUP');
     const release = await this.spans.acquire(offset, offset + length, false);
     try {
-      await this.file.writeZeroes(offset, length, flags);
+      await this.filtered.writeZeroes(offset, length, flags);
       await this.log.write(offset, { zeroes: length });
     } finally {
       release();
@@ -91,13 +81,13 @@ class BlklogwritesState implements DriverState {
   }
 
   /** Discards whole sectors only (a discard is a hint: the partial sectors at its ends are kept). */
-  async discard(offset: number, length: number): Promise<void> {
+  override async discard(offset: number, length: number): Promise<void> {
     const start = this.alignUp(offset);
     const end = this.alignDown(offset + length);
     if (end <= start) return;
     const release = await this.spans.acquire(start, end, false);
     try {
-      await this.file.discard(start, end - start);
+      await this.filtered.discard(start, end - start);
       await this.log.discard(start, end - start);
     } finally {
       release();
@@ -110,24 +100,16 @@ class BlklogwritesState implements DriverState {
     await this.log.flush();
   }
 
-  async blockStatus(offset: number, length: number) {
-    return { length, delegate: this.file, offset };
-  }
-
-  truncate(size: number): Promise<void> {
-    return this.file.truncate(size);
-  }
-
   childPermissions(edge: ChildEdge, parents: PermissionPair): PermissionPair {
     // The log is the filter's own metadata: written whenever the node is writable, never shared for writing.
     return defaultChildPermissions(edge.name === 'log' ? 'storage' : 'filtered', parents, !this.node.readOnly);
   }
 
-  info() {
+  override info() {
     return { filename: jsonFilename(this.node) };
   }
 
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     if (!this.node.readOnly) await this.log.close();
   }
 }
