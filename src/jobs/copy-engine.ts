@@ -5,11 +5,8 @@
  * flight, honours the job's speed limit, reports progress, stops at pause
  * points and applies the on-error policy to each failed chunk.
  */
-import type { WriteFlags } from '../blockdev/block-driver.js';
-import { ioBuffers } from '../blockdev/buffer-pool.js';
-import type { ChildEdge } from '../blockdev/child-edge.js';
+import { CopyError } from '../blockdev/copy-range.js';
 import { errnoOf } from '../blockdev/io-error.js';
-import { isAllZero, type BlockNode } from '../blockdev/node.js';
 import type { ErrorPolicy, Job } from './job.js';
 import { RateLimit } from './rate-limit.js';
 
@@ -20,49 +17,6 @@ export interface CopyPlan {
   decide(offset: number, maxLength: number): Promise<{ length: number; copy: boolean }>;
   /** Copies one run; errors carry the side that failed. */
   copy(offset: number, length: number): Promise<void>;
-}
-
-/** An error of a copy, with the side (read or write) the on-error policy reports. */
-export class CopyError extends Error {
-  constructor(readonly operation: 'read' | 'write', override readonly cause: unknown) {
-    super((cause as Error)?.message ?? String(cause));
-  }
-}
-
-/**
- * How much a job copies into a node before it asks the node to start writing it back: the
- * flush that must come before a backing link changes then finds little left to write, and
- * the disk works while the copy goes on.
- */
-const WRITEBACK_EVERY = 64 << 20;
-const copiedSinceWriteback = new WeakMap<BlockNode, number>();
-
-function noteCopied(node: BlockNode, length: number): void {
-  const copied = (copiedSinceWriteback.get(node) ?? 0) + length;
-  copiedSinceWriteback.set(node, copied >= WRITEBACK_EVERY ? 0 : copied);
-  if (copied >= WRITEBACK_EVERY) node.startWriteback();
-}
-
-/**
- * Copies a range from `from` to `to` through a pooled buffer: all-zero data goes as a zero
- * write (deallocating when `unmapZeroes`). Errors carry the side that failed.
- */
-export async function copyRange(from: ChildEdge, to: ChildEdge, offset: number, length: number, flags: WriteFlags = {}, unmapZeroes = false): Promise<void> {
-  const lease = ioBuffers.acquire(length);
-  try {
-    const data = lease.buffer;
-    await from.read(offset, data).catch((error: unknown) => {
-      throw new CopyError('read', error);
-    });
-    const zero = isAllZero(data);
-    const write = zero ? to.writeZeroes(offset, length, { ...flags, mayUnmap: unmapZeroes }) : to.write(offset, data, flags);
-    await write.catch((error: unknown) => {
-      throw new CopyError('write', error);
-    });
-    if (!zero) noteCopied(to.child, length);
-  } finally {
-    lease.release();
-  }
 }
 
 /** How far one decision may look ahead over data that needs no copy. */

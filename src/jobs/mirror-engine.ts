@@ -16,7 +16,7 @@ import type { ChildEdge } from '../blockdev/child-edge.js';
 import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
 import { errnoOf } from '../blockdev/io-error.js';
 import type { RangeLock } from '../blockdev/range-lock.js';
-import { CopyError, copyRange } from './copy-engine.js';
+import { CopyError, copyRange } from '../blockdev/copy-range.js';
 import type { ErrorPolicy, Job } from './job.js';
 import { RateLimit } from './rate-limit.js';
 

@@ -20,7 +20,7 @@ import { RangeLock } from '../blockdev/range-lock.js';
 import type { MirrorCopyMode } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
 import { allocatedBetween, chainBelow, skipFilters } from './backing-chain.js';
-import { CopyError, copyRange } from './copy-engine.js';
+import { CopyError, copyRange } from '../blockdev/copy-range.js';
 import { JobCancelled, type ErrorPolicy, type Job, type JobKind } from './job.js';
 import { JobNodes, insertJobFilter, leaveJobFilter } from './job-nodes.js';
 import { runMirror } from './mirror-engine.js';
