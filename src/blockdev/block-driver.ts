@@ -22,6 +22,8 @@ export interface WriteFlags {
    * backing chain): dirty bitmaps are not marked, as QEMU writes such copies below its dirty tracking.
    */
   contentUnchanged?: boolean;
+  /** Store the data compressed (qcow2; a backup with compress=true). */
+  compress?: boolean;
 }
 
 export interface ZeroFlags extends WriteFlags {

@@ -1,0 +1,181 @@
+/*
+ * What a point-in-time copy still has to copy from a source to a target
+ * (QEMU's BlockCopyState), shared by the copy-before-write filter and the
+ * backup job: a bitmap of the clusters not copied yet, the copies in flight,
+ * and the wait that keeps a guest write off a cluster until its old data is
+ * in the target. Whoever reaches a cluster first (the filter before a guest
+ * write, or the job's walk) takes it off the bitmap as it starts copying; a
+ * later request for it waits for that copy, and a failed copy leaves its
+ * clusters dirty for the next one to retry.
+ */
+import type { WriteFlags } from './block-driver.js';
+import type { ChildEdge } from './child-edge.js';
+import { CopyError, copyRange } from './copy-range.js';
+import { DirtyBitmap } from './bitmaps/dirty-bitmap.js';
+
+/** QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT: the smallest unit copied. */
+export const DEFAULT_COPY_CLUSTER = 64 << 10;
+/** One copy of plain data reads and writes at most this much (QEMU's BLOCK_COPY_MAX_BUFFER). */
+const MAX_BUFFER = 1 << 20;
+
+export interface BlockCopyOptions {
+  /** The unit copied and tracked (blockCopyClusterSize). */
+  clusterSize: number;
+  /** Copy only what the source's top layer holds (sync=top): clusters it does not allocate are dropped when reached. */
+  skipUnallocated?: boolean;
+  /** Write compressed clusters (one cluster per copy). */
+  compress?: boolean;
+  /** The longest single copy (x-perf max-chunk); 0: as long as a buffer allows. */
+  maxChunk?: number;
+}
+
+interface CopyTask {
+  offset: number;
+  end: number;
+  done: Promise<void>;
+}
+
+/**
+ * The cluster size a copy into `target` must use so that no copy writes part of a target
+ * cluster (QEMU's block_copy_calculate_cluster_size): at least 64 KiB, or the target's own.
+ */
+export function blockCopyClusterSize(target: ChildEdge): number {
+  return Math.max(DEFAULT_COPY_CLUSTER, target.child.state.clusterSize ?? 0);
+}
+
+export class BlockCopy {
+  /** Clusters still to copy (QEMU's copy_bitmap): set by the owner, cleared as copies start. */
+  readonly bitmap: DirtyBitmap;
+  private readonly tasks = new Set<CopyTask>();
+  private inFlightBytes = 0;
+  private readonly maxCopy: number;
+  private readonly writeFlags: WriteFlags;
+  /** Told the bytes of each copy that completed (the owner's progress). */
+  onCopied: ((bytes: number) => void) | undefined;
+
+  constructor(readonly source: ChildEdge, readonly target: ChildEdge, private readonly options: BlockCopyOptions) {
+    this.bitmap = new DirtyBitmap(source.length(), options.clusterSize);
+    this.bitmap.enabled = false;
+    const buffer = options.compress ? options.clusterSize : Math.max(options.clusterSize, Math.floor(MAX_BUFFER / options.clusterSize) * options.clusterSize);
+    this.maxCopy = options.maxChunk ? Math.max(options.clusterSize, Math.min(buffer, Math.floor(options.maxChunk / options.clusterSize) * options.clusterSize)) : buffer;
+    this.writeFlags = options.compress ? { compress: true } : {};
+  }
+
+  get clusterSize(): number {
+    return this.options.clusterSize;
+  }
+
+  /** Bytes not copied yet: still dirty, or being copied now (QEMU's progress remaining). */
+  remaining(): number {
+    return this.bitmap.count() + this.inFlightBytes;
+  }
+
+  /** Whether a copy is running over any of [offset, end). */
+  private busyOver(offset: number, end: number): CopyTask | undefined {
+    for (const task of this.tasks) if (task.offset < end && offset < task.end) return task;
+    return undefined;
+  }
+
+  /**
+   * Makes [offset, offset + length) of the target hold what the source holds now (whole
+   * clusters): copies what is dirty there and waits for the copies already running there.
+   * Throws the first failed copy's error; its clusters stay dirty.
+   */
+  async copy(offset: number, length: number): Promise<void> {
+    const cluster = this.options.clusterSize;
+    const start = Math.floor(offset / cluster) * cluster;
+    const end = Math.min(Math.ceil((offset + length) / cluster) * cluster, this.bitmap.length);
+    for (;;) {
+      const started: Promise<void>[] = [];
+      // Claiming is synchronous, so no other request can claim the same clusters meanwhile.
+      for (let at = start, area; (area = this.bitmap.dirtyArea(at, end)); ) {
+        const piece = Math.min(area.length, this.maxCopy);
+        started.push(this.run(area.offset, piece));
+        at = area.offset + piece;
+      }
+      if (started.length > 0) {
+        const results = await Promise.allSettled(started);
+        const failed = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
+        if (failed) throw failed.reason;
+        continue;
+      }
+      const running = this.busyOver(start, end);
+      if (!running) return;
+      // A copy someone else started: wait, then look again (it may have failed and left its clusters dirty).
+      await running.done.catch(() => {});
+    }
+  }
+
+  /** The first dirty run at or after `from` (no wrapping), at most one copy long: the next piece a job copies. */
+  nextDirty(from: number): { offset: number; length: number } | undefined {
+    const area = this.bitmap.dirtyArea(from, this.bitmap.length);
+    return area && { offset: area.offset, length: Math.min(area.length, this.maxCopy) };
+  }
+
+  /**
+   * sync=top's first pass (QEMU's block_copy_reset_unallocated): drops the clusters from
+   * `offset` that the source's top layer does not allocate. Returns how far it looked.
+   */
+  async resetUnallocated(offset: number): Promise<number> {
+    const cluster = this.options.clusterSize;
+    const status = await this.source.child.blockStatus(offset, Math.min(this.bitmap.length - offset, 1 << 30));
+    const runEnd = offset + status.length;
+    if (status.allocated) return Math.ceil(runEnd / cluster) * cluster - offset;
+    // Only whole clusters the layer leaves unallocated; a cluster partly allocated is copied.
+    const end = runEnd >= this.bitmap.length ? this.bitmap.length : Math.floor(runEnd / cluster) * cluster;
+    if (end > offset) this.bitmap.clear(offset, end - offset);
+    return Math.max(cluster, end - offset);
+  }
+
+  /** Clears [offset, offset + length) without copying it (QEMU's block_copy_reset: the reader gave it up). */
+  reset(offset: number, length: number): void {
+    this.bitmap.clear(offset, length);
+  }
+
+  /** Takes the clusters off the bitmap and copies them; a failure puts them back. */
+  private run(offset: number, length: number): Promise<void> {
+    this.bitmap.clear(offset, length);
+    this.inFlightBytes += length;
+    const done = this.copyClusters(offset, length);
+    const task: CopyTask = { offset, end: offset + length, done };
+    this.tasks.add(task);
+    return done.then(
+      () => this.finish(task, length, true),
+      (error: unknown) => {
+        this.finish(task, length, false);
+        this.bitmap.set(offset, length);
+        throw error;
+      },
+    );
+  }
+
+  private finish(task: CopyTask, length: number, copied: boolean): void {
+    this.tasks.delete(task);
+    this.inFlightBytes -= length;
+    if (copied) this.onCopied?.(length);
+  }
+
+  private async copyClusters(offset: number, length: number): Promise<void> {
+    const status = await (this.options.skipUnallocated ? this.source.child.blockStatus(offset, length) : this.source.child.blockStatusAbove(offset, length))
+      .catch((error: unknown) => {
+        throw new CopyError('read', error);
+      });
+    if (status.length < length) {
+      // The status changes inside: copy the first part now and the rest as a copy of its own.
+      const cluster = this.options.clusterSize;
+      const first = Math.min(length, Math.max(cluster, Math.ceil(status.length / cluster) * cluster));
+      if (first < length) {
+        await Promise.all([this.copyClusters(offset, first), this.copyClusters(offset + first, length - first)]);
+        return;
+      }
+    }
+    if (this.options.skipUnallocated && !status.allocated) return;
+    if (status.zero) {
+      await this.target.writeZeroes(offset, length, {}).catch((error: unknown) => {
+        throw new CopyError('write', error);
+      });
+      return;
+    }
+    await copyRange(this.source, this.target, offset, length, this.writeFlags);
+  }
+}
