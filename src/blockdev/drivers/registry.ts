@@ -9,6 +9,7 @@ import type { BlockDriver } from '../block-driver.js';
 import { blkdebugDriver } from './blkdebug.js';
 import { blklogwritesDriver } from './blklogwrites/blklogwrites.js';
 import { commitTopDriver } from './commit-top.js';
+import { copyBeforeWriteDriver } from './copy-before-write.js';
 import { copyOnReadDriver } from './copy-on-read.js';
 import { fileDriver } from './file.js';
 import { mirrorTopDriver } from './mirror-top.js';
@@ -22,6 +23,7 @@ const DRIVERS = new Map<string, BlockDriver<never>>([
   ['blkdebug', blkdebugDriver],
   ['blklogwrites', blklogwritesDriver],
   ['commit_top', commitTopDriver as BlockDriver<never>],
+  ['copy-before-write', copyBeforeWriteDriver],
   ['copy-on-read', copyOnReadDriver],
   ['file', fileDriver],
   ['mirror_top', mirrorTopDriver],
