@@ -218,7 +218,8 @@ export class BlockGraph implements NodeObserver {
     if (!below) return;
     await filter.drained(async () => {
       this.moveParents(filter.parents.slice(), below);
-      await this.refreshPermissions([below]);
+      // The filter, now without users, asks its child for no more than that (QEMU drops its child in the same step).
+      await this.refreshPermissions([filter, below]);
     });
     await this.close(filter);
   }
