@@ -18,9 +18,8 @@ export const DEFAULT_COPY_CLUSTER = 64 << 10;
 /** One copy of plain data reads and writes at most this much (QEMU's BLOCK_COPY_MAX_BUFFER). */
 const MAX_BUFFER = 1 << 20;
 
-export interface BlockCopyOptions {
-  /** The unit copied and tracked (blockCopyClusterSize). */
-  clusterSize: number;
+/** How copies are made; the backup job sets them after the filter made the state (QEMU's block_copy_set_copy_opts). */
+export interface CopySettings {
   /** Copy only what the source's top layer holds (sync=top): clusters it does not allocate are dropped when reached. */
   skipUnallocated?: boolean;
   /** Write compressed clusters (one cluster per copy). */
@@ -48,21 +47,26 @@ export class BlockCopy {
   readonly bitmap: DirtyBitmap;
   private readonly tasks = new Set<CopyTask>();
   private inFlightBytes = 0;
-  private readonly maxCopy: number;
-  private readonly writeFlags: WriteFlags;
+  private settings: CopySettings = {};
+  private maxCopy = 0;
+  private writeFlags: WriteFlags = {};
   /** Told the bytes of each copy that completed (the owner's progress). */
   onCopied: ((bytes: number) => void) | undefined;
 
-  constructor(readonly source: ChildEdge, readonly target: ChildEdge, private readonly options: BlockCopyOptions) {
-    this.bitmap = new DirtyBitmap(source.length(), options.clusterSize);
+  /** `clusterSize`: the unit copied and tracked (blockCopyClusterSize). */
+  constructor(readonly source: ChildEdge, readonly target: ChildEdge, readonly clusterSize: number) {
+    this.bitmap = new DirtyBitmap(source.length(), clusterSize);
     this.bitmap.enabled = false;
-    const buffer = options.compress ? options.clusterSize : Math.max(options.clusterSize, Math.floor(MAX_BUFFER / options.clusterSize) * options.clusterSize);
-    this.maxCopy = options.maxChunk ? Math.max(options.clusterSize, Math.min(buffer, Math.floor(options.maxChunk / options.clusterSize) * options.clusterSize)) : buffer;
-    this.writeFlags = options.compress ? { compress: true } : {};
+    this.configure({});
   }
 
-  get clusterSize(): number {
-    return this.options.clusterSize;
+  configure(settings: CopySettings): void {
+    const cluster = this.clusterSize;
+    this.settings = { ...this.settings, ...settings };
+    const { compress, maxChunk } = this.settings;
+    const buffer = compress ? cluster : Math.max(cluster, Math.floor(MAX_BUFFER / cluster) * cluster);
+    this.maxCopy = maxChunk ? Math.max(cluster, Math.min(buffer, Math.floor(maxChunk / cluster) * cluster)) : buffer;
+    this.writeFlags = compress ? { compress: true } : {};
   }
 
   /** Bytes not copied yet: still dirty, or being copied now (QEMU's progress remaining). */
@@ -82,7 +86,7 @@ export class BlockCopy {
    * Throws the first failed copy's error; its clusters stay dirty.
    */
   async copy(offset: number, length: number): Promise<void> {
-    const cluster = this.options.clusterSize;
+    const cluster = this.clusterSize;
     const start = Math.floor(offset / cluster) * cluster;
     const end = Math.min(Math.ceil((offset + length) / cluster) * cluster, this.bitmap.length);
     for (;;) {
@@ -117,7 +121,7 @@ export class BlockCopy {
    * `offset` that the source's top layer does not allocate. Returns how far it looked.
    */
   async resetUnallocated(offset: number): Promise<number> {
-    const cluster = this.options.clusterSize;
+    const cluster = this.clusterSize;
     const status = await this.source.child.blockStatus(offset, Math.min(this.bitmap.length - offset, 1 << 30));
     const runEnd = offset + status.length;
     if (status.allocated) return Math.ceil(runEnd / cluster) * cluster - offset;
@@ -156,20 +160,20 @@ export class BlockCopy {
   }
 
   private async copyClusters(offset: number, length: number): Promise<void> {
-    const status = await (this.options.skipUnallocated ? this.source.child.blockStatus(offset, length) : this.source.child.blockStatusAbove(offset, length))
+    const status = await (this.settings.skipUnallocated ? this.source.child.blockStatus(offset, length) : this.source.child.blockStatusAbove(offset, length))
       .catch((error: unknown) => {
         throw new CopyError('read', error);
       });
     if (status.length < length) {
       // The status changes inside: copy the first part now and the rest as a copy of its own.
-      const cluster = this.options.clusterSize;
+      const cluster = this.clusterSize;
       const first = Math.min(length, Math.max(cluster, Math.ceil(status.length / cluster) * cluster));
       if (first < length) {
         await Promise.all([this.copyClusters(offset, first), this.copyClusters(offset + first, length - first)]);
         return;
       }
     }
-    if (this.options.skipUnallocated && !status.allocated) return;
+    if (this.settings.skipUnallocated && !status.allocated) return;
     if (status.zero) {
       await this.target.writeZeroes(offset, length, {}).catch((error: unknown) => {
         throw new CopyError('write', error);

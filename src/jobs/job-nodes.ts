@@ -57,6 +57,7 @@ const EDGE_NAMES: Record<Exclude<HeldRole, `graph.${string}`>, string> = {
   'commit.main': 'main node', 'commit.top': 'intermediate node', 'commit.inter': 'intermediate node', 'commit.base': 'base',
   'active-commit.filter': 'main node', 'active-commit.source': 'source', 'active-commit.inter': 'intermediate node', 'active-commit.base': 'target',
   'mirror.filter': 'main node', 'mirror.source': 'source', 'mirror.target': 'target',
+  'backup.filter': 'main node', 'backup.target': 'target',
 };
 
 export class JobNodes<H extends Exclude<HolderKind, 'graph'>> {

@@ -24,6 +24,7 @@ export const HELD_ROLES = {
   commit: ['main', 'top', 'inter', 'base'],
   'active-commit': ['filter', 'source', 'inter', 'base'],
   mirror: ['filter', 'source', 'target'],
+  backup: ['filter', 'target'],
   graph: ['backing'],
 } as const;
 
@@ -48,6 +49,8 @@ export const ROLE_NODES: Record<HeldRole, string> = {
   'mirror.filter': "the mirror_top filter above 'device'",
   'mirror.source': "'device'",
   'mirror.target': "'target'",
+  'backup.filter': "the copy-before-write filter above 'device'",
+  'backup.target': "'target'",
   'graph.backing': 'a node that is the backing file of another',
 };
 

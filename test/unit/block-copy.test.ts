@@ -49,7 +49,7 @@ test('the copy cluster is at least 64 KiB, or the target\'s cluster', () => with
 }));
 
 test('copying every dirty cluster makes the target read as the source; the bitmap ends clean', () => withPair(async (pair) => {
-  const copy = new BlockCopy(pair.source.disk, pair.target.disk, { clusterSize: 65536 });
+  const copy = new BlockCopy(pair.source.disk, pair.target.disk, 65536);
   copy.bitmap.set(0, 4 * MiB);
   let copied = 0;
   copy.onCopied = (bytes) => (copied += bytes);
@@ -63,7 +63,7 @@ test('copying every dirty cluster makes the target read as the source; the bitma
 }));
 
 test('only dirty clusters are copied', () => withPair(async (pair) => {
-  const copy = new BlockCopy(pair.source.disk, pair.target.disk, { clusterSize: 65536 });
+  const copy = new BlockCopy(pair.source.disk, pair.target.disk, 65536);
   copy.bitmap.set(3 * MiB, 65536);
   await copy.copy(0, 4 * MiB);
   await pair.target.close();
@@ -74,7 +74,8 @@ test('only dirty clusters are copied', () => withPair(async (pair) => {
 }));
 
 test('with skipUnallocated only the top layer\'s clusters reach the target', () => withPair(async (pair) => {
-  const copy = new BlockCopy(pair.source.disk, pair.target.disk, { clusterSize: 65536, skipUnallocated: true });
+  const copy = new BlockCopy(pair.source.disk, pair.target.disk, 65536);
+  copy.configure({ skipUnallocated: true });
   copy.bitmap.set(0, 4 * MiB);
   for (let offset = 0; offset < 4 * MiB;) offset += await copy.resetUnallocated(offset);
   assert.equal(copy.remaining(), 64 * 1024 + 192 * 1024, 'the first pass leaves the top layer\'s clusters');
@@ -86,7 +87,7 @@ test('with skipUnallocated only the top layer\'s clusters reach the target', () 
 }));
 
 test('a second request for clusters being copied waits for that copy and copies nothing again', () => withPair(async (pair) => {
-  const copy = new BlockCopy(pair.source.disk, pair.target.disk, { clusterSize: 65536 });
+  const copy = new BlockCopy(pair.source.disk, pair.target.disk, 65536);
   copy.bitmap.set(0, 4 * MiB);
   const reads: number[] = [];
   const sourceState = pair.source.node.state;
@@ -106,7 +107,7 @@ test('a second request for clusters being copied waits for that copy and copies 
 }));
 
 test('a failed copy leaves its clusters dirty, and the next request copies them', () => withPair(async (pair) => {
-  const copy = new BlockCopy(pair.source.disk, pair.target.disk, { clusterSize: 65536 });
+  const copy = new BlockCopy(pair.source.disk, pair.target.disk, 65536);
   copy.bitmap.set(0, 65536);
   const targetState = pair.target.node.state;
   const driverWrite = targetState.write!.bind(targetState);

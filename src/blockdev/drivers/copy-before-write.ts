@@ -16,7 +16,7 @@ export class CopyBeforeWriteState extends PassThroughFilter {
 
   constructor(file: ChildEdge, readonly target: ChildEdge, node: BlockNode) {
     super(file, node);
-    this.blockCopy = new BlockCopy(file, target, { clusterSize: blockCopyClusterSize(target) });
+    this.blockCopy = new BlockCopy(file, target, blockCopyClusterSize(target));
     this.blockCopy.bitmap.set(0, file.length());
   }
 

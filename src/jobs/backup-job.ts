@@ -1,0 +1,227 @@
+/*
+ * The backup job (QEMU's block/backup.c for blockdev-backup and
+ * drive-backup): a copy-before-write filter takes the source's place, so a
+ * guest write first copies the old data it overwrites to the target; the job
+ * copies everything else the sync mode asks for through the same block-copy
+ * state. The target ends as the disk was when the job started. A bitmap
+ * (incremental and bitmap sync, or any sync with `bitmap`) gets a successor
+ * for the job's time, which records the writes meanwhile; bitmap-mode says
+ * what becomes of it when the job ends.
+ */
+import type { BlockLayer } from '../blockdev/block-layer.js';
+import type { BlockCopy } from '../blockdev/block-copy.js';
+import { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
+import { CopyError } from '../blockdev/copy-range.js';
+import type { CopyBeforeWriteState } from '../blockdev/drivers/copy-before-write.js';
+import { describeErrno, errnoOf } from '../blockdev/io-error.js';
+import type { BlockNode } from '../blockdev/node.js';
+import { PERM_ALL } from '../blockdev/permissions.js';
+import { genericError } from '../errors.js';
+import { JobCancelled, type ErrorPolicy, type Job, type JobKind } from './job.js';
+import { JobNodes, insertJobFilter } from './job-nodes.js';
+import type { JobRegistry } from './job-registry.js';
+import { RateLimit } from './rate-limit.js';
+
+/** QEMU 7.2's default x-perf max-workers: copies in flight. */
+export const DEFAULT_MAX_WORKERS = 64;
+
+export interface BackupJobOptions {
+  /** Checked and defaulted by the command. */
+  jobId: string;
+  source: BlockNode;
+  target: BlockNode;
+  sync: 'full' | 'top' | 'none' | 'incremental' | 'bitmap';
+  /** For incremental and bitmap sync, and any other sync that is to update a bitmap. */
+  bitmap?: DirtyBitmap;
+  bitmapMode?: 'on-success' | 'never' | 'always';
+  compress: boolean;
+  speed: number;
+  onSourceError: ErrorPolicy;
+  onTargetError: ErrorPolicy;
+  filterNodeName?: string;
+  autoFinalize: boolean;
+  autoDismiss: boolean;
+  perf: { maxWorkers: number; maxChunk: number; useCopyRange: boolean };
+}
+
+/**
+ * QEMU's backup_job_create after the command's checks: the filter goes in and the bitmap gets
+ * its successor before the job exists (their failures create no job), then the job starts.
+ */
+export async function startBackupJob(layer: BlockLayer, jobs: JobRegistry, options: BackupJobOptions): Promise<void> {
+  const { source, target, filterNodeName } = options;
+  if (source.length() !== target.length()) throw genericError('Source and target image have different sizes');
+  const filter = await insertJobFilter(layer, { driver: 'copy-before-write', file: source.name, target: target.name }, source, filterNodeName);
+  const kind = new BackupJob(layer, options, filter);
+  try {
+    kind.prepareCopy();
+    await jobs.launch(kind, { id: options.jobId, autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, speed: options.speed },
+      (job) => kind.setUp(job), () => kind.undo());
+  } catch (error) {
+    await kind.undo();
+    throw error;
+  }
+}
+
+export class BackupJob implements JobKind {
+  readonly type = 'backup' as const;
+  readonly blockJob = true;
+  private readonly blockCopy: BlockCopy;
+  private nodes: JobNodes<'backup'> | undefined;
+  private successorMade = false;
+  private filterRemoved = false;
+
+  constructor(private readonly layer: BlockLayer, private readonly options: BackupJobOptions, private readonly filter: BlockNode) {
+    this.blockCopy = (filter.state as CopyBeforeWriteState).blockCopy;
+  }
+
+  /** The copy's settings, and the bitmap's successor (QEMU's bdrv_dirty_bitmap_create_successor). */
+  prepareCopy(): void {
+    const { perf, compress, bitmap } = this.options;
+    const cluster = this.blockCopy.clusterSize;
+    if (perf.maxChunk && perf.maxChunk < cluster) {
+      throw genericError(`Required max-chunk (${perf.maxChunk}) is less than backup cluster size (${cluster})`);
+    }
+    this.blockCopy.configure({ compress, maxChunk: perf.maxChunk });
+    if (bitmap) {
+      const successor = new DirtyBitmap(bitmap.length, bitmap.granularity);
+      successor.enabled = bitmap.enabled;
+      bitmap.successor = successor;
+      bitmap.busy = true;
+      this.successorMade = true;
+    }
+  }
+
+  /** The job's holds: the filter as its main node, and the target (the filter writes it). */
+  async setUp(job: Job): Promise<void> {
+    const nodes = new JobNodes(this.layer, job, 'backup');
+    this.nodes = nodes;
+    await nodes.hold(this.filter, 'filter', { perm: 0, shared: PERM_ALL });
+    await nodes.hold(this.options.target, 'target', { perm: 0, shared: PERM_ALL });
+  }
+
+  async run(job: Job): Promise<void> {
+    const { sync, bitmap } = this.options;
+    const copy = this.blockCopy;
+    const length = this.options.source.length();
+    // QEMU's backup_init_bcs_bitmap: what the job copies.
+    if (sync === 'bitmap' || sync === 'incremental') {
+      copy.bitmap.clear(0, length);
+      copy.bitmap.merge(bitmap!);
+    } else {
+      copy.bitmap.set(0, length);
+      if (sync === 'top') copy.configure({ skipUnallocated: true });
+    }
+    const progress = () => {
+      job.totalProgress = job.currentProgress + copy.remaining();
+    };
+    copy.onCopied = (bytes) => {
+      job.currentProgress += bytes;
+      progress();
+    };
+    progress();
+    job.startupReached();
+    if (sync === 'top') {
+      for (let offset = 0; offset < length;) {
+        await job.pausePoint();
+        offset += await copy.resetUnallocated(offset);
+        progress();
+      }
+      copy.configure({ skipUnallocated: false });
+    }
+    if (sync === 'none') {
+      // The filter copies what guest writes would overwrite; the job only waits to be cancelled.
+      for (;;) await job.sleep(60 * 60 * 1000);
+    }
+    try {
+      await this.copyAll(job, copy);
+    } catch (error) {
+      if (error instanceof JobCancelled) throw error;
+      throw new Error(describeErrno(errnoOf(error)));
+    }
+  }
+
+  /** Copies every dirty cluster, several at a time (one under a speed limit), until none is left. */
+  private async copyAll(job: Job, copy: BlockCopy): Promise<void> {
+    const limit = new RateLimit();
+    let cursor = 0;
+    let failure: unknown;
+    const work = async (index: number) => {
+      for (;;) {
+        await job.pausePoint();
+        if (failure !== undefined) return;
+        if (index > 0 && job.speed > 0) {
+          if (copy.remaining() === 0) return;
+          await job.sleep(50);
+          continue;
+        }
+        // A pass ends at the disk's end; copies that failed left their clusters dirty for the next.
+        const next = copy.nextDirty(cursor) ?? copy.nextDirty(0);
+        if (!next) return;
+        cursor = next.offset + next.length;
+        try {
+          await copy.copy(next.offset, next.length);
+        } catch (error) {
+          const operation = error instanceof CopyError ? error.operation : 'read';
+          const cause = error instanceof CopyError ? error.cause : error;
+          const action = await job.ioError(errnoOf(cause), operation, operation === 'read' ? this.options.onSourceError : this.options.onTargetError);
+          if (action === 'report') failure ??= cause;
+          continue; // retry and ignore both leave the clusters dirty: QEMU's backup copies them again
+        }
+        await limit.take(job, next.length);
+      }
+    };
+    const workers = Math.max(1, this.options.perf.maxWorkers);
+    job.workers = workers;
+    const results = await Promise.allSettled(Array.from({ length: workers }, (_, index) => work(index).finally(() => job.workerEnded())));
+    const rejected = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
+    if (rejected) throw rejected.reason;
+    if (failure !== undefined) throw failure;
+  }
+
+  async commit(): Promise<void> {
+    this.settleBitmap(true);
+  }
+
+  async abort(): Promise<void> {
+    this.settleBitmap(false);
+  }
+
+  async clean(job: Job): Promise<void> {
+    await job.bestEffort('release the nodes', async () => this.nodes?.release());
+    await this.removeFilter();
+  }
+
+  /** The job never ran (set-up failed, or the job could not be made). */
+  async undo(): Promise<void> {
+    this.settleBitmap(false);
+    await this.nodes?.release().catch(() => {});
+    await this.removeFilter();
+  }
+
+  private async removeFilter(): Promise<void> {
+    if (this.filterRemoved) return;
+    this.filterRemoved = true;
+    this.blockCopy.onCopied = undefined;
+    await this.layer.graph.removeFilter(this.filter);
+  }
+
+  /**
+   * QEMU's backup_cleanup_sync_bitmap. The bitmap becomes its successor (what was written during
+   * the job) when the job succeeded or bitmap-mode is always, unless it is never; otherwise the
+   * successor is merged back. A failed job with bitmap-mode always also keeps what it did not copy.
+   */
+  private settleBitmap(succeeded: boolean): void {
+    const { bitmap, bitmapMode } = this.options;
+    if (!bitmap || !this.successorMade) return;
+    this.successorMade = false;
+    const successor = bitmap.successor!;
+    const adopt = (succeeded || bitmapMode === 'always') && bitmapMode !== 'never';
+    if (adopt) bitmap.clear(0, bitmap.length);
+    bitmap.merge(successor);
+    bitmap.enabled = successor.enabled;
+    bitmap.successor = undefined;
+    bitmap.busy = false;
+    if (!succeeded && bitmapMode === 'always') bitmap.merge(this.blockCopy.bitmap);
+  }
+}
