@@ -57,3 +57,15 @@ export function timedWithCpu(pid: number, action: () => void): { seconds: number
   const seconds = timed(action);
   return { seconds, cpu: userCpuSeconds(pid) - before };
 }
+
+/** The middle value (the mean of the two middle ones for an even count). */
+export function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
+}
+
+/** A number with `digits` decimals, right-aligned in `width` characters (the benches' tables). */
+export function fixed(value: number, width: number, digits = 3): string {
+  return value.toFixed(digits).padStart(width);
+}

@@ -20,7 +20,7 @@ import { QmpClient } from '../src/qmp/client.js';
 import { runBlockd } from '../test/helpers/blockd-process.js';
 import { makeTempDir } from '../test/helpers/paths.js';
 import { startQsd } from '../test/helpers/qsd-process.js';
-import { cpuSeconds, ROUNDS, run, SIZE } from './bench-tools.js';
+import { cpuSeconds, fixed, median, ROUNDS, run, SIZE } from './bench-tools.js';
 import { allocatedBytes, flushedCopySeconds, levelPageCache, makeRandomQcow2, readIntoCache, type Fill } from './random-images.js';
 
 type Side = 'qsd' | 'blockd';
@@ -67,13 +67,6 @@ async function mirrorOnce(daemon: Daemon, source: string, target: string): Promi
     await qmp.close();
   }
 }
-
-const median = (values: number[]) => {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
-};
-const fixed = (value: number, width: number, digits = 3) => value.toFixed(digits).padStart(width);
 
 const temp = makeTempDir('blockd-bench-mirror-');
 try {
