@@ -22,7 +22,10 @@ export interface WriteFlags {
    * backing chain): dirty bitmaps are not marked, as QEMU writes such copies below its dirty tracking.
    */
   contentUnchanged?: boolean;
-  /** Store the data compressed (qcow2; a backup with compress=true). */
+  /**
+   * Store the data compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED: backup's and convert's `compress`).
+   * Only nodes whose state supports compressed writes take it; the writer covers whole clusters.
+   */
   compress?: boolean;
 }
 
@@ -69,6 +72,11 @@ export interface DriverState {
   length(): number;
   /** Writes past the end grow the node (protocol drivers; the writer needs the resize permission). */
   readonly growsOnWrite?: boolean;
+  /**
+   * Takes writes with the `compress` flag (QEMU's bdrv_supports_compressed_writes): a format that
+   * can store compressed clusters, or a filter that forwards them to a child that can.
+   */
+  readonly supportsCompressedWrites?: boolean;
   /** The unit the format allocates in (qcow2's cluster): copies into the node serialise whole units. */
   readonly clusterSize?: number;
   read(offset: number, buffer: Buffer): Promise<void>;

@@ -259,15 +259,23 @@ export class BlockNode {
     return this.track(() => this.state.read(offset, inside));
   }
 
+  /** Whether writes with the `compress` flag are taken (QEMU's bdrv_supports_compressed_writes). */
+  supportsCompressedWrites(): boolean {
+    return this.state.supportsCompressedWrites === true;
+  }
+
   async write(offset: number, buffer: Buffer, flags: WriteFlags = {}): Promise<void> {
     this.checkWritable(offset, buffer.length);
     if (buffer.length === 0) return;
     if (this.settings.detectZeroes !== 'off' && isAllZero(buffer)) {
       const mayUnmap = this.settings.detectZeroes === 'unmap' && this.settings.discard === 'unmap';
-      return this.writeZeroes(offset, buffer.length, { ...flags, mayUnmap });
+      // As in QEMU, detected zeroes become a zero write, compressed or not.
+      return this.writeZeroes(offset, buffer.length, { ...flags, compress: false, mayUnmap });
     }
     const write = this.state.write;
     if (!write) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
+    // A driver that cannot compress must not store the data plainly as if it had.
+    if (flags.compress && !this.supportsCompressedWrites()) throw new IoError('ENOTSUP', `driver '${this.driver.name}' does not support compressed writes`);
     this.noteWrite(offset, buffer.length);
     const emulateFua = this.emulatesFua(flags);
     const driverFlags = emulateFua ? { ...flags, fua: false } : flags;

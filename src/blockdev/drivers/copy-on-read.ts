@@ -24,6 +24,11 @@ class CopyOnReadState extends PassThroughFilter {
     this.endSerialising = file.child.beginSerialising();
   }
 
+  /** As QEMU's filter, it forwards compressed writes (a backup with `compress` may target it). */
+  protected override get forwardsCompressedWrites(): boolean {
+    return true;
+  }
+
   /** Whether data at `offset` comes from a layer that may be copied up (below the top, down to `bottom`). */
   private async copyableRun(offset: number, length: number): Promise<{ length: number; copy: boolean }> {
     const top = this.filtered.child;

@@ -3,6 +3,7 @@
  * one filtered child unchanged, block status is the child's, and the node is
  * as long as the child. A filter extends this and overrides only what it
  * changes (throttle waits before forwarding, copy-before-write copies first).
+ * Write flags (FUA, compress) go down unchanged.
  */
 import type { DriverExtent, DriverInfo, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
@@ -20,6 +21,19 @@ export abstract class PassThroughFilter implements DriverState {
   /** A format above may write past the end when the file below grows on write. */
   get growsOnWrite(): boolean {
     return this.filtered.growsOnWrite;
+  }
+
+  /**
+   * Whether this filter passes compressed writes on (QEMU: the filters with a compressed-write
+   * callback, throttle and copy-on-read); the others refuse them, as in QEMU.
+   */
+  protected get forwardsCompressedWrites(): boolean {
+    return false;
+  }
+
+  /** QEMU's bdrv_supports_compressed_writes for a filter: it forwards them, and its child takes them. */
+  get supportsCompressedWrites(): boolean {
+    return this.forwardsCompressedWrites && this.filtered.child.supportsCompressedWrites();
   }
 
   read(offset: number, buffer: Buffer): Promise<void> {

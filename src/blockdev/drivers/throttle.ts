@@ -20,6 +20,11 @@ class ThrottleState extends PassThroughFilter {
     super(file, node);
   }
 
+  /** As QEMU's filter, it forwards compressed writes (a backup with `compress` may target it). */
+  protected override get forwardsCompressedWrites(): boolean {
+    return true;
+  }
+
   override async read(offset: number, buffer: Buffer): Promise<void> {
     await this.group.admit(false, buffer.length);
     return this.filtered.read(offset, buffer);
