@@ -2,7 +2,7 @@
  * Where a qcow2 image file keeps its tables, read from its header and tables: for tests
  * that corrupt an image by hand (an entry pointed elsewhere, a refcount zeroed).
  */
-import { readU64 } from './qemu-tools.js';
+import { readAt, readU64 } from './qemu-tools.js';
 
 /** The COPIED flag of L1 and L2 entries (refcount exactly one: written in place). */
 export const OFLAG_COPIED = 1n << 63n;
@@ -30,6 +30,37 @@ export function qcow2Layout(path: string): Qcow2Layout {
     l2: Number(readU64(path, l1) & OFFSET_MASK),
     snapshotL1: snapshots ? Number(readU64(path, snapshots)) : 0,
   };
+}
+
+/** A guest cluster stored compressed: where its stream starts and the 512-byte sectors its L2 entry names. */
+export interface CompressedCluster {
+  cluster: number;
+  hostOffset: number;
+  sectors: number;
+}
+
+/** Every compressed cluster of the active L2 tables, decoded as the spec says (section 5.1), in guest order. */
+export function compressedClusters(path: string): CompressedCluster[] {
+  const header = readAt(path, 0, 48);
+  const clusterBits = header.readUInt32BE(20);
+  const l1Size = header.readUInt32BE(36);
+  const l1 = Number(header.readBigUInt64BE(40));
+  const entriesPerTable = 2 ** clusterBits / 8;
+  const sectorShift = BigInt(62 - (clusterBits - 8));
+  const found: CompressedCluster[] = [];
+  for (let i = 0; i < l1Size; i++) {
+    const l2 = Number(readU64(path, l1 + 8 * i) & OFFSET_MASK);
+    if (!l2) continue;
+    const table = readAt(path, l2, 2 ** clusterBits);
+    for (let j = 0; j < entriesPerTable; j++) {
+      const entry = table.readBigUInt64BE(8 * j);
+      if (!(entry & (1n << 62n))) continue;
+      const hostOffset = Number(entry & ((1n << sectorShift) - 1n));
+      const sectors = Number((entry >> sectorShift) & ((1n << BigInt(clusterBits - 8)) - 1n)) + 1;
+      found.push({ cluster: i * entriesPerTable + j, hostOffset, sectors });
+    }
+  }
+  return found;
 }
 
 const BITMAPS_EXTENSION_MAGIC = 0x23852875;

@@ -26,7 +26,7 @@ function ownedHost(mapping: MappedCluster): number | undefined {
   return (entry.type === 'NORMAL' || entry.type === 'ZERO_ALLOC') && entry.copied ? entry.hostOffset : undefined;
 }
 
-async function lookupClusters(image: Qcow2Image, first: number, count: number): Promise<MappedCluster[]> {
+export async function lookupClusters(image: Qcow2Image, first: number, count: number): Promise<MappedCluster[]> {
   const mappings: MappedCluster[] = [];
   while (mappings.length < count) mappings.push(...(await image.tables.lookupRun(first + mappings.length, count - mappings.length)));
   return mappings;
@@ -75,7 +75,7 @@ function hostRuns(image: Qcow2Image, offset: number, buffer: Buffer, contents: {
 }
 
 /** A FUA write is durable with everything that makes it readable: metadata written back, then a barrier. */
-async function fuaBarrier(image: Qcow2Image): Promise<void> {
+export async function fuaBarrier(image: Qcow2Image): Promise<void> {
   await image.flushMetadata();
   await image.barrier.flush();
 }
@@ -84,7 +84,7 @@ async function fuaBarrier(image: Qcow2Image): Promise<void> {
  * Updates cached L2 entries and queues the references they drop (released after the next
  * write-back made the new entries durable). Writes back now if too many tables are dirty.
  */
-async function setEntries(image: Qcow2Image, updates: Map<number, bigint>, released: [number, number][]): Promise<void> {
+export async function setEntries(image: Qcow2Image, updates: Map<number, bigint>, released: [number, number][]): Promise<void> {
   if (!updates.size && !released.length) return;
   await image.metadata.run(async () => {
     if (updates.size) await image.tables.setEntries(updates);

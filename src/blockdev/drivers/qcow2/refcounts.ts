@@ -39,6 +39,8 @@ export class Refcounts {
   private readonly dirty = new Map<number, [number, number]>();
   /** Lowest cluster index that may be free. */
   private freeHint = 0;
+  /** Where the next compressed cluster goes: just past the last one, inside its host cluster (0: start a new one). */
+  private freeByteOffset = 0;
 
   constructor(private readonly context: RefcountContext) {
     const { header } = context;
@@ -95,6 +97,8 @@ export class Refcounts {
     setRefcount(block, index, this.bits, value);
     this.markDirty(tableIndex, index, index);
     if (value === 0 && cluster < this.freeHint) this.freeHint = cluster;
+    // A freed host cluster may be handed out whole next: compressed data must not follow into it.
+    if (value === 0 && this.freeByteOffset && Math.floor(this.freeByteOffset / this.clusterSize) === cluster) this.freeByteOffset = 0;
   }
 
   /** Notes that entries low..high of a block changed (whole bytes: sub-byte widths share them). */
@@ -145,6 +149,31 @@ export class Refcounts {
     // Everything between the hint and the last cluster taken is in use now (unless a contiguous run skipped some).
     if (!contiguous || found[0] === this.freeHint) this.freeHint = found[found.length - 1]! + 1;
     return found.map((index) => index * this.clusterSize);
+  }
+
+  /**
+   * Room for a compressed cluster of `size` bytes (QEMU's qcow2_alloc_bytes). Compressed clusters
+   * are packed byte after byte into host clusters: one goes just past the previous one, into the
+   * next host cluster when it does not fit (continuing across the boundary when the newly
+   * allocated cluster is the adjacent one). Every host cluster a compressed cluster touches gains
+   * one reference; a host cluster whose refcount is at its maximum takes no more.
+   */
+  async allocateBytes(size: number): Promise<number> {
+    if (!Number.isSafeInteger(size) || size <= 0 || size > this.clusterSize) throw new RangeError(`compressed size ${size} is not 1 to ${this.clusterSize} bytes`);
+    const cs = this.clusterSize;
+    let offset = this.freeByteOffset;
+    if (offset && (await this.get(Math.floor(offset / cs))) >= maxSafeRefcount(this.bits)) offset = 0;
+    let fresh: number | undefined;
+    if (!offset || cs - (offset % cs) < size) {
+      [fresh] = await this.allocate(1); // its refcount becomes 1: this cluster's reference
+      if (fresh === 0) this.context.corrupt('Preventing invalid allocation of compressed cluster at offset 0');
+      if (!offset || Math.ceil(offset / cs) * cs !== fresh) offset = fresh!;
+    }
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + size - 1) / cs);
+    for (let cluster = first; cluster <= last; cluster++) if (cluster * cs !== fresh) await this.update(cluster, 1);
+    this.freeByteOffset = (offset + size) % cs === 0 ? 0 : offset + size;
+    return offset;
   }
 
   /** Sets free clusters to refcount 1. */
@@ -243,6 +272,7 @@ export class Refcounts {
     this.blocks.clear();
     this.dirty.clear();
     this.freeHint = 0;
+    this.freeByteOffset = 0;
     await this.load();
   }
 }
