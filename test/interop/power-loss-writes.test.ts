@@ -6,13 +6,13 @@
  * guest saw flushed must read back. Scenarios: allocating writes (partial
  * clusters over a backing file, so a lost copy shows), an external snapshot
  * taken under the writing guest, and an image made by blockdev-create then
- * written. The checker's figures go to the test's diagnostics.
+ * written; compressed writes (in process). The checker's figures go to the test's diagnostics.
  */
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { makeTempDir } from '../helpers/paths.js';
 import { checkPowerLoss, describeReport, type PowerLossScenario } from '../helpers/power-loss/power-loss-checker.js';
-import { recordAllocatingWrites, recordCreatedImage, recordExternalSnapshot } from '../helpers/power-loss/write-scenarios.js';
+import { recordAllocatingWrites, recordCompressedWrites, recordCreatedImage, recordExternalSnapshot } from '../helpers/power-loss/write-scenarios.js';
 
 async function assertNoLoss(t: TestContext, scenario: PowerLossScenario, seed: number): Promise<void> {
   const report = await checkPowerLoss(scenario, { seed, randomPerEpoch: 3, singleDrops: true });
@@ -46,6 +46,16 @@ test('an image made by blockdev-create is never a corrupt qcow2 and, once the jo
   const temp = makeTempDir();
   try {
     await assertNoLoss(t, await recordCreatedImage(temp.dir, seed), seed);
+  } finally {
+    temp.cleanup();
+  }
+});
+
+test('compressed writes packed into shared host clusters survive a power loss at every flush and between flushes', async (t) => {
+  const seed = 1104;
+  const temp = makeTempDir();
+  try {
+    await assertNoLoss(t, await recordCompressedWrites(temp.dir, seed, 6), seed);
   } finally {
     temp.cleanup();
   }

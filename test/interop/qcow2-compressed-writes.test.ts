@@ -8,7 +8,6 @@
  * read back identically and take more compressed clusters from blockd.
  */
 import assert from 'node:assert/strict';
-import { createCipheriv } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
@@ -16,6 +15,7 @@ import { inflateRawSync } from 'node:zlib';
 import { checkQcow2 } from '../../src/blockdev/drivers/qcow2/consistency-check.js';
 import { openImage } from '../../src/blockdev/image-session.js';
 import { describeErrno, errnoOf } from '../../src/blockdev/io-error.js';
+import { compressible, incompressible } from '../helpers/compressible-data.js';
 import { ModelledDisk } from '../helpers/disk-model.js';
 import { makeTempDir } from '../helpers/paths.js';
 import { compressedClusters, type CompressedCluster } from '../helpers/qcow2-layout.js';
@@ -28,21 +28,6 @@ const { dir, cleanup } = makeTempDir('blockd-qcow2-compress-');
 after(cleanup);
 
 const COMPRESS = { compress: true } as const;
-
-/** Data deflate shrinks a lot: a short random phrase repeated, with a few bytes changed. */
-function compressible(random: SeededRandom, length: number): Buffer {
-  const phrase = random.bytes(16 + random.int(48));
-  const data = Buffer.alloc(length);
-  for (let i = 0; i < length; i += phrase.length) phrase.copy(data, i);
-  for (let i = 0; i < Math.max(1, length / 512); i++) data[random.int(length)] = random.int(256);
-  return data;
-}
-
-/** Data deflate cannot shrink: an AES-CTR keystream, keyed from the generator so a seed replays it. */
-function incompressible(random: SeededRandom, length: number): Buffer {
-  const cipher = createCipheriv('aes-128-ctr', random.bytes(16), Buffer.alloc(16));
-  return Buffer.concat([cipher.update(Buffer.alloc(length)), cipher.final()]);
-}
 
 /** Guest clusters qemu-img map shows as stored data without a host offset: compressed (QEMU 7.2's map has no "compressed" field). */
 function compressedInMap(image: string, cs: number): number[] {

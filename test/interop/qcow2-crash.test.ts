@@ -1,6 +1,7 @@
 /*
  * Crash safety of blockd's qcow2 driver: a child writing many slots at once is SIGKILLed at random moments;
  * `qemu-img check` must exit 0 or 3, and whatever was acknowledged before a completed flush must read back.
+ * Some runs write most slots compressed (packed several to a host cluster, so a lost refcount shows).
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -11,7 +12,7 @@ import { after, describe, test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { ModelledDisk } from '../helpers/disk-model.js';
 import { makeTempDir } from '../helpers/paths.js';
-import { slotContents, type SlotOperation } from '../helpers/qcow2-crash-writer.js';
+import { compressedSlotContents, slotContents, type SlotOperation } from '../helpers/qcow2-crash-writer.js';
 import { KiB, SeededRandom, convertToRaw, createQcow2, qemuImgCheck, qemuIo } from '../helpers/qemu-tools.js';
 
 const { dir, cleanup } = makeTempDir('blockd-qcow2-crash-');
@@ -30,6 +31,8 @@ interface CrashRun {
   slotCount: number;
   inFlight: number;
   withBacking: boolean;
+  /** Most slots written compressed: slots are whole clusters, and the image starts with plain zero clusters only (compression never overwrites). */
+  compressed?: boolean;
   /** Kill this long after the child is ready, or right after this flush completed. */
   kill: { afterMs: number } | { afterFlush: number };
 }
@@ -46,7 +49,7 @@ interface ChildLog {
 
 /** Runs the writer until the kill, reading its log as it goes. */
 async function runAndKill(image: string, run: CrashRun): Promise<ChildLog> {
-  const child = spawn(process.execPath, [...NODE_ARGS, WRITER, image, String(run.seed), String(run.slotSize), String(run.slotCount), String(run.inFlight)], {
+  const child = spawn(process.execPath, [...NODE_ARGS, WRITER, image, String(run.seed), String(run.slotSize), String(run.slotCount), String(run.inFlight), run.compressed ? '1' : '0'], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
@@ -96,6 +99,7 @@ function expectedSlot(run: CrashRun, slot: number, operation: SlotOperation, bef
   const start = slot * run.slotSize;
   switch (operation) {
     case 'write': return slotContents(run.seed, slot, run.slotSize);
+    case 'compress': return compressedSlotContents(run.seed, slot, run.slotSize);
     case 'zero':
     case 'unmap': return Buffer.alloc(run.slotSize);
     case 'discard': {
@@ -110,7 +114,7 @@ function expectedSlot(run: CrashRun, slot: number, operation: SlotOperation, bef
 }
 
 async function crashOnce(run: CrashRun, t: TestContext): Promise<void> {
-  const context = `seed=${run.seed} cluster_size=${run.clusterSize} kill=${JSON.stringify(run.kill)}`;
+  const context = `seed=${run.seed} cluster_size=${run.clusterSize}${run.compressed ? ' compressed' : ''} kill=${JSON.stringify(run.kill)}`;
   const name = `crash-${run.seed}-${run.clusterSize}`;
   const size = run.slotSize * run.slotCount;
   const random = new SeededRandom(run.seed);
@@ -123,6 +127,11 @@ async function crashOnce(run: CrashRun, t: TestContext): Promise<void> {
   const image = createQcow2(join(dir, `${name}.qcow2`), size, { clusterSize: run.clusterSize, backing });
   // Some slots start with data, some with zeros, some unallocated, so every operation changes something.
   qemuIo(image, Array.from({ length: 12 }, (_, i) => {
+    if (run.compressed) {
+      const cs = run.clusterSize;
+      const offset = random.int(size / cs) * cs;
+      return `write -z ${offset} ${Math.min(size - offset, cs * (1 + random.int(8)))}`;
+    }
     const offset = random.int(size / 512) * 512;
     return `write ${i % 4 === 3 ? '-z' : `-P 0x${(0x30 + i).toString(16)}`} ${offset} ${Math.min(size - offset, 512 * (1 + random.int(size / 512 / 8)))}`;
   }));
@@ -176,7 +185,17 @@ describe('qcow2 images killed mid-write', () => {
     const kill = i < 9 ? { afterMs: 20 + ((i * 173) % 480) } : { afterFlush: 1 + ((i * 5) % 8) };
     runs.push({ seed: 101 + i, inFlight: 16, ...kind, kill });
   }
+  const compressedKinds = [
+    { clusterSize: 64 * KiB, slotSize: 128 * KiB, slotCount: 600, withBacking: false },
+    { clusterSize: 4 * KiB, slotSize: 8 * KiB, slotCount: 1500, withBacking: true },
+    { clusterSize: 512, slotSize: 1024, slotCount: 2000, withBacking: false },
+  ];
+  for (let i = 0; i < 6; i++) {
+    const kind = compressedKinds[i % compressedKinds.length]!;
+    const kill = i < 3 ? { afterMs: 80 + ((i * 211) % 400) } : { afterFlush: 1 + ((i * 3) % 6) };
+    runs.push({ seed: 201 + i, inFlight: 16, ...kind, compressed: true, kill });
+  }
   for (const run of runs) {
-    test(`seed=${run.seed} cluster_size=${run.clusterSize}${run.withBacking ? ' over a backing file' : ''}, killed ${JSON.stringify(run.kill)}`, (t) => crashOnce(run, t));
+    test(`seed=${run.seed} cluster_size=${run.clusterSize}${run.withBacking ? ' over a backing file' : ''}${run.compressed ? ', compressed' : ''}, killed ${JSON.stringify(run.kill)}`, (t) => crashOnce(run, t));
   }
 });

@@ -3,11 +3,14 @@
  * a backing file full of data (so a partial write's copy from below shows if
  * it is lost), written by qemu-io over NBD through blockd in sessions that each
  * end with a flush, its file logged by blklogwrites; the same under an external
- * snapshot, and into an image blockdev-create has just made.
+ * snapshot, into an image blockdev-create has just made, and compressed writes
+ * made in process (what backup and convert with `compress` write).
  */
 import { join } from 'node:path';
+import { openImage } from '../../../src/blockdev/image-session.js';
+import { compressible, incompressible } from '../compressible-data.js';
 import { ModelledDisk } from '../disk-model.js';
-import { createQcow2, MiB, qemuIo, SeededRandom } from '../qemu-tools.js';
+import { createQcow2, KiB, MiB, qemuIo, SeededRandom } from '../qemu-tools.js';
 import { GuestModel } from './guest-model.js';
 import { flushWitness, type PowerLossScenario } from './power-loss-checker.js';
 import { guestSession, keepOriginal, loggedFile, randomWrites, RecordingDaemon } from './recording.js';
@@ -110,4 +113,51 @@ export async function recordCreatedImage(dir: string, seed: number): Promise<Pow
   } finally {
     await daemon.kill();
   }
+}
+
+/**
+ * Records `sessions` sessions of compressed writes into disk.qcow2 over its data-filled base, made through the
+ * driver in process (no QMP command writes compressed yet): whole clusters, a few in flight together, every cluster
+ * written once (compression never overwrites), a quarter of them data that does not shrink (written plainly); a
+ * flush runs while they are in flight, and each session ends with one. Several compressed clusters share a host cluster, so a refcount or an L2 entry that
+ * reaches the disk before the data it counts shows.
+ */
+export async function recordCompressedWrites(dir: string, seed: number, sessions: number): Promise<PowerLossScenario> {
+  makeOverlayOnData(dir);
+  const cs = 64 * KiB;
+  const image = join(dir, 'disk.qcow2');
+  const log = join(dir, 'disk.log');
+  const model = new GuestModel(await ModelledDisk.imageBytes(image));
+  const original = keepOriginal(dir, 'disk.qcow2');
+  const random = new SeededRandom(seed);
+  // The clusters makeOverlayOnData left unallocated (1 MiB + 192 KiB is written), in random order.
+  const free = Array.from({ length: DISK_SIZE / cs }, (_, i) => i).filter((cluster) => cluster < 16 || cluster >= 19);
+  for (let i = free.length - 1; i > 0; i--) {
+    const j = random.int(i + 1);
+    [free[i], free[j]] = [free[j]!, free[i]!];
+  }
+  const session = await openImage(image, { writable: true, formatOptions: { file: loggedFile(dir, 'disk.qcow2', 'disk.log') } });
+  try {
+    for (let s = 0; s < sessions; s++) {
+      const writes = free.splice(0, 3 + random.int(4)).map((cluster) => ({
+        offset: cluster * cs,
+        data: random.chance(0.25) ? incompressible(random, cs) : compressible(random, cs),
+      }));
+      const written = writes.map(({ offset, data }) => session.disk.write(offset, data, { compress: true }));
+      // A flush while the others are in flight: it must not make an entry durable before the data it points to.
+      await Promise.race(written);
+      await Promise.all([session.disk.flush(), ...written]);
+      for (const { offset, data } of writes) model.write(offset, data);
+      await session.disk.flush();
+      model.flush(await flushWitness(log, 0));
+    }
+  } finally {
+    await session.close();
+  }
+  return {
+    name: 'compressed writes', dir, logs: [log],
+    files: [{ name: 'disk.qcow2', original, log: 0 }, { name: 'base.qcow2', original: join(dir, 'base.qcow2') }],
+    checked: [{ image: 'disk.qcow2' }],
+    views: [{ image: 'disk.qcow2', model }],
+  };
 }
