@@ -3,7 +3,8 @@
  * convert use), checked against QEMU: images blockd compressed into pass `qemu-img check`,
  * read as written in QEMU, show compressed clusters where QEMU would store them, pack
  * several compressed clusters into one host cluster as QEMU's qcow2_alloc_bytes does, and
- * stay writable by QEMU and by blockd. Refusals (allocated clusters, unaligned requests)
+ * stay writable by QEMU and by blockd; the same writes land exactly where qemu-io puts them
+ * (refcount widths, v2). Refusals (allocated clusters, unaligned requests)
  * are compared with qemu-io `write -c` on a twin image. Images from `qemu-img convert -c`
  * read back identically and take more compressed clusters from blockd.
  */
@@ -160,6 +161,32 @@ describe('compressed clusters written by blockd', () => {
     assertCheckClean(image);
     assert.deepEqual(compressedClusters(image), []);
   });
+});
+
+describe('where compressed clusters go, as qemu-io write -c puts them', () => {
+  // Patterns deflate to the same stream in node's zlib and QEMU's; with refcount_bits=1 a host cluster
+  // takes one compressed cluster (its refcount is at its maximum), with 2 bits three, with 16 all of them.
+  for (const options of [{ refcountBits: 1 }, { refcountBits: 2 }, { refcountBits: 16 }, { compat: '0.10' as const }]) {
+    test(`the same single-cluster compressed writes get the same L2 entries (${JSON.stringify(options)})`, async () => {
+      const cs = 64 * KiB;
+      const images = { qemu: join(dir, `placed-qemu-${JSON.stringify(options)}.qcow2`), blockd: join(dir, `placed-blockd-${JSON.stringify(options)}.qcow2`) };
+      const patterns = Array.from({ length: 12 }, (_, i) => 0x30 + i);
+      for (const image of Object.values(images)) {
+        createQcow2(image, 16 * cs, options);
+        qemuIo(image, [`write -P 0x2f ${15 * cs} ${cs}`]); // the L2 table and one data cluster first, as both sides allocate those differently
+      }
+      qemuIo(images.qemu, patterns.map((pattern, i) => `write -c -P 0x${pattern.toString(16)} ${i * cs} ${cs}`));
+      const session = await openImage(images.blockd, { writable: true });
+      try {
+        for (const [i, pattern] of patterns.entries()) await session.disk.write(i * cs, Buffer.alloc(cs, pattern), COMPRESS);
+      } finally {
+        await session.close();
+      }
+      assertCheckClean(images.blockd);
+      qemuImgCompare(images.qemu, images.blockd, ['qcow2', 'qcow2']);
+      assert.deepEqual(compressedClusters(images.blockd), compressedClusters(images.qemu));
+    });
+  }
 });
 
 describe('what compressed writes refuse, as qemu-io write -c does', () => {
