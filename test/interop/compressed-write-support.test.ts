@@ -27,6 +27,7 @@ const CLUSTER = 64 * KiB;
 /** blockdev-add arguments of the graph under test; `dir` holds its files. The first node is the qcow2 image the filters sit on. */
 function graph(dir: string): JsonObject[] {
   const image = createQcow2(join(dir, 'target.qcow2'), 4 * MiB);
+  const copies = createQcow2(join(dir, 'copies.qcow2'), 4 * MiB);
   runQemuImg('create', '-q', '-f', 'raw', join(dir, 'plain.raw'), String(MiB));
   writeFileSync(join(dir, 'writes.log'), '');
   return [
@@ -35,13 +36,15 @@ function graph(dir: string): JsonObject[] {
     { driver: 'copy-on-read', 'node-name': 'cor', file: 'image' },
     { driver: 'blkdebug', 'node-name': 'debug', image: 'image' },
     { driver: 'blklogwrites', 'node-name': 'logged', file: 'image', log: { driver: 'file', filename: join(dir, 'writes.log') } },
+    { driver: 'qcow2', 'node-name': 'copies', file: { driver: 'file', filename: copies } },
+    { driver: 'copy-before-write', 'node-name': 'cbw', file: 'image', target: 'copies' },
     { driver: 'raw', 'node-name': 'raw-over-qcow2', file: 'image' },
     { driver: 'file', 'node-name': 'plain-file', filename: join(dir, 'plain.raw') },
     { driver: 'null-co', 'node-name': 'null' },
   ];
 }
 
-const TARGETS = ['image', 'throttled', 'cor', 'debug', 'logged', 'raw-over-qcow2', 'plain-file', 'null'];
+const TARGETS = ['image', 'throttled', 'cor', 'debug', 'logged', 'cbw', 'raw-over-qcow2', 'plain-file', 'null'];
 
 /** Per target: whether QSD's blockdev-backup with compress takes it (else its error text). */
 async function qsdAnswers(): Promise<Record<string, string>> {
