@@ -2,8 +2,9 @@
  * The `qcow2` format driver: opens the image (header checks with QEMU's
  * texts, refusing what blockd cannot handle safely yet), opens the backing
  * chain from the header or from the options, and answers I/O through
- * Qcow2Image, qcow2-writes and compressed-writes. Table updates are cached: a flush writes them
- * back before the node flushes the file, and close writes back what is left.
+ * Qcow2Image, qcow2-writes and compressed-writes. Table updates are cached:
+ * a flush writes them back before the node flushes the file, and close
+ * writes back what is left.
  */
 import { genericError } from '../../../errors.js';
 import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
