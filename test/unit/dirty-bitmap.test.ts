@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { BitmapRegistry } from '../../src/blockdev/bitmaps/bitmap-registry.js';
 import { DirtyBitmap } from '../../src/blockdev/bitmaps/dirty-bitmap.js';
+import { createSuccessor } from '../../src/blockdev/bitmaps/successor.js';
 import { GranuleBits } from '../../src/blockdev/bitmaps/granule-bits.js';
 import { SeededRandom } from '../helpers/qemu-tools.js';
 
@@ -93,13 +94,15 @@ test('the registry marks recording bitmaps, or their successor, and refuses a du
   assert.throws(() => registry.add(new DirtyBitmap(1 << 20, 65536, 'a')), /Bitmap already exists: a/);
   assert.deepEqual(registry.list().map((bitmap) => bitmap.name), [undefined, 'b', 'a']);
   b.enabled = false;
-  a.successor = new DirtyBitmap(1 << 20, 65536);
+  const successor = createSuccessor(registry, a);
   registry.markDirty(0, 1);
-  assert.deepEqual([a.count(), a.successor.count(), b.count(), job.count()], [0, 65536, 0, 65536]);
-  assert.deepEqual(a.info(), { name: 'a', count: 0, granularity: 65536, recording: false, busy: false, persistent: false });
+  assert.deepEqual([a.count(), successor.count(), b.count(), job.count()], [0, 65536, 0, 65536]);
+  // Frozen, a still reports recording: its successor records for it (QEMU's bdrv_dirty_bitmap_recording).
+  assert.deepEqual(a.info(), { name: 'a', count: 0, granularity: 65536, recording: true, busy: true, persistent: false });
+  assert.deepEqual(b.info().recording, false);
   registry.resize(2 << 20);
   registry.markDirty((2 << 20) - 1, 1);
-  assert.deepEqual([job.length, job.count(), a.successor.length], [2 << 20, 2 * 65536, 2 << 20]);
+  assert.deepEqual([job.length, job.count(), successor.length, a.length], [2 << 20, 2 * 65536, 2 << 20, 2 << 20]);
   registry.remove(job);
-  assert.equal(registry.size, 2);
+  assert.equal(registry.size, 3);
 });

@@ -1,6 +1,6 @@
 /*
- * A node's dirty bitmaps: the named ones a user adds and the anonymous ones jobs keep,
- * in the order they were created. Every write to the node marks them through markDirty
+ * A node's dirty bitmaps: the named ones a user adds and the anonymous ones jobs keep
+ * (successors among them), in the order they were created. Every write to the node marks them through markDirty
  * (the node calls it once per changing request, whoever the writer is), and they follow
  * the node's size.
  */
@@ -40,16 +40,10 @@ export class BitmapRegistry {
 
   /** The write hook: bytes [offset, offset+length) of the node may have changed. */
   markDirty(offset: number, length: number): void {
-    for (const bitmap of this.bitmaps) {
-      if (bitmap.recording) bitmap.set(offset, length);
-      else if (bitmap.successor?.recording) bitmap.successor.set(offset, length);
-    }
+    for (const bitmap of this.bitmaps) if (bitmap.marksWrites) bitmap.set(offset, length);
   }
 
   resize(length: number): void {
-    for (const bitmap of this.bitmaps) {
-      bitmap.resize(length);
-      bitmap.successor?.resize(length);
-    }
+    for (const bitmap of this.bitmaps) bitmap.resize(length);
   }
 }

@@ -1,8 +1,9 @@
 /*
  * Which parts of a node changed, at a granularity (QEMU's BdrvDirtyBitmap): one bit per
- * granule in a GranuleBits, with QEMU's attributes. A bitmap records writes while it is
- * enabled and has no successor; a job that owns it (busy) gives it a successor that records
- * meanwhile, so no write is lost whichever way the job ends.
+ * granule in a GranuleBits, with QEMU's attributes. A bitmap marks writes while it is
+ * enabled; a job that owns it (busy) gives it a successor (successor.ts): the bitmap is
+ * disabled and frozen, and the successor, an anonymous bitmap of the same node, marks the
+ * writes meanwhile, so no write is lost whichever way the job ends.
  */
 import { GranuleBits } from './granule-bits.js';
 
@@ -20,7 +21,7 @@ export interface BlockDirtyInfo {
 export class DirtyBitmap {
   private readonly bits: GranuleBits;
   private lengthInBytes: number;
-  /** Writes to the node mark the bitmap (block-dirty-bitmap-disable turns this off). */
+  /** Writes to the node mark the bitmap (block-dirty-bitmap-disable turns this off; so does a successor taking over). */
   enabled = true;
   /** Kept in the image (qcow2's bitmaps extension). */
   persistent = false;
@@ -30,11 +31,14 @@ export class DirtyBitmap {
   readonly = false;
   /** Found in use in an image after a crash: its bits cannot be trusted. */
   inconsistent = false;
-  /** Records in this bitmap's place while a job owns it. */
+  /** Records in this bitmap's place while a job owns it (successor.ts). */
   successor: DirtyBitmap | undefined;
 
-  /** `name` is undefined for a job's own bitmap (listed, but not addressable). */
-  constructor(length: number, readonly granularity: number, readonly name?: string) {
+  /**
+   * `name` is undefined for a job's own bitmap (listed, but not addressable). A successor that
+   * takes its bitmap's place takes its name (successor.ts), as QEMU's abdicate does.
+   */
+  constructor(length: number, readonly granularity: number, public name?: string) {
     this.lengthInBytes = length;
     this.bits = new GranuleBits(Math.ceil(length / granularity));
   }
@@ -44,8 +48,13 @@ export class DirtyBitmap {
   }
 
   /** Whether writes to the node mark it now. */
+  get marksWrites(): boolean {
+    return this.enabled && !this.inconsistent;
+  }
+
+  /** What query-named-block-nodes calls recording: it marks writes, or its successor does for it (QEMU's bdrv_dirty_bitmap_recording). */
   get recording(): boolean {
-    return this.enabled && this.successor === undefined && !this.inconsistent;
+    return this.marksWrites || this.successor?.marksWrites === true;
   }
 
   info(): BlockDirtyInfo {

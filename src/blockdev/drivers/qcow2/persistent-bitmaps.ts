@@ -120,7 +120,7 @@ export class PersistentBitmaps {
 
   /** Before a write to the image's data: the write-intent record marks its regions on disk (when a persistent bitmap records). */
   async intendWrite(offset: number, length: number): Promise<void> {
-    if (!this.intent || !this.node.bitmaps.some((bitmap) => bitmap.persistent && (bitmap.recording || bitmap.successor?.recording === true))) return;
+    if (!this.intent || !this.node.bitmaps.some((bitmap) => bitmap.persistent && bitmap.recording)) return;
     await this.intent.ensure(offset, length);
   }
 
@@ -213,7 +213,8 @@ export class PersistentBitmaps {
         if (!(entry.flags & BITMAP_IN_USE) && !this.loaded.has(name)) throw genericError(`Bitmap '${name}' already exists in the image`);
         replaced.push({ ...entry });
       }
-      entry.flags = (bitmap.enabled ? BITMAP_AUTO : 0) | (mode.inUse ? BITMAP_IN_USE : 0);
+      // A bitmap a job froze is disabled only while its successor records for it: it stays 'auto' on disk.
+      entry.flags = (bitmap.recording ? BITMAP_AUTO : 0) | (mode.inUse ? BITMAP_IN_USE : 0);
       entry.granularityBits = Math.log2(bitmap.granularity);
       toStore.push({ entry, bitmap });
     }
