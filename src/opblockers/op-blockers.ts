@@ -24,6 +24,7 @@ export const HELD_ROLES = {
   commit: ['main', 'top', 'inter', 'base'],
   'active-commit': ['filter', 'source', 'inter', 'base'],
   mirror: ['filter', 'source', 'target'],
+  // A backup holds no claim on its source: only its filter above it (and the filter's permissions) guard it.
   backup: ['filter', 'target'],
   graph: ['backing'],
 } as const;
@@ -49,7 +50,7 @@ export const ROLE_NODES: Record<HeldRole, string> = {
   'mirror.filter': "the mirror_top filter above 'device'",
   'mirror.source': "'device'",
   'mirror.target': "'target'",
-  'backup.filter': "the copy-before-write filter above 'device'",
+  'backup.filter': "the copy-before-write filter above 'device' ('device' itself holds no claim: the filter's permissions guard it)",
   'backup.target': "'target'",
   'graph.backing': 'a node that is the backing file of another',
 };
@@ -99,6 +100,10 @@ export const OPERATION_CHECKS: readonly { command: string; operation: BlockOpera
   { command: 'blockdev-mirror', operation: 'mirror-target', nodes: "'target'" },
   { command: 'drive-mirror', operation: 'mirror-source', nodes: "'device' (which must be a root node), before the target file is made" },
   { command: 'drive-mirror', operation: 'mirror-target', nodes: 'the target node it opened' },
+  { command: 'blockdev-backup', operation: 'backup-source', nodes: "'device'" },
+  { command: 'blockdev-backup', operation: 'backup-target', nodes: "'target'" },
+  { command: 'drive-backup', operation: 'backup-source', nodes: "'device', before the target file is made and again once it is open" },
+  { command: 'drive-backup', operation: 'backup-target', nodes: 'the target node it opened' },
   { command: 'blockdev-del', operation: 'drive-del', nodes: 'the node' },
   { command: 'block_resize', operation: 'resize', nodes: "the node; refused as \"Device '...' is in use\"" },
   { command: 'blockdev-snapshot', operation: 'external-snapshot', nodes: "'node'" },
