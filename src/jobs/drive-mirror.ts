@@ -10,41 +10,17 @@
  * start, as QEMU leaves it.
  */
 import { checkNotBlocked, type BlockLayer } from '../blockdev/block-layer.js';
-import { createQcow2File } from '../blockdev/drivers/qcow2/create.js';
-import { createImageFile } from '../blockdev/image-file-creation.js';
 import { probeImageFormat } from '../blockdev/image-session.js';
-import { describeErrno } from '../blockdev/io-error.js';
-import { nodeFilename } from '../blockdev/node-filename.js';
 import type { BlockNode } from '../blockdev/node.js';
 import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
 import type { BlockdevOptions, QmpCommandMap } from '../generated/qapi-types.js';
-import { driverFor } from '../blockdev/drivers/registry.js';
 import { skipFilters } from './backing-chain.js';
 import type { JobRegistry } from './job-registry.js';
 import { mirrorSource, skipImplicitFilters, startMirror } from './mirror-command.js';
+import { createTargetImage, isImageDriver, probeTargetFormat } from './target-image.js';
 
 type DriveMirrorArguments = QmpCommandMap['drive-mirror']['args'];
-
-function isDriver(name: string): boolean {
-  try {
-    return driverFor(name).kind === 'format' || name === 'file';
-  } catch {
-    return false;
-  }
-}
-
-/** Formats blockd can create a target in. */
-const CREATABLE = ['qcow2', 'raw'];
-
-/** Creates the target file: the source's size, and a header naming `backing` when there is one. */
-async function createTarget(path: string, format: string, size: number, backing: BlockNode | undefined): Promise<void> {
-  if (!CREATABLE.includes(format)) throw genericError(`Creating ${format} images is not supported by blockd`);
-  if (format === 'raw' && backing) throw genericError("Backing file not supported for file format 'raw'");
-  if (format === 'qcow2') return createQcow2File(path, { size, backingFile: backing && nodeFilename(backing), backingFormat: backing?.driver.name });
-  const handle = await createImageFile(path, { size });
-  await handle.close();
-}
 
 /** mode=existing: at the pivot the target's backing chain opens from its header (QEMU's bdrv_open_backing_file). */
 async function openBackingFromHeader(layer: BlockLayer, target: BlockNode): Promise<void> {
@@ -72,16 +48,12 @@ export function registerDriveMirrorCommand(registry: CommandTable, layer: BlockL
       throw genericError('a node-name must be provided when replacing a named node of the graph');
     }
     let format = args.format ?? (mode === 'existing' ? undefined : source.driver.name);
-    if (format !== undefined && !isDriver(format)) throw genericError(`Unknown file format '${format}'`);
+    if (format !== undefined && !isImageDriver(format)) throw genericError(`Unknown file format '${format}'`);
     const path = args.target;
     // The image names the backing without the implicit filters a job put above it.
     const namedBacking = sync === 'full' || !backing ? undefined : skipImplicitFilters(backing);
-    if (mode !== 'existing') await createTarget(path, format!, source.length(), namedBacking);
-    try {
-      format ??= await probeImageFormat(path);
-    } catch (error) {
-      throw genericError(`Could not open '${path}': ${describeErrno((error as NodeJS.ErrnoException).code ?? 'EIO')}`);
-    }
+    if (mode !== 'existing') await createTargetImage(path, format!, source.length(), namedBacking);
+    format ??= await probeTargetFormat(path);
     const options = {
       driver: format,
       ...(args['node-name'] === undefined ? {} : { 'node-name': args['node-name'] }),
