@@ -1,0 +1,203 @@
+/*
+ * blockdev-backup, and the checks it shares with drive-backup, in qemu-storage-daemon
+ * 7.2's order and words (blockdev_backup_prepare, do_backup_common, backup_job_create):
+ * the bitmap's rules, then the nodes (same node, compression, op blockers), x-perf, the
+ * sizes, the copy-before-write filter's name and the target's writability, max-chunk
+ * against the copy's cluster size, the job id. Then the job starts (launchBackup). The
+ * order was observed on qemu-storage-daemon with commands that break two rules at once.
+ *
+ * Both commands run as QEMU runs a one-action transaction: every job is drained first
+ * (running jobs say paused, then running), then the source stays drained while the
+ * action checks and starts its job.
+ */
+import type { BlockLayer } from '../blockdev/block-layer.js';
+import { checkNotBlocked } from '../blockdev/block-layer.js';
+import { checkBitmap } from '../blockdev/bitmaps/bitmap-commands.js';
+import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
+import { checkNodeName } from '../blockdev/node-names.js';
+import type { BlockNode } from '../blockdev/node.js';
+import type { CommandTable } from '../command-table.js';
+import { genericError, QmpError } from '../errors.js';
+import type { BackupCommon, BitmapSyncMode, QmpCommandMap } from '../generated/qapi-types.js';
+import { skipFilters } from './backing-chain.js';
+import type { JobRegistry } from './job-registry.js';
+import type { ErrorPolicy } from './job.js';
+
+/** What the backup job is started with, every argument checked and defaulted. */
+export interface BackupJobOptions {
+  /** Checked; as in QEMU, '' when the client gave none (and so refused: a storage daemon has no device names). */
+  jobId: string;
+  /** The node being backed up (QEMU's bs). */
+  source: BlockNode;
+  target: BlockNode;
+  /** 'incremental' arrives here as 'bitmap' with bitmapMode 'on-success', as QEMU desugars it. */
+  sync: 'full' | 'top' | 'none' | 'bitmap';
+  /** For sync=bitmap, and for full/top when a bitmap is given (QEMU 7.2 allows it): a bitmap of the source, checked. */
+  bitmap?: DirtyBitmap;
+  /** Given exactly when a bitmap is. */
+  bitmapMode?: BitmapSyncMode;
+  compress: boolean;
+  speed: number;
+  onSourceError: ErrorPolicy;
+  onTargetError: ErrorPolicy;
+  /** Checked: a valid node name no node has. */
+  filterNodeName?: string;
+  autoFinalize: boolean;
+  autoDismiss: boolean;
+  /** maxChunk 0: no limit. */
+  perf: { maxWorkers: number; maxChunk: number; useCopyRange: boolean };
+}
+
+/** What a backup command works with: the graph and the jobs. */
+export interface BackupContext {
+  layer: BlockLayer;
+  jobs: JobRegistry;
+}
+
+/**
+ * Starts the backup job. Until src/jobs/backup-job.ts lands, this is where the commands stop:
+ * every check above has passed, and the client is told plainly that the job does not exist yet.
+ */
+export async function launchBackup(_context: BackupContext, _options: BackupJobOptions): Promise<void> {
+  throw genericError('backup job not available yet');
+}
+
+/** The copy's cluster size when the target tells none (QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT). */
+export const BACKUP_CLUSTER_SIZE_DEFAULT = 65536;
+
+/**
+ * The unit a backup copies in (QEMU's block_copy_calculate_cluster_size): the target's cluster
+ * size if larger than the default, so no copy leaves part of a target cluster to copy-on-write.
+ */
+export function backupClusterSize(target: BlockNode): number {
+  return Math.max(BACKUP_CLUSTER_SIZE_DEFAULT, skipFilters(target).state.clusterSize ?? 0);
+}
+
+/** Drivers that write compressed clusters in QEMU 7.2 (of those blockd has), and the filters that pass such writes on. */
+const COMPRESSING_FORMATS = ['qcow2'];
+const COMPRESSED_WRITE_FILTERS = ['copy-on-read', 'throttle'];
+
+/** QEMU's bdrv_supports_compressed_writes. */
+function supportsCompressedWrites(node: BlockNode): boolean {
+  if (COMPRESSING_FORMATS.includes(node.driver.name)) return true;
+  const child = node.primaryChild()?.child;
+  return COMPRESSED_WRITE_FILTERS.includes(node.driver.name) && child !== undefined && supportsCompressedWrites(child);
+}
+
+const INT_MAX = 2147483647;
+
+/** The sync mode and bitmap after do_backup_common's bitmap rules ('incremental' desugared to 'bitmap' + on-success). */
+function checkBitmapRules(args: BackupCommon, source: BlockNode): Pick<BackupJobOptions, 'sync' | 'bitmap' | 'bitmapMode'> {
+  let sync = args.sync;
+  let bitmapMode = args['bitmap-mode'];
+  // Before 'incremental' becomes 'bitmap', so the text names what the client asked for.
+  if ((sync === 'bitmap' || sync === 'incremental') && args.bitmap === undefined) {
+    throw genericError(`must provide a valid bitmap name for '${sync}' sync mode`);
+  }
+  if (sync === 'incremental') {
+    if (bitmapMode !== undefined && bitmapMode !== 'on-success') {
+      throw genericError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'");
+    }
+    sync = 'bitmap';
+    bitmapMode = 'on-success';
+  }
+  let bitmap: DirtyBitmap | undefined;
+  if (args.bitmap !== undefined) {
+    bitmap = source.bitmaps.find(args.bitmap);
+    if (!bitmap) throw genericError(`Bitmap '${args.bitmap}' could not be found`);
+    if (bitmapMode === undefined) throw genericError('Bitmap sync mode must be given when providing a bitmap');
+    // A read-only bitmap may still say what to copy.
+    checkBitmap(bitmap, { busy: true, inconsistent: true });
+    if (sync === 'none') throw genericError(`sync mode '${sync}' does not produce meaningful bitmap outputs`);
+    if (bitmapMode === 'never' && sync !== 'bitmap') {
+      throw genericError(`Bitmap sync mode '${bitmapMode}' has no meaningful effect when combined with sync mode '${sync}'`);
+    }
+  }
+  if (bitmap === undefined && bitmapMode !== undefined) throw genericError('Cannot specify bitmap sync mode without a bitmap');
+  return { sync, bitmap, bitmapMode };
+}
+
+/**
+ * do_backup_common and backup_job_create's checks for a source and target found by the
+ * command, then the job. Call inside the source's drained section (runAsTransaction).
+ */
+export async function startBackup(context: BackupContext, args: BackupCommon, source: BlockNode, target: BlockNode): Promise<void> {
+  const { layer, jobs } = context;
+  const xPerf = args['x-perf'] ?? {};
+  const perf = { maxWorkers: xPerf['max-workers'] ?? 64, maxChunk: xPerf['max-chunk'] ?? 0, useCopyRange: xPerf['use-copy-range'] ?? false };
+  const compress = args.compress ?? false;
+  const { sync, bitmap, bitmapMode } = checkBitmapRules(args, source);
+
+  if (source === target) throw genericError('Source and target cannot be the same');
+  // QEMU names the target by its device name, which a storage daemon's nodes never have.
+  if (compress && !supportsCompressedWrites(target)) throw genericError('Compression is not supported for this drive ');
+  checkNotBlocked(layer.blockers, source, 'backup-source');
+  checkNotBlocked(layer.blockers, target, 'backup-target');
+  if (perf.maxWorkers < 1 || perf.maxWorkers > INT_MAX) throw genericError(`max-workers must be between 1 and ${INT_MAX}`);
+  if (perf.maxChunk < 0) throw genericError('max-chunk must be zero (which means no limit) or positive');
+  // The job writes the bitmap at its end unless bitmap-mode is never.
+  if (bitmap && bitmapMode !== 'never') checkBitmap(bitmap, { busy: true, readonly: true, inconsistent: true });
+  if (source.length() !== target.length()) throw genericError('Source and target image have different sizes');
+
+  // What opening the copy-before-write filter would refuse (QEMU's bdrv_cbw_append), before the job exists.
+  const filterNodeName = args['filter-node-name'];
+  try {
+    if (filterNodeName !== undefined) {
+      checkNodeName(filterNodeName);
+      if (layer.graph.has(filterNodeName)) throw genericError(`Duplicate nodes with node-name='${filterNodeName}'`);
+    }
+    // The filter writes into its target child (permission conflicts there are the filter's to report).
+    if (target.readOnly && !target.settings.autoReadOnly) throw genericError('Block node is read-only');
+  } catch (error) {
+    throw genericError(`Could not create node: ${(error as QmpError).message}`);
+  }
+  const clusterSize = backupClusterSize(target);
+  if (perf.maxChunk && perf.maxChunk < clusterSize) {
+    throw genericError(`Required max-chunk (${perf.maxChunk}) is less than backup cluster size (${clusterSize})`);
+  }
+  const jobId = args['job-id'] ?? '';
+  jobs.checkNewId(jobId);
+
+  await launchBackup(context, {
+    jobId,
+    source,
+    target,
+    sync,
+    bitmap,
+    bitmapMode,
+    compress,
+    speed: args.speed ?? 0,
+    onSourceError: args['on-source-error'] ?? 'report',
+    onTargetError: args['on-target-error'] ?? 'report',
+    filterNodeName,
+    autoFinalize: args['auto-finalize'] ?? true,
+    autoDismiss: args['auto-dismiss'] ?? true,
+    perf,
+  });
+}
+
+/** bdrv_lookup_bs: a node by name (a storage daemon has no device names). */
+export function findBackupNode(layer: BlockLayer, name: string): BlockNode {
+  const node = layer.graph.find(name);
+  if (!node) throw genericError(`Cannot find device='${name}' nor node-name='${name}'`);
+  return node;
+}
+
+/**
+ * A backup command as QEMU runs a one-action transaction: everything drains (running jobs pause
+ * and resume), `find` looks the nodes up, and `action` runs with the source drained.
+ */
+export async function runAsTransaction<T extends { source: BlockNode }>(layer: BlockLayer, find: () => T, action: (found: T) => Promise<void>): Promise<void> {
+  await layer.graph.drainedAll(async () => {});
+  const found = find();
+  await found.source.drained(() => action(found), { holdRequests: false });
+}
+
+export function registerBlockdevBackupCommand(registry: CommandTable, context: BackupContext): void {
+  const { layer } = context;
+  registry.register('blockdev-backup', (args: QmpCommandMap['blockdev-backup']['args']) => runAsTransaction(
+    layer,
+    () => ({ source: findBackupNode(layer, args.device), target: findBackupNode(layer, args.target) }),
+    ({ source, target }) => startBackup(context, args, source, target),
+  ));
+}
