@@ -21,16 +21,14 @@
  * blockd's and qemu-storage-daemon's copies are the same, qemu-img check is
  * clean.
  */
-import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdirSync } from 'node:fs';
+import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { startDifferentialPeers } from '../helpers/differential-peers.js';
-import { makeTempDir } from '../helpers/paths.js';
+import { assertReadsAs, compareWithQsd } from '../helpers/differential-scenario.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
-import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
-import { describeDifferences, maskImageSizes, progressAfterResume, runTranscript, untilBlockJob, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { assertCheckClean, createQcow2, MiB, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
+import { progressAfterResume, untilBlockJob, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 
 // ---- the script's pieces ---------------------------------------------------------------------
 
@@ -82,55 +80,6 @@ const qemuIoExport = (name: string, commands: string[]): TranscriptStep => ({
   action: async (dir) => tool('qemu-io', ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), exportUri(dir, name)])
     .replaceAll(dir, '$DIR').replace(/\d+\.\d+ sec.*$/gm, '(timing)'),
 });
-
-// ---- the comparison --------------------------------------------------------------------------
-
-interface Scenario {
-  /** Makes the images, alike in each daemon's directory. */
-  prepare(dir: string): void;
-  steps: TranscriptStep[];
-  /** After both daemons stopped: checks each one's images. */
-  images?(dir: string): void;
-  /** Images that must read the same in both directories (a target the job left half copied, too). */
-  alike?: string[];
-}
-
-const formatOf = (name: string) => (name.endsWith('.raw') ? 'raw' : 'qcow2');
-
-async function compareWithQsd(scenario: Scenario): Promise<void> {
-  const temp = makeTempDir('blockd-mirror-');
-  // The images are made once and copied (holes kept) into each daemon's directory.
-  const template = join(temp.dir, 'template');
-  mkdirSync(template);
-  scenario.prepare(template);
-  const peers = await startDifferentialPeers(temp.dir, (dir) => {
-    const copy = spawnSync('cp', ['-r', '--sparse=always', `${template}/.`, dir], { encoding: 'utf8' });
-    assert.equal(copy.status, 0, copy.stderr);
-  });
-  try {
-    const theirs = await runTranscript(peers.qsd.socket, peers.qsd.dir, scenario.steps, maskImageSizes);
-    const ours = await runTranscript(peers.blockd.socket, peers.blockd.dir, scenario.steps, maskImageSizes).catch((error: Error) => {
-      throw new Error(`${error.message}; blockd said: ${peers.blockdLog().slice(-3000)}`);
-    });
-    assert.equal(describeDifferences(ours, theirs), '');
-    await peers.stopBlockd(); // their image locks go
-    await peers.stopQsd();
-    for (const dir of [peers.blockd.dir, peers.qsd.dir]) scenario.images?.(dir);
-    for (const name of scenario.alike ?? []) {
-      qemuImgCompare(join(peers.blockd.dir, name), join(peers.qsd.dir, name), [formatOf(name), formatOf(name)], `${name}: blockd's and qemu-storage-daemon's`);
-    }
-  } finally {
-    await peers.stopQsd();
-    await peers.stopBlockd();
-    temp.cleanup();
-  }
-}
-
-/** `image` reads as `expected` (a raw file of the same directory) and, for qcow2, passes qemu-img check. */
-function assertReadsAs(dir: string, image: string, expected: string): void {
-  qemuImgCompare(join(dir, image), join(dir, expected), [formatOf(image), 'raw'], `${dir}: ${image}`);
-  if (formatOf(image) === 'qcow2') assertCheckClean(join(dir, image), image);
-}
 
 // ---- the scenarios ---------------------------------------------------------------------------
 
