@@ -247,9 +247,8 @@ test('blockdev-backup refuses once the job exists, and a running backup refuses 
     steps: [
       ...addChain('a'), ...addChain('b'), addImage('t1'), addImage('t2'), addImage('t3'),
       addBitmap('a-top', 'bm'),
-      // the job exists (created, null) when the speed is checked; a format node's file cannot be its target
+      // the job exists (created, null) when the speed is checked
       backup({ 'job-id': 'j', device: 'a-top', target: 't1', sync: 'full', speed: -1 }),
-      backup({ 'job-id': 'j', device: 'a-top', target: 't1-file', sync: 'full' }),
       graph,
       // a backup at speed 1 with its filter named, syncing a bitmap
       backup({ 'job-id': 'b', device: 'a-top', target: 't1', sync: 'full', speed: 1, 'filter-node-name': 'bf', bitmap: 'bm', 'bitmap-mode': 'on-success' }),
@@ -483,7 +482,10 @@ test('a backup meets I/O errors as qemu-storage-daemon does: on-source-error and
     steps: ERROR_CASES.flatMap(({ id, failing, errno, policies, steps }) => [
       failing === 'source' ? addFailing(`${id}-src`, 'read_aio', errno) : addRaw(`${id}-src`),
       failing === 'target' ? addFailing(`${id}-tgt`, 'write_aio', errno) : addRaw(`${id}-tgt`),
-      backup({ 'job-id': id, device: `${id}-src`, target: `${id}-tgt`, sync: 'full', ...policies }),
+      // Started under a speed limit, so the failure (in the last sector) never comes before the reply.
+      backup({ 'job-id': id, device: `${id}-src`, target: `${id}-tgt`, sync: 'full', speed: 1, ...policies }),
+      idle(id),
+      { execute: 'block-job-set-speed', arguments: { device: id, speed: 0 } },
       ...steps(id),
     ]),
     images(dir) {
@@ -501,18 +503,21 @@ test('drive-backup makes, opens and lets go of its targets as qemu-storage-daemo
       qemuIo(join(dir, 'x-old.qcow2'), ['write -P 0x0e 0 64M'], ['-f', 'qcow2']);
     },
     steps: [
-      ...addChain('a'), ...addChain('b'),
+      addTopOnly('a'), ...addChain('b'),
       nbdServer, exportNode('eb', 'b-top'),
       // the job exists when its speed is checked; the target it opened closes again
       driveBackup({ target: '$DIR/n-speed.qcow2', speed: -1 }),
+      filesMade('n-'),
       graph,
       driveBackup({ 'job-id': 'f', target: '$DIR/n-full.qcow2' }),
       untilJob('f', 'null'),
-      driveBackup({ 'job-id': 't', sync: 'top', target: '$DIR/n-top.qcow2', speed: 1 }),
-      idle('t'),
-      graph,
-      { execute: 'job-cancel', arguments: { id: 't' } },
+      driveBackup({ 'job-id': 't', sync: 'top', target: '$DIR/n-top.qcow2' }),
       untilJob('t', 'null'),
+      driveBackup({ 'job-id': 'c', target: '$DIR/n-cancelled.qcow2', speed: 1 }),
+      idle('c'),
+      graph,
+      { execute: 'job-cancel', arguments: { id: 'c' } },
+      untilJob('c', 'null'),
       driveBackup({ 'job-id': 'r', format: 'raw', target: '$DIR/n-raw.raw' }),
       untilJob('r', 'null'),
       driveBackup({ 'job-id': 'e', mode: 'existing', target: '$DIR/x-old.qcow2' }),
