@@ -2,9 +2,10 @@
  * blockdev-backup, and the checks it shares with drive-backup, in qemu-storage-daemon
  * 7.2's order and words (blockdev_backup_prepare, do_backup_common, backup_job_create):
  * the bitmap's rules, then the nodes (same node, compression, op blockers), x-perf, the
- * sizes, the copy-before-write filter's name and the target's writability, max-chunk
- * against the copy's cluster size, the job id. Then the job starts (launchBackup). The
- * order was observed on qemu-storage-daemon with commands that break two rules at once.
+ * sizes, the copy-before-write filter's name and the target's writability. Then the job
+ * (backup-job.ts) inserts the filter, checks max-chunk against its copy's cluster size and
+ * the job id, and starts. The order was observed on qemu-storage-daemon with commands that
+ * break two rules at once.
  *
  * Both commands run as QEMU runs a one-action transaction: every job is drained first
  * (running jobs say paused, then running), then the source stays drained while the
@@ -13,64 +14,20 @@
 import type { BlockLayer } from '../blockdev/block-layer.js';
 import { checkNotBlocked } from '../blockdev/block-layer.js';
 import { checkBitmap } from '../blockdev/bitmaps/bitmap-commands.js';
+import { usersReached, withUsersDrained } from '../blockdev/drain.js';
 import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
 import { checkNodeName } from '../blockdev/node-names.js';
 import type { BlockNode } from '../blockdev/node.js';
 import type { CommandTable } from '../command-table.js';
 import { genericError, QmpError } from '../errors.js';
-import type { BackupCommon, BitmapSyncMode, QmpCommandMap } from '../generated/qapi-types.js';
-import { skipFilters } from './backing-chain.js';
+import type { BackupCommon, QmpCommandMap } from '../generated/qapi-types.js';
 import type { JobRegistry } from './job-registry.js';
-import type { ErrorPolicy } from './job.js';
-
-/** What the backup job is started with, every argument checked and defaulted. */
-export interface BackupJobOptions {
-  /** Checked; as in QEMU, '' when the client gave none (and so refused: a storage daemon has no device names). */
-  jobId: string;
-  /** The node being backed up (QEMU's bs). */
-  source: BlockNode;
-  target: BlockNode;
-  /** 'incremental' arrives here as 'bitmap' with bitmapMode 'on-success', as QEMU desugars it. */
-  sync: 'full' | 'top' | 'none' | 'bitmap';
-  /** For sync=bitmap, and for full/top when a bitmap is given (QEMU 7.2 allows it): a bitmap of the source, checked. */
-  bitmap?: DirtyBitmap;
-  /** Given exactly when a bitmap is. */
-  bitmapMode?: BitmapSyncMode;
-  compress: boolean;
-  speed: number;
-  onSourceError: ErrorPolicy;
-  onTargetError: ErrorPolicy;
-  /** Checked: a valid node name no node has. */
-  filterNodeName?: string;
-  autoFinalize: boolean;
-  autoDismiss: boolean;
-  /** maxChunk 0: no limit. */
-  perf: { maxWorkers: number; maxChunk: number; useCopyRange: boolean };
-}
+import { startBackupJob, type BackupJobOptions } from './backup-job.js';
 
 /** What a backup command works with: the graph and the jobs. */
 export interface BackupContext {
   layer: BlockLayer;
   jobs: JobRegistry;
-}
-
-/**
- * Starts the backup job. Until src/jobs/backup-job.ts lands, this is where the commands stop:
- * every check above has passed, and the client is told plainly that the job does not exist yet.
- */
-export async function launchBackup(_context: BackupContext, _options: BackupJobOptions): Promise<void> {
-  throw genericError('backup job not available yet');
-}
-
-/** The copy's cluster size when the target tells none (QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT). */
-export const BACKUP_CLUSTER_SIZE_DEFAULT = 65536;
-
-/**
- * The unit a backup copies in (QEMU's block_copy_calculate_cluster_size): the target's cluster
- * size if larger than the default, so no copy leaves part of a target cluster to copy-on-write.
- */
-export function backupClusterSize(target: BlockNode): number {
-  return Math.max(BACKUP_CLUSTER_SIZE_DEFAULT, skipFilters(target).state.clusterSize ?? 0);
 }
 
 /** Drivers that write compressed clusters in QEMU 7.2 (of those blockd has), and the filters that pass such writes on. */
@@ -87,7 +44,7 @@ function supportsCompressedWrites(node: BlockNode): boolean {
 const INT_MAX = 2147483647;
 
 /** The sync mode and bitmap after do_backup_common's bitmap rules ('incremental' desugared to 'bitmap' + on-success). */
-function checkBitmapRules(args: BackupCommon, source: BlockNode): Pick<BackupJobOptions, 'sync' | 'bitmap' | 'bitmapMode'> {
+function checkBitmapRules(args: BackupCommon, source: BlockNode): Required<Pick<BackupJobOptions, 'sync'>> & Pick<BackupJobOptions, 'bitmap' | 'bitmapMode'> {
   let sync = args.sync;
   let bitmapMode = args['bitmap-mode'];
   // Before 'incremental' becomes 'bitmap', so the text names what the client asked for.
@@ -151,15 +108,9 @@ export async function startBackup(context: BackupContext, args: BackupCommon, so
   } catch (error) {
     throw genericError(`Could not create node: ${(error as QmpError).message}`);
   }
-  const clusterSize = backupClusterSize(target);
-  if (perf.maxChunk && perf.maxChunk < clusterSize) {
-    throw genericError(`Required max-chunk (${perf.maxChunk}) is less than backup cluster size (${clusterSize})`);
-  }
-  const jobId = args['job-id'] ?? '';
-  jobs.checkNewId(jobId);
-
-  await launchBackup(context, {
-    jobId,
+  // The filter, max-chunk against its copy's cluster size, then the job id: startBackupJob, in QEMU's order.
+  await startBackupJob(layer, jobs, {
+    jobId: args['job-id'] ?? '',
     source,
     target,
     sync,
@@ -185,12 +136,19 @@ export function findBackupNode(layer: BlockLayer, name: string): BlockNode {
 
 /**
  * A backup command as QEMU runs a one-action transaction: everything drains (running jobs pause
- * and resume), `find` looks the nodes up, and `action` runs with the source drained.
+ * and resume), `find` looks the nodes up, and `action` runs with the source drained. A job the
+ * action starts joins that drained section: it pauses as soon as it runs and resumes when the
+ * section ends, before the users that were there first (QEMU ends a drain newest parent first).
  */
 export async function runAsTransaction<T extends { source: BlockNode }>(layer: BlockLayer, find: () => T, action: (found: T) => Promise<void>): Promise<void> {
   await layer.graph.drainedAll(async () => {});
   const found = find();
-  await found.source.drained(() => action(found), { holdRequests: false });
+  const before = new Set(usersReached([found.source], 'node'));
+  await found.source.drained(async () => {
+    await action(found);
+    const joined = usersReached([found.source], 'node').filter((user) => !before.has(user));
+    await withUsersDrained(joined, async () => {});
+  }, { holdRequests: false });
 }
 
 export function registerBlockdevBackupCommand(registry: CommandTable, context: BackupContext): void {

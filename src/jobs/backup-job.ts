@@ -10,7 +10,9 @@
  */
 import type { BlockLayer } from '../blockdev/block-layer.js';
 import type { BlockCopy } from '../blockdev/block-copy.js';
-import { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
+import { settleSyncBitmap } from '../blockdev/bitmaps/bitmap-sync-mode.js';
+import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
+import { createSuccessor, reclaim } from '../blockdev/bitmaps/successor.js';
 import { CopyError } from '../blockdev/copy-range.js';
 import type { CopyBeforeWriteState } from '../blockdev/drivers/copy-before-write.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
@@ -84,10 +86,7 @@ export class BackupJob implements JobKind {
     }
     this.blockCopy.configure({ compress, maxChunk: perf.maxChunk });
     if (bitmap) {
-      const successor = new DirtyBitmap(bitmap.length, bitmap.granularity);
-      successor.enabled = bitmap.enabled;
-      bitmap.successor = successor;
-      bitmap.busy = true;
+      createSuccessor(this.options.source.bitmaps, bitmap);
       this.successorMade = true;
     }
   }
@@ -143,7 +142,7 @@ export class BackupJob implements JobKind {
 
   /** Copies every dirty cluster, several at a time (one under a speed limit), until none is left. */
   private async copyAll(job: Job, copy: BlockCopy): Promise<void> {
-    const limit = new RateLimit();
+    const limit = new RateLimit('keep-account');
     let cursor = 0;
     let failure: unknown;
     const work = async (index: number) => {
@@ -192,9 +191,10 @@ export class BackupJob implements JobKind {
     await this.removeFilter();
   }
 
-  /** The job never ran (set-up failed, or the job could not be made). */
+  /** The job never ran (set-up failed, or the job could not be made): the bitmap is as it was, plus the writes meanwhile. */
   async undo(): Promise<void> {
-    this.settleBitmap(false);
+    if (this.successorMade) reclaim(this.options.source.bitmaps, this.options.bitmap!);
+    this.successorMade = false;
     await this.nodes?.release().catch(() => {});
     await this.removeFilter();
   }
@@ -206,22 +206,11 @@ export class BackupJob implements JobKind {
     await this.layer.graph.removeFilter(this.filter);
   }
 
-  /**
-   * QEMU's backup_cleanup_sync_bitmap. The bitmap becomes its successor (what was written during
-   * the job) when the job succeeded or bitmap-mode is always, unless it is never; otherwise the
-   * successor is merged back. A failed job with bitmap-mode always also keeps what it did not copy.
-   */
+  /** QEMU's backup_cleanup_sync_bitmap (bitmap-sync-mode.ts); what the job did not copy is its copy bitmap. */
   private settleBitmap(succeeded: boolean): void {
-    const { bitmap, bitmapMode } = this.options;
+    const { bitmap, bitmapMode, source } = this.options;
     if (!bitmap || !this.successorMade) return;
     this.successorMade = false;
-    const successor = bitmap.successor!;
-    const adopt = (succeeded || bitmapMode === 'always') && bitmapMode !== 'never';
-    if (adopt) bitmap.clear(0, bitmap.length);
-    bitmap.merge(successor);
-    bitmap.enabled = successor.enabled;
-    bitmap.successor = undefined;
-    bitmap.busy = false;
-    if (!succeeded && bitmapMode === 'always') bitmap.merge(this.blockCopy.bitmap);
+    settleSyncBitmap(source.bitmaps, bitmap, bitmapMode ?? 'on-success', succeeded, this.blockCopy.bitmap);
   }
 }
