@@ -54,6 +54,8 @@ export class CopyBeforeWriteState extends PassThroughFilter {
 export const copyBeforeWriteDriver: BlockDriver = {
   name: 'copy-before-write',
   kind: 'filter',
+  // Its filename is its source's, as qemu-storage-daemon reports it.
+  namedAfterChild: true,
   strongOptions: [],
   async open(context) {
     const file = await context.openChild('file', { name: 'file', role: 'filtered' });
