@@ -15,11 +15,11 @@
  *   - pause, resume and set-speed; error policies through blkdebug; manual finalize and
  *     dismiss; drive-backup's targets.
  */
-import { spawnSync } from 'node:child_process';
 import { copyFileSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { assertReadsAs, compareWithQsd } from '../helpers/differential-scenario.js';
+import { addChain, addFailing, addImage, addRaw, exportNode, file, nbdServer, prepareErrorCopies, qemuIoExport } from '../helpers/job-steps.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
 import { qcow2BitmapLayout } from '../helpers/qcow2-layout.js';
 import { assertCheckClean, createQcow2, MiB, qemuIo, runQemuImg, writeAt } from '../helpers/qemu-tools.js';
@@ -35,28 +35,11 @@ const NEEDS_FILTER_BITMAPS = { skip: "the copy-before-write filter's bitmaps are
 
 // ---- the script's pieces ---------------------------------------------------------------------
 
-const file = (name: string) => ({ driver: 'file', filename: `$DIR/${name}.qcow2`, 'node-name': `${name}-file` });
-/** A pattern chain (test/helpers/pattern-chains.ts) with every node named: <chain>-base <- <chain>-mid <- <chain>-top. */
-const addChain = (chain: string): TranscriptStep[] => [
-  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-base`, file: file(`${chain}-base`), backing: null } },
-  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-mid`, file: file(`${chain}-mid`), backing: `${chain}-base` } },
-  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-top`, file: file(`${chain}-top`), backing: `${chain}-mid` } },
-];
 /**
  * Only the chain's top, its backing files opened from its header (read-only, unnamed): a new image
  * naming its backing file names a plain file then, not the json: description of explicit nodes.
  */
 const addTopOnly = (chain: string): TranscriptStep => ({ execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-top`, file: file(`${chain}-top`) } });
-const addImage = (name: string, extra: object = {}): TranscriptStep => ({ execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': name, file: file(name), ...extra } });
-const addRaw = (name: string): TranscriptStep => ({ execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': name, file: { driver: 'file', filename: `$DIR/${name}.raw`, 'node-name': `${name}-file` } } });
-/** A raw node whose file passes through blkdebug: the first `event` in the disk's last sector fails with `errno`. */
-const addFailing = (name: string, event: 'read_aio' | 'write_aio', errno: number): TranscriptStep => ({
-  execute: 'blockdev-add',
-  arguments: {
-    driver: 'raw', 'node-name': name,
-    file: { driver: 'blkdebug', 'inject-error': [{ event, errno, sector: 64 * 2048 - 1, once: true }], image: { driver: 'file', filename: `$DIR/${name}.raw` } },
-  },
-});
 const addBitmap = (node: string, name: string, extra: object = {}): TranscriptStep => ({ execute: 'block-dirty-bitmap-add', arguments: { node, name, ...extra } });
 
 const backup = (args: object): TranscriptStep => ({ execute: 'blockdev-backup', arguments: args });
@@ -65,17 +48,6 @@ const graph: TranscriptStep = { execute: 'query-named-block-nodes', arguments: {
 /** A backup at speed 1 has copied its first chunk and sleeps under its limit. */
 const idle = (id: string): TranscriptStep => untilBlockJobIdle(id);
 
-const nbdServer: TranscriptStep = { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: '$DIR/nbd.sock' } } } };
-const exportNode = (id: string, node: string): TranscriptStep => ({ execute: 'block-export-add', arguments: { type: 'nbd', id, name: id, 'node-name': node, writable: true } });
-const tool = (command: string, args: string[]) => {
-  const result = spawnSync(command, args, { encoding: 'utf8' });
-  return `$ ${command} ${args.join(' ')}\n${result.stdout}${result.stderr}exit ${result.status}`;
-};
-/** qemu-io through an export (writes, or reads with -P that fail on a mismatch). */
-const qemuIoExport = (name: string, commands: string[]): TranscriptStep => ({
-  action: async (dir) => tool('qemu-io', ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), `nbd+unix:///${name}?socket=${dir}/nbd.sock`])
-    .replaceAll(dir, '$DIR').replace(/\d+\.\d+ sec.*$/gm, '(timing)'),
-});
 /** The image files in the daemon's directory whose names start with `prefix`: which ones a command made. */
 const filesMade = (prefix: string): TranscriptStep => ({
   action: async (dir) => `files: ${readdirSync(dir).filter((name) => name.startsWith(prefix)).sort().join(' ')}`,
@@ -119,7 +91,7 @@ test('blockdev-backup refuses what qemu-storage-daemon refuses, in its order and
     },
     steps: [
       ...addChain('a'), ...addChain('b'),
-      addImage('tgt'), addImage('tgt2'), addImage('small'), addRaw('traw'),
+      addImage('tgt'), addImage('tgt2'), addImage('small'), addRaw('traw', { 'node-name': 'traw-file' }),
       addImage('tro', { 'read-only': true }), addImage('rosrc', { 'read-only': true }), addImage('inc', { 'read-only': true }),
       addBitmap('a-top', 'b0'), addBitmap('a-top', 'dis', { disabled: true }),
       // Each command breaks two rules (or one, last): the first checked speaks.
@@ -376,10 +348,7 @@ test('bitmap-mode after success, failure and cancel leaves the bitmaps qemu-stor
   await compareWithQsd({
     prepare(dir) {
       makePatternChain(dir, 'a');
-      for (const { id } of BITMAP_CASES) {
-        copyFileSync(join(dir, 'a-expected.raw'), join(dir, `${id}-src.raw`));
-        runQemuImg('create', '-q', '-f', 'raw', join(dir, `${id}-tgt.raw`), String(64 * MiB));
-      }
+      prepareErrorCopies(dir, BITMAP_CASES.map(({ id }) => id));
     },
     steps: BITMAP_CASES.flatMap(({ id, mode, end }) => [
       addRaw(`${id}-src`),
@@ -484,10 +453,7 @@ test('a backup meets I/O errors as qemu-storage-daemon does: on-source-error and
   await compareWithQsd({
     prepare(dir) {
       makePatternChain(dir, 'a');
-      for (const { id } of ERROR_CASES) {
-        copyFileSync(join(dir, 'a-expected.raw'), join(dir, `${id}-src.raw`));
-        runQemuImg('create', '-q', '-f', 'raw', join(dir, `${id}-tgt.raw`), String(64 * MiB));
-      }
+      prepareErrorCopies(dir, ERROR_CASES.map(({ id }) => id));
     },
     steps: ERROR_CASES.flatMap(({ id, failing, errno, policies, steps }) => [
       failing === 'source' ? addFailing(`${id}-src`, 'read_aio', errno) : addRaw(`${id}-src`),

@@ -21,34 +21,16 @@
  * blockd's and qemu-storage-daemon's copies are the same, qemu-img check is
  * clean.
  */
-import { spawnSync } from 'node:child_process';
-import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { assertReadsAs, compareWithQsd } from '../helpers/differential-scenario.js';
+import { addChain, addFailing, addImage, addRaw, compareExport, exportNode, nbdServer, prepareErrorCopies, qemuIoExport } from '../helpers/job-steps.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
-import { assertCheckClean, createQcow2, MiB, qemuIo, runQemuImg } from '../helpers/qemu-tools.js';
+import { assertCheckClean, createQcow2, MiB, qemuIo } from '../helpers/qemu-tools.js';
 import { progressAfterResume, untilBlockJob, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
 
 // ---- the script's pieces ---------------------------------------------------------------------
 
-const file = (name: string) => ({ driver: 'file', filename: `$DIR/${name}.qcow2`, 'node-name': `${name}-file` });
-/** A pattern chain (test/helpers/pattern-chains.ts) with every node named: <chain>-base <- <chain>-mid <- <chain>-top. */
-const addChain = (chain: string): TranscriptStep[] => [
-  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-base`, file: file(`${chain}-base`), backing: null } },
-  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-mid`, file: file(`${chain}-mid`), backing: `${chain}-base` } },
-  { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': `${chain}-top`, file: file(`${chain}-top`), backing: `${chain}-mid` } },
-];
-const addImage = (name: string, extra: object = {}): TranscriptStep => ({ execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': name, file: file(name), ...extra } });
-const addRaw = (name: string): TranscriptStep => ({ execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': name, file: { driver: 'file', filename: `$DIR/${name}.raw` } } });
-/** A raw node whose file passes through blkdebug: the first `event` in the disk's last sector (the mirror's last copy) fails with `errno`. */
-const addFailing = (name: string, event: 'read_aio' | 'write_aio', errno: number): TranscriptStep => ({
-  execute: 'blockdev-add',
-  arguments: {
-    driver: 'raw', 'node-name': name,
-    file: { driver: 'blkdebug', 'inject-error': [{ event, errno, sector: 64 * 2048 - 1, once: true }], image: { driver: 'file', filename: `$DIR/${name}.raw` } },
-  },
-});
 const addThrottle = (name: string, child: string): TranscriptStep => ({ execute: 'blockdev-add', arguments: { driver: 'throttle', 'node-name': name, 'throttle-group': 'tg', file: child } });
 const throttleGroup: TranscriptStep = { execute: 'object-add', arguments: { 'qom-type': 'throttle-group', id: 'tg' } };
 
@@ -62,24 +44,6 @@ const ready = (device: string): TranscriptStep => ({ awaitEvent: { event: 'BLOCK
 const firstRoundCopied = (device: string): TranscriptStep => untilBlockJob(device, (job) => !job.busy && job.offset === 16 * MiB);
 /** A READY mirror has copied what was written meanwhile and waits for more. */
 const caughtUp = (device: string, bytes: number): TranscriptStep => untilBlockJob(device, (job) => !job.busy && job.offset === bytes);
-
-const nbdServer: TranscriptStep = { execute: 'nbd-server-start', arguments: { addr: { type: 'unix', data: { path: '$DIR/nbd.sock' } } } };
-/** A writable export named as its id. */
-const exportNode = (id: string, node: string): TranscriptStep => ({ execute: 'block-export-add', arguments: { type: 'nbd', id, name: id, 'node-name': node, writable: true } });
-const tool = (command: string, args: string[]) => {
-  const result = spawnSync(command, args, { encoding: 'utf8' });
-  return `$ ${command} ${args.join(' ')}\n${result.stdout}${result.stderr}exit ${result.status}`;
-};
-const exportUri = (dir: string, name: string) => `nbd+unix:///${name}?socket=${dir}/nbd.sock`;
-/** What an export serves, next to a raw image of the expected contents: the transcript records "Images are identical." or where they differ. */
-const compareExport = (name: string, expected: string): TranscriptStep => ({
-  action: async (dir) => tool('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', exportUri(dir, name), join(dir, expected)]).replaceAll(dir, '$DIR'),
-});
-/** qemu-io through an export (writes, or reads with -P that fail on a mismatch). */
-const qemuIoExport = (name: string, commands: string[]): TranscriptStep => ({
-  action: async (dir) => tool('qemu-io', ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), exportUri(dir, name)])
-    .replaceAll(dir, '$DIR').replace(/\d+\.\d+ sec.*$/gm, '(timing)'),
-});
 
 // ---- the scenarios ---------------------------------------------------------------------------
 
@@ -396,10 +360,7 @@ test('blockdev-mirror meets I/O errors as qemu-storage-daemon does: on-source-er
   await compareWithQsd({
     prepare(dir) {
       makePatternChain(dir, 'a');
-      for (const { id } of ERROR_CASES) {
-        copyFileSync(join(dir, 'a-expected.raw'), join(dir, `${id}-src.raw`));
-        runQemuImg('create', '-q', '-f', 'raw', join(dir, `${id}-tgt.raw`), String(64 * MiB));
-      }
+      prepareErrorCopies(dir, ERROR_CASES.map(({ id }) => id));
     },
     steps: ERROR_CASES.flatMap(({ id, failing, errno, policies, steps }) => [
       failing === 'source' ? addFailing(`${id}-src`, 'read_aio', errno) : addRaw(`${id}-src`),
