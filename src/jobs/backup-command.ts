@@ -30,17 +30,6 @@ export interface BackupContext {
   jobs: JobRegistry;
 }
 
-/** Drivers that write compressed clusters in QEMU 7.2 (of those blockd has), and the filters that pass such writes on. */
-const COMPRESSING_FORMATS = ['qcow2'];
-const COMPRESSED_WRITE_FILTERS = ['copy-on-read', 'throttle'];
-
-/** QEMU's bdrv_supports_compressed_writes. */
-function supportsCompressedWrites(node: BlockNode): boolean {
-  if (COMPRESSING_FORMATS.includes(node.driver.name)) return true;
-  const child = node.primaryChild()?.child;
-  return COMPRESSED_WRITE_FILTERS.includes(node.driver.name) && child !== undefined && supportsCompressedWrites(child);
-}
-
 const INT_MAX = 2147483647;
 
 /** The sync mode and bitmap after do_backup_common's bitmap rules ('incremental' desugared to 'bitmap' + on-success). */
@@ -87,7 +76,7 @@ export async function startBackup(context: BackupContext, args: BackupCommon, so
 
   if (source === target) throw genericError('Source and target cannot be the same');
   // QEMU names the target by its device name, which a storage daemon's nodes never have.
-  if (compress && !supportsCompressedWrites(target)) throw genericError('Compression is not supported for this drive ');
+  if (compress && !target.supportsCompressedWrites()) throw genericError('Compression is not supported for this drive ');
   checkNotBlocked(layer.blockers, source, 'backup-source');
   checkNotBlocked(layer.blockers, target, 'backup-target');
   if (perf.maxWorkers < 1 || perf.maxWorkers > INT_MAX) throw genericError(`max-workers must be between 1 and ${INT_MAX}`);
