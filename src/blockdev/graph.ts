@@ -218,8 +218,10 @@ export class BlockGraph implements NodeObserver {
     if (!below) return;
     await filter.drained(async () => {
       this.moveParents(filter.parents.slice(), below);
-      // The filter, now without users, asks its child for no more than that (QEMU drops its child in the same step).
-      await this.refreshPermissions([filter, below]);
+      // The filter, now without users, keeps its child from no one (QEMU drops its child in the same step); it
+      // keeps its own permissions for the requests a drain held in it, which go on through it once the drain ends.
+      const released = new Map(filter.children.map((edge) => [edge, { perm: edge.perm, shared: PERM_ALL }] as const));
+      await this.refreshPermissions([below], released);
     });
     await this.close(filter);
   }
