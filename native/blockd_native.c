@@ -1,6 +1,6 @@
 /*
  * blockd's native addon: the file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate,
- * OFD byte-range locks, sync_file_range), batched pwrite and a read that never waits for the
+ * OFD byte-range locks, sync_file_range, copy_file_range), batched pwrite and a read that never waits for the
  * disk. Every call but that read runs on the libuv thread pool and returns a promise;
  * src/blockdev/native/native-file-ops.ts is its only user.
  */
@@ -15,7 +15,7 @@
 #include <unistd.h>
 #include <node_api.h>
 
-enum op { OP_SEEK_DATA, OP_SEEK_HOLE, OP_FALLOCATE, OP_OFD_LOCK, OP_OFD_TEST, OP_START_WRITEBACK };
+enum op { OP_SEEK_DATA, OP_SEEK_HOLE, OP_FALLOCATE, OP_OFD_LOCK, OP_OFD_TEST, OP_START_WRITEBACK, OP_COPY_FILE_RANGE };
 
 /* JS name, syscall named in error messages, number of integer arguments after the fd. */
 static const struct { const char *name; const char *syscall; size_t nargs; } ops[] = {
@@ -25,12 +25,13 @@ static const struct { const char *name; const char *syscall; size_t nargs; } ops
   [OP_OFD_LOCK] = { "ofdLock", "fcntl", 3 },          /* (fd, start, length, shared ? 1 : 0) */
   [OP_OFD_TEST] = { "ofdTestConflict", "fcntl", 2 },  /* (fd, start, length) */
   [OP_START_WRITEBACK] = { "startWriteback", "sync_file_range", 2 }, /* (fd, offset, length) */
+  [OP_COPY_FILE_RANGE] = { "copyFileRange", "copy_file_range", 4 }, /* (fd_in, offset_in, fd_out, offset_out, length) */
 };
 
 struct work {
   enum op op;
   int fd;
-  int64_t arg[3];
+  int64_t arg[4];
   int64_t result;
   int err; /* errno, 0 on success */
   napi_async_work async;
@@ -68,6 +69,12 @@ static void execute(napi_env env, void *data) {
       /* Starts writing the range's dirty pages to disk and returns: a later fdatasync finds less to do. */
       w->result = sync_file_range(w->fd, w->arg[0], w->arg[1], SYNC_FILE_RANGE_WRITE);
       break;
+    case OP_COPY_FILE_RANGE: {
+      /* One call of the kernel's in-file copy; it may copy less than asked (the caller loops). */
+      loff_t in = w->arg[0], out = w->arg[2];
+      w->result = copy_file_range(w->fd, &in, (int)w->arg[1], &out, (size_t)w->arg[3], 0);
+      break;
+    }
     }
     w->err = w->result < 0 ? errno : 0;
   } while (w->err == EINTR);
@@ -120,6 +127,8 @@ static napi_status settle(napi_env env, const struct work *w) {
   }
   if (seek) /* ENXIO: no data (or hole) at or after the offset */
     TRY(w->err ? napi_get_null(env, &value) : napi_create_double(env, (double)w->result, &value));
+  else if (w->op == OP_COPY_FILE_RANGE) /* the bytes copied */
+    TRY(napi_create_double(env, (double)w->result, &value));
   else if (w->op == OP_OFD_TEST)
     TRY(napi_get_boolean(env, w->result != 0, &value));
   else
@@ -168,8 +177,8 @@ static void throw_failure(napi_env env, napi_status status, const char *message)
 }
 
 static napi_status start(napi_env env, napi_callback_info info, struct work *w, napi_value *promise) {
-  napi_value argv[4];
-  size_t argc = 4;
+  napi_value argv[5];
+  size_t argc = 5;
   void *data;
   TRY(napi_get_cb_info(env, info, &argc, argv, NULL, &data));
   w->op = (enum op)(intptr_t)data;

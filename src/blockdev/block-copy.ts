@@ -10,13 +10,21 @@
  */
 import type { WriteFlags } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
-import { CopyError, copyRange } from './copy-range.js';
+import { CopyError, copyRange, offloadCopy } from './copy-range.js';
 import { DirtyBitmap } from './bitmaps/dirty-bitmap.js';
 
 /** QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT: the smallest unit copied. */
 export const DEFAULT_COPY_CLUSTER = 64 << 10;
 /** One copy of plain data reads and writes at most this much (QEMU's BLOCK_COPY_MAX_BUFFER). */
 const MAX_BUFFER = 1 << 20;
+/** One offloaded copy, once the first one worked, covers at most this much (QEMU's BLOCK_COPY_MAX_COPY_RANGE). */
+const MAX_COPY_RANGE = 16 << 20;
+
+/**
+ * How copies are made now (QEMU's BlockCopyMethod): offloaded (copy_file_range) a buffer's worth
+ * at first, then in longer pieces once one worked; by reading and writing after any offload failed.
+ */
+type CopyMethod = 'read-write' | 'offload-small' | 'offload-full';
 
 /** How copies are made; the backup job sets them after the filter made the state (QEMU's block_copy_set_copy_opts). */
 export interface CopySettings {
@@ -26,6 +34,8 @@ export interface CopySettings {
   compress?: boolean;
   /** The longest single copy (x-perf max-chunk); 0: as long as a buffer allows. */
   maxChunk?: number;
+  /** Offload copies to the kernel where source and target are files (x-perf use-copy-range). */
+  useCopyRange?: boolean;
 }
 
 interface CopyTask {
@@ -48,7 +58,7 @@ export class BlockCopy {
   private readonly tasks = new Set<CopyTask>();
   private inFlightBytes = 0;
   private settings: CopySettings = {};
-  private maxCopy = 0;
+  private method: CopyMethod = 'read-write';
   private writeFlags: WriteFlags = {};
   /** Told the bytes of each copy that completed (the owner's progress). */
   onCopied: ((bytes: number) => void) | undefined;
@@ -61,12 +71,20 @@ export class BlockCopy {
   }
 
   configure(settings: CopySettings): void {
-    const cluster = this.clusterSize;
     this.settings = { ...this.settings, ...settings };
-    const { compress, maxChunk } = this.settings;
-    const buffer = compress ? cluster : Math.max(cluster, Math.floor(MAX_BUFFER / cluster) * cluster);
-    this.maxCopy = maxChunk ? Math.max(cluster, Math.min(buffer, Math.floor(maxChunk / cluster) * cluster)) : buffer;
+    const { compress, useCopyRange } = this.settings;
+    // Compressed clusters are written one by one and never offloaded.
+    this.method = useCopyRange && !compress ? 'offload-small' : 'read-write';
     this.writeFlags = compress ? { compress: true } : {};
+  }
+
+  /** The longest single copy (QEMU's block_copy_chunk_size), within x-perf max-chunk. */
+  private get maxCopy(): number {
+    const cluster = this.clusterSize;
+    const { compress, maxChunk } = this.settings;
+    const limit = compress ? cluster : Math.max(cluster, this.method === 'offload-full' ? MAX_COPY_RANGE : MAX_BUFFER);
+    const chunk = maxChunk ? Math.min(limit, maxChunk) : limit;
+    return Math.max(cluster, Math.floor(chunk / cluster) * cluster);
   }
 
   /** Bytes not copied yet: still dirty, or being copied now (QEMU's progress remaining). */
@@ -180,6 +198,24 @@ export class BlockCopy {
       });
       return;
     }
+    if (this.method !== 'read-write' && await this.offload(offset, length)) return;
     await copyRange(this.source, this.target, offset, length, this.writeFlags);
+  }
+
+  /**
+   * QEMU's block_copy_do_copy with copy-range: after the first offload that worked, pieces
+   * grow; after one that failed (whatever the reason), copies read and write from then on,
+   * starting with this one.
+   */
+  private async offload(offset: number, length: number): Promise<boolean> {
+    const method = this.method;
+    try {
+      await offloadCopy(this.source, this.target, offset, length, this.writeFlags);
+    } catch {
+      if (this.method === method) this.method = 'read-write';
+      return false;
+    }
+    if (this.method === 'offload-small') this.method = 'offload-full';
+    return true;
   }
 }

@@ -66,6 +66,12 @@ export interface DriverInfo {
   image?: Record<string, unknown>;
 }
 
+/** Bytes of an open host file: where an offloaded copy (copy_file_range) reads from. */
+export interface HostFileRange {
+  fd: number;
+  offset: number;
+}
+
 /** A node's open driver state. */
 export interface DriverState {
   /** Size in bytes as the node's users see it. */
@@ -84,6 +90,15 @@ export interface DriverState {
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;
   flush?(): Promise<void>;
+  /**
+   * An offloaded copy of [offset, offset + length) into `target` at `targetOffset` (QEMU's
+   * copy_range_from): the driver finds where the bytes live and hands the copy on, down to a
+   * file that passes its descriptor to the target. `flags` are the target's write flags. ENOTSUP
+   * when it cannot (the caller reads and writes).
+   */
+  copyRangeFrom?(offset: number, length: number, target: ChildEdge, targetOffset: number, flags: WriteFlags): Promise<void>;
+  /** The target's half (QEMU's copy_range_to): stores `length` bytes of a host file at `offset`. */
+  copyRangeTo?(source: HostFileRange, offset: number, length: number, flags: WriteFlags): Promise<void>;
   /** Starts writing what was written to the storage, without waiting for it (protocol drivers). */
   startWriteback?(): Promise<void>;
   blockStatus(offset: number, length: number): Promise<DriverExtent>;

@@ -5,7 +5,7 @@
  * way to do I/O on it, so a write without the write permission is refused
  * here rather than trusted.
  */
-import type { DriverExtent, WriteFlags, ZeroFlags } from './block-driver.js';
+import type { DriverExtent, HostFileRange, WriteFlags, ZeroFlags } from './block-driver.js';
 import { IoError } from './io-error.js';
 import type { BlockNode } from './node.js';
 import type { DrainedHook } from './drain.js';
@@ -56,6 +56,15 @@ export class ChildEdge {
   async discard(offset: number, length: number): Promise<void> {
     this.requireWrite();
     return this.child.discard(offset, length);
+  }
+
+  async copyRangeFrom(offset: number, length: number, target: ChildEdge, targetOffset: number, flags: WriteFlags = {}): Promise<void> {
+    return this.child.copyRangeFrom(offset, length, target, targetOffset, flags);
+  }
+
+  async copyRangeTo(source: HostFileRange, offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+    this.requireWrite();
+    return this.child.copyRangeTo(source, offset, length, flags);
   }
 
   async flush(): Promise<void> {

@@ -30,6 +30,12 @@ function noteCopied(node: BlockNode, length: number): void {
   if (copied >= WRITEBACK_EVERY) node.startWriteback();
 }
 
+/** Copies a range with copy_file_range down the drivers (ChildEdge.copyRangeFrom); throws when any part cannot be offloaded. */
+export async function offloadCopy(from: ChildEdge, to: ChildEdge, offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+  await from.copyRangeFrom(offset, length, to, offset, flags);
+  noteCopied(to.child, length);
+}
+
 /**
  * Copies a range from `from` to `to` through a pooled buffer: all-zero data goes as a zero
  * write (deallocating when `unmapZeroes`). Errors carry the side that failed.

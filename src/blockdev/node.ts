@@ -6,7 +6,7 @@
  * delegating drivers (raw, filters) and down the backing chain.
  */
 import type { BlockdevOptions } from '../generated/qapi-types.js';
-import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from './block-driver.js';
+import type { BlockDriver, DriverExtent, DriverState, HostFileRange, WriteFlags, ZeroFlags } from './block-driver.js';
 import type { ChildEdge } from './child-edge.js';
 import { BitmapRegistry } from './bitmaps/bitmap-registry.js';
 import { IoError, RESIZE_UNSUPPORTED } from './io-error.js';
@@ -324,6 +324,27 @@ export class BlockNode {
     if (this.settings.discard === 'ignore' || !this.state.discard || length === 0) return;
     const discard = this.state.discard;
     return this.guarded(offset, length, () => this.changing(offset, length, {}, () => this.track(() => discard.call(this.state, offset, length))));
+  }
+
+  /**
+   * An offloaded copy into `target` (QEMU's bdrv_co_copy_range_from): a read of this node as far
+   * as tracking goes; ENOTSUP when a driver on the way cannot offload (the caller reads and writes).
+   */
+  async copyRangeFrom(offset: number, length: number, target: ChildEdge, targetOffset: number, flags: WriteFlags = {}): Promise<void> {
+    this.checkRange(offset, length);
+    const copyFrom = this.state.copyRangeFrom;
+    if (!copyFrom) throw new IoError('ENOTSUP', `driver '${this.driver.name}' cannot offload copies`);
+    return this.track(() => copyFrom.call(this.state, offset, length, target, targetOffset, flags));
+  }
+
+  /** The target's half of an offloaded copy (QEMU's bdrv_co_copy_range_to): a write, as far as locks, bitmaps and tracking go. */
+  async copyRangeTo(source: HostFileRange, offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+    this.checkWritable(offset, length);
+    const copyTo = this.state.copyRangeTo;
+    if (!copyTo) throw new IoError('ENOTSUP', `driver '${this.driver.name}' cannot offload copies`);
+    if (length === 0) return;
+    this.noteWrite(offset, length);
+    await this.guarded(offset, length, () => this.changing(offset, length, flags, () => this.track(() => copyTo.call(this.state, source, offset, length, flags))), flags);
   }
 
   /** Flushes this node, then every child it may have written to. */

@@ -84,7 +84,7 @@ export class BackupJob implements JobKind {
     if (perf.maxChunk && perf.maxChunk < cluster) {
       throw genericError(`Required max-chunk (${perf.maxChunk}) is less than backup cluster size (${cluster})`);
     }
-    this.blockCopy.configure({ compress, maxChunk: perf.maxChunk });
+    this.blockCopy.configure({ compress, maxChunk: perf.maxChunk, useCopyRange: perf.useCopyRange });
     if (bitmap) {
       createSuccessor(this.options.source.bitmaps, bitmap);
       this.successorMade = true;

@@ -5,7 +5,7 @@
  * runs (slowed by a speed limit so that the writes land during the copy) and after it. The
  * guest pauses at each backup's start, so the model of that moment is exact: the
  * acknowledged writes so far, applied in order.
- * - sync=full: the target reads as the source at the start;
+ * - sync=full: the target reads as the source at the start, also with x-perf use-copy-range;
  * - sync=top: the target, backed by the source's backing image, reads as the source at the start;
  * - sync=none (the old fleecing layout): an overlay backed by the source, read over NBD
  *   while the guest writes, reads as the source at the start;
@@ -107,15 +107,16 @@ function newTarget(run: Run, name: string, backing?: string): string {
   return createQcow2(run.path(name), backing ? undefined : 64 * MiB, backing ? { backing: { path: backing, format: 'qcow2' } } : {});
 }
 
-test('sync=full and sync=top: the target is the disk as it was when the job started', async () => {
+test('sync=full and sync=top (and full with copies offloaded to the kernel): the target is the disk as it was when the job started', async () => {
+  const variants = [{ sync: 'full' }, { sync: 'top' }, { sync: 'full', 'x-perf': { 'use-copy-range': true } }] as const;
   for (const seed of testSeeds([1400])) {
-    for (const sync of ['full', 'top'] as const) {
+    for (const { sync, ...perf } of variants) {
       const run = await openRun(seed);
       await run.writer.acknowledged(PHASE);
       const target = newTarget(run, 'target.qcow2', sync === 'top' ? 'm-mid.qcow2' : undefined);
       await qmp.execute('blockdev-add', qcow2Node(`${run.run}-tgt`, target, sync === 'top' ? `${run.run}-mid` : undefined) as never);
       const atStart = await pauseAndModel(run);
-      await backupWhileWriting(run, `${run.run}-job`, { device: `${run.run}-src`, target: `${run.run}-tgt`, sync });
+      await backupWhileWriting(run, `${run.run}-job`, { device: `${run.run}-src`, target: `${run.run}-tgt`, sync, ...perf });
       const final = await pauseAndModel(run);
       await closeRun(run, ['tgt']);
       writeFileSync(run.path('at-start.raw'), atStart);

@@ -127,3 +127,56 @@ test('a failed copy leaves its clusters dirty, and the next request copies them'
   qemuIo(pair.targetPath, ['read -P 0x22 0 64k']);
   pair.target = await openImage(pair.targetPath, { format: 'qcow2', writable: true });
 }));
+
+/** Counts the reads of a node's driver (the offload path never reads data into memory). */
+function countReads(session: ImageSession): { count: number } {
+  const counter = { count: 0 };
+  for (let node = session.node as typeof session.node | undefined; node; node = node.backing()?.child) {
+    const state = node.state;
+    const driverRead = state.read.bind(state);
+    state.read = (offset, buffer) => {
+      counter.count++;
+      return driverRead(offset, buffer);
+    };
+  }
+  return counter;
+}
+
+test('with useCopyRange the copy is offloaded: nothing is read into memory, the target reads as the source and is clean', () => withPair(async (pair) => {
+  // The target already holds data, in clusters it owns and in an allocated zero cluster: filled in place.
+  await pair.target.close();
+  qemuIo(pair.targetPath, ['write -P 0x44 0 128k', 'write -P 0x44 3M 192k', 'write -z 3M 64k']);
+  pair.target = await openImage(pair.targetPath, { format: 'qcow2', writable: true });
+  const copy = new BlockCopy(pair.source.disk, pair.target.disk, 65536);
+  copy.configure({ useCopyRange: true });
+  copy.bitmap.set(0, 4 * MiB);
+  const reads = countReads(pair.source);
+  await copy.copy(0, 4 * MiB);
+  assert.equal(copy.remaining(), 0);
+  assert.equal(reads.count, 0, 'the data went from file to file');
+  await pair.target.close();
+  qemuImgCompare(pair.sourcePath, pair.targetPath, ['qcow2', 'qcow2']);
+  assertCheckClean(pair.targetPath);
+  pair.target = await openImage(pair.targetPath, { format: 'qcow2', writable: true });
+}));
+
+test('with useCopyRange a compressed cluster is read and written, and copies stay read and write from then on', () => withPair(async (pair) => {
+  await pair.source.close();
+  qemuIo(pair.sourcePath, ['write -c -P 0x55 2M 64k']);
+  pair.source = await openImage(pair.sourcePath, { format: 'qcow2' });
+  const copy = new BlockCopy(pair.source.disk, pair.target.disk, 65536);
+  copy.configure({ useCopyRange: true });
+  copy.bitmap.set(2 * MiB, 2 * MiB);
+  const reads = countReads(pair.source);
+  await copy.copy(2 * MiB, 64 * 1024);
+  assert.ok(reads.count > 0, 'the compressed cluster was read');
+  const afterFallback = reads.count;
+  await copy.copy(3 * MiB, MiB);
+  assert.ok(reads.count > afterFallback, 'plain clusters are read too once an offload failed');
+  copy.bitmap.set(0, 2 * MiB);
+  await copy.copy(0, 2 * MiB);
+  await pair.target.close();
+  qemuImgCompare(pair.sourcePath, pair.targetPath, ['qcow2', 'qcow2']);
+  assertCheckClean(pair.targetPath);
+  pair.target = await openImage(pair.targetPath, { format: 'qcow2', writable: true });
+}));

@@ -9,7 +9,8 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { genericError } from '../../errors.js';
-import type { BlockDriver, DriverExtent, DriverState, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, DriverExtent, DriverState, HostFileRange, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { ChildEdge } from '../child-edge.js';
 import { IoError, describeErrno, errnoOf } from '../io-error.js';
 import { preadFull, pwriteFull } from '../native/batched-io.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, nativeAddonMissing, nativeFileOps } from '../native/native-file-ops.js';
@@ -70,6 +71,25 @@ class FileState implements DriverState {
   async write(offset: number, buffer: Buffer): Promise<void> {
     await pwriteFull(this.handle.fd, buffer, offset);
     this.size = Math.max(this.size, offset + buffer.length);
+  }
+
+  /** The file's bytes go to the target as a range of this descriptor (QEMU's raw_co_copy_range_from). */
+  async copyRangeFrom(offset: number, length: number, target: ChildEdge, targetOffset: number, flags: WriteFlags): Promise<void> {
+    // Past the end the file reads as zeros, which only a read can give.
+    if (offset + length > this.size) throw new IoError('ENOTSUP', 'offloaded copy past the end of the file');
+    return target.copyRangeTo({ fd: this.handle.fd, offset }, targetOffset, length, flags);
+  }
+
+  /** copy_file_range until all is copied (the kernel may copy less per call). */
+  async copyRangeTo(source: HostFileRange, offset: number, length: number): Promise<void> {
+    for (let done = 0; done < length;) {
+      const copied = await nativeFileOps.copyFileRange(source.fd, source.offset + done, this.handle.fd, offset + done, length - done).catch((error: unknown) => {
+        throw new IoError(errnoOf(error), (error as Error).message);
+      });
+      if (copied <= 0) throw new IoError('EIO', 'copy_file_range copied nothing');
+      done += copied;
+      this.size = Math.max(this.size, offset + done);
+    }
   }
 
   async startWriteback(): Promise<void> {

@@ -4,7 +4,7 @@
  * straight through, like a filter; with one it guards the file's size.
  */
 import { genericError } from '../../errors.js';
-import type { BlockDriver, DriverState, WriteFlags, ZeroFlags } from '../block-driver.js';
+import type { BlockDriver, DriverState, HostFileRange, WriteFlags, ZeroFlags } from '../block-driver.js';
 import type { ChildEdge } from '../child-edge.js';
 import { PERM_RESIZE, PERM_WRITE, defaultChildPermissions, type PermissionPair } from '../permissions.js';
 import { nodeFilename } from '../node-filename.js';
@@ -38,6 +38,14 @@ class RawState implements DriverState {
 
   discard(offset: number, length: number): Promise<void> {
     return this.file.discard(this.offset + offset, length);
+  }
+
+  copyRangeFrom(offset: number, length: number, target: ChildEdge, targetOffset: number, flags: WriteFlags): Promise<void> {
+    return this.file.copyRangeFrom(this.offset + offset, length, target, targetOffset, flags);
+  }
+
+  copyRangeTo(source: HostFileRange, offset: number, length: number, flags: WriteFlags): Promise<void> {
+    return this.file.copyRangeTo(source, this.offset + offset, length, flags);
   }
 
   async blockStatus(offset: number, length: number) {

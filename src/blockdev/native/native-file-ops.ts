@@ -1,6 +1,6 @@
 /*
  * The file syscalls Node's fs lacks (SEEK_DATA/SEEK_HOLE, fallocate, OFD byte-range locks,
- * sync_file_range, batched pwrite, a read of the page cache that never waits for the disk),
+ * sync_file_range, copy_file_range, batched pwrite, a read of the page cache that never waits for the disk),
  * from blockd's native addon (native/, built at npm install) or, when it cannot be loaded,
  * from a pure-JS fallback: everything is data, no fallocate, no locking (so nodes that
  * want image locks refuse to open: see drivers/file.ts).
@@ -28,6 +28,12 @@ export interface NativeFileOps {
   ofdTestConflict(fd: number, start: number, length: number): Promise<boolean>;
   /** sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE): starts writing the range's dirty pages back (length 0: to the end). */
   startWriteback(fd: number, offset: number, length: number): Promise<void>;
+  /**
+   * copy_file_range(2): the kernel copies up to `length` bytes between two files (sharing extents
+   * where the filesystem can) and resolves to the bytes copied, which may be fewer (0 past the
+   * source's end). Rejects with .code EXDEV, EOPNOTSUPP, ... when it cannot, and always without the addon.
+   */
+  copyFileRange(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
   /** Runs n pwrites one after the other on one pool thread; results[i] becomes the bytes written or -errno. Absent without the addon. */
   writeBatch?(fds: Int32Array, offsets: Float64Array, buffers: Buffer[], results: Float64Array): Promise<void>;
   /**
@@ -47,10 +53,15 @@ interface Addon {
   ofdTestConflict(fd: number, start: number, length: number): Promise<boolean>;
   writeBatch(fds: Int32Array, offsets: Float64Array, buffers: Buffer[], results: Float64Array): Promise<void>;
   startWriteback(fd: number, offset: number, length: number): Promise<void>;
+  copyFileRange?(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
   readCached(fd: number, buffer: Buffer, offset: number): number;
 }
 
 const fstatAsync = promisify(fstat);
+
+function notSupported(syscall: string): never {
+  throw Object.assign(new Error(`${syscall}: Operation not supported`), { code: 'EOPNOTSUPP', errno: constants.errno.EOPNOTSUPP });
+}
 
 /** Everything reads as data and nothing is locked, as QEMU behaves with locking=off. */
 export function fallbackFileOps(): NativeFileOps {
@@ -62,14 +73,12 @@ export function fallbackFileOps(): NativeFileOps {
       const end = await size(fd);
       return offset < end ? end : null;
     },
-    fallocate: async () => {
-      // Callers take EOPNOTSUPP as "write zeros / skip the discard", as they do on filesystems without fallocate.
-      throw Object.assign(new Error('fallocate: Operation not supported'),
-        { code: 'EOPNOTSUPP', errno: constants.errno.EOPNOTSUPP });
-    },
+    // Callers take EOPNOTSUPP as "write zeros / skip the discard", as they do on filesystems without fallocate.
+    fallocate: async () => notSupported('fallocate'),
     ofdLock: async () => {},
     ofdTestConflict: async () => false,
     startWriteback: async () => {}, // only a hint: the flush still does the work
+    copyFileRange: async () => notSupported('copy_file_range'),
   };
 }
 
@@ -103,6 +112,10 @@ function addonFileOps(addon: Addon): NativeFileOps {
     ofdLock: async (fd, start, length, kind) => addon.ofdLock(fd, start, length, kind === 'shared' ? 1 : 0),
     ofdTestConflict: async (fd, start, length) => addon.ofdTestConflict(fd, start, length),
     startWriteback: async (fd, offset, length) => (typeof addon.startWriteback === 'function' ? addon.startWriteback(fd, offset, length) : undefined),
+    // An addon built before it lacks it: callers then copy by reading and writing, as on EXDEV.
+    copyFileRange: async (fdIn, offsetIn, fdOut, offsetOut, length) => (typeof addon.copyFileRange === 'function'
+      ? addon.copyFileRange(fdIn, offsetIn, fdOut, offsetOut, length)
+      : notSupported('copy_file_range')),
     // An addon built before batching lacks it: requests then go one by one through fs.
     writeBatch: typeof addon.writeBatch === 'function'
       ? async (fds, offsets, buffers, results) => addon.writeBatch(fds, offsets, buffers, results)

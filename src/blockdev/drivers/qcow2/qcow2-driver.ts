@@ -7,7 +7,7 @@
  * writes back what is left.
  */
 import { genericError } from '../../../errors.js';
-import type { BlockDriver, DriverExtent, DriverState, WriteFlags, ZeroFlags } from '../../block-driver.js';
+import type { BlockDriver, DriverExtent, DriverState, HostFileRange, WriteFlags, ZeroFlags } from '../../block-driver.js';
 import type { ChildEdge } from '../../child-edge.js';
 import { CompatibleFeature, CompressionType, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
 import { parseHeader, type Qcow2Header } from './header.js';
@@ -15,6 +15,7 @@ import { repairDirtyImage } from './dirty-repair.js';
 import { nodeFilename } from '../../node-filename.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { discard, resize, writeData, writeZeroes } from './qcow2-writes.js';
+import { copyRangeFrom, copyRangeTo } from './qcow2-copy-range.js';
 import { writeCompressed } from './compressed-writes.js';
 import { PersistentBitmaps } from './persistent-bitmaps.js';
 
@@ -58,6 +59,15 @@ class Qcow2State implements DriverState {
     if (!flags.contentUnchanged) await this.bitmaps.intendWrite(offset, buffer.length);
     if (flags.compress) return writeCompressed(this.image, offset, buffer, flags);
     return writeData(this.image, offset, buffer, flags);
+  }
+
+  copyRangeFrom(offset: number, length: number, target: ChildEdge, targetOffset: number, flags: WriteFlags): Promise<void> {
+    return copyRangeFrom(this.image, offset, length, target, targetOffset, flags);
+  }
+
+  async copyRangeTo(source: HostFileRange, offset: number, length: number, flags: WriteFlags): Promise<void> {
+    if (!flags.contentUnchanged) await this.bitmaps.intendWrite(offset, length);
+    return copyRangeTo(this.image, source, offset, length);
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {

@@ -14,14 +14,14 @@ import type { MappedCluster } from './cluster-tables.js';
 import type { Qcow2Image } from './qcow2-image.js';
 
 /** Host clusters a mapping holds a reference on: released when the mapping goes away. */
-function referencedClusters(image: Qcow2Image, mapping: MappedCluster): [number, number][] {
+export function referencedClusters(image: Qcow2Image, mapping: MappedCluster): [number, number][] {
   const { entry } = mapping;
   if (entry.type === 'NORMAL' || entry.type === 'ZERO_ALLOC') return [[entry.hostOffset, image.clusterSize]];
   if (entry.type === 'COMPRESSED') return [[entry.compressed.hostOffset, entry.compressed.compressedSize]];
   return [];
 }
 
-function ownedHost(mapping: MappedCluster): number | undefined {
+export function ownedHost(mapping: MappedCluster): number | undefined {
   const { entry } = mapping;
   return (entry.type === 'NORMAL' || entry.type === 'ZERO_ALLOC') && entry.copied ? entry.hostOffset : undefined;
 }
