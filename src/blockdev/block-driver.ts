@@ -7,7 +7,7 @@
  * only through the child edges the node gives them, which check permissions.
  */
 import type { Logger } from 'pino';
-import type { BlockdevDriver } from '../generated/qapi-types.js';
+import type { BlockdevDriver, SnapshotInfo } from '../generated/qapi-types.js';
 import type { ChildEdge } from './child-edge.js';
 import type { BlockNode } from './node.js';
 import type { ChildRole, PermissionPair } from './permissions.js';
@@ -72,6 +72,14 @@ export interface HostFileRange {
   offset: number;
 }
 
+/** What an internal snapshot records besides the image's tables (its times, as QEMU takes them). */
+export interface NewInternalSnapshot {
+  name: string;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: bigint;
+}
+
 /** A node's open driver state. */
 export interface DriverState {
   /** Size in bytes as the node's users see it. */
@@ -126,6 +134,12 @@ export interface DriverState {
   removePersistentDirtyBitmap?(name: string): Promise<void>;
   /** Stores the persistent bitmaps as they are now (a new one, or one a merge changed), for a crash to find them. */
   storePersistentDirtyBitmaps?(): Promise<void>;
+  /** The internal snapshots the image holds, oldest first (formats with internal snapshots: qcow2). */
+  listSnapshots?(): SnapshotInfo[];
+  /** Takes an internal snapshot of the image as it is now; the node is drained. */
+  createSnapshot?(snapshot: NewInternalSnapshot): Promise<SnapshotInfo>;
+  /** Deletes the internal snapshot with this id and/or name; undefined when there is none. */
+  deleteSnapshot?(id: string | undefined, name: string | undefined): Promise<SnapshotInfo | undefined>;
   info(): DriverInfo;
   /** Bytes the node occupies on the host (ImageInfo actual-size; undefined: unknown, not reported); default: the sum over its storage children. */
   allocatedSize?(): Promise<number | undefined>;

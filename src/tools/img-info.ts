@@ -5,7 +5,8 @@
  */
 import type { ImageInfo } from '../generated/qapi-types.js';
 import { imageInfo } from '../blockdev/node-info.js';
-import { readQcow2Metadata, type SnapshotEntry } from '../blockdev/drivers/qcow2/consistency-check.js';
+import { readQcow2Metadata } from '../blockdev/drivers/qcow2/consistency-check.js';
+import { snapshotInfo } from '../blockdev/drivers/qcow2/snapshot-table.js';
 import { qdictOrder } from '../json/qdict-order.js';
 import { serialize } from '../json/writer.js';
 import type { JsonObject, JsonValue } from '../json/value.js';
@@ -21,14 +22,6 @@ const QCOW2_INFO_ORDER = ['compat', 'data-file', 'data-file-raw', 'extended-l2',
 
 function ordered(object: Record<string, unknown>, order: string[]): Record<string, unknown> {
   return Object.fromEntries(order.filter((key) => object[key] !== undefined).map((key) => [key, object[key]]));
-}
-
-function snapshotInfo(sn: SnapshotEntry): JsonObject {
-  return {
-    id: sn.id, name: sn.name, 'vm-state-size': sn.vmStateSize, 'date-sec': sn.dateSec, 'date-nsec': sn.dateNsec,
-    'vm-clock-sec': Number(sn.vmClockNsec / 1_000_000_000n), 'vm-clock-nsec': Number(sn.vmClockNsec % 1_000_000_000n),
-    ...(sn.icount === undefined ? {} : { icount: Number(sn.icount) }),
-  };
 }
 
 /** ImageInfo of one image, without its backing chain (qemu-img opens it with BDRV_O_NO_BACKING). */

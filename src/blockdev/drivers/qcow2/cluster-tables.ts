@@ -123,6 +123,36 @@ export class ClusterTables {
     return run;
   }
 
+  // ---- for internal snapshots (internal-snapshots.ts), which walk whole tables ----
+
+  /** The active L1 entries as they are in memory (on disk too, after a write-back). */
+  activeL1(): readonly bigint[] {
+    return this.l1;
+  }
+
+  /** Changes an active L1 entry in memory; it reaches the disk with the next write-back. */
+  setL1Entry(l1Index: number, raw: bigint): void {
+    this.l1[l1Index] = raw;
+    this.pendingL1.set(l1Index, raw);
+  }
+
+  /** The L2 table at `offset`, through the cache (active or not). */
+  readTable(offset: number): Promise<Buffer> {
+    return this.table(offset);
+  }
+
+  /** Changes raw entries of a cached active table in place (written back later). */
+  setTableEntries(offset: number, entries: [number, bigint][]): void {
+    const table = this.cache.get(offset);
+    if (!table) throw new Error(`L2 table at ${offset} is not cached`);
+    this.setInTable(offset, table, entries);
+  }
+
+  /** A table whose cluster was freed leaves the cache (it holds nothing once the cluster is reused). */
+  forgetTable(offset: number): void {
+    if (!this.dirty.has(offset)) this.cache.delete(offset);
+  }
+
   async lookup(cluster: number): Promise<MappedCluster> {
     return (await this.lookupRun(cluster, 1))[0]!;
   }

@@ -42,6 +42,10 @@ export interface SnapshotEntry {
   vmClockNsec: bigint;
   /** Absent when the snapshot records none (stored as -1). */
   icount?: bigint;
+  /** The virtual disk size when the snapshot was taken (the image's size for entries too old to record it). */
+  diskSize: number;
+  /** Extra data past the fields known here, kept as found when the table is rewritten. */
+  unknownExtra: Buffer;
 }
 
 export type BitmapEntry = BitmapDirectoryEntry;
@@ -103,6 +107,8 @@ async function readSnapshots(file: ImageReader, header: Qcow2Header): Promise<{ 
       vmStateSize: extraSize >= 8 ? Number(extra.readBigUInt64BE(0)) : head.readUInt32BE(32),
       id: names.subarray(0, idSize).toString('utf8'), name: names.subarray(idSize).toString('utf8'),
       ...(icount === 0xffffffffffffffffn ? {} : { icount }),
+      diskSize: extraSize >= 16 ? Number(extra.readBigUInt64BE(8)) : header.size,
+      unknownExtra: extra.subarray(24, Math.max(24, extraSize)),
     });
     offset += 40 + extraSize + idSize + nameSize;
     if (offset - header.snapshotsOffset > SNAPSHOT_TABLE_MAX) throw new Qcow2FormatError('Snapshot table is too big');

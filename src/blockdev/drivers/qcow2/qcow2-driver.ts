@@ -7,7 +7,9 @@
  * writes back what is left.
  */
 import { genericError } from '../../../errors.js';
-import type { BlockDriver, DriverExtent, DriverState, HostFileRange, WriteFlags, ZeroFlags } from '../../block-driver.js';
+import type { BlockDriver, DriverExtent, DriverState, HostFileRange, NewInternalSnapshot, WriteFlags, ZeroFlags } from '../../block-driver.js';
+import { IoError } from '../../io-error.js';
+import { findSnapshot, snapshotInfo } from './snapshot-table.js';
 import type { ChildEdge } from '../../child-edge.js';
 import { CompatibleFeature, CompressionType, IncompatibleFeature, KNOWN_AUTOCLEAR_FEATURES, Qcow2FormatError } from './format-constants.js';
 import { parseHeader, type Qcow2Header } from './header.js';
@@ -164,6 +166,24 @@ class Qcow2State implements DriverState {
       throw error;
     }
     this.autoBackingFile = name ?? '';
+  }
+
+  listSnapshots() {
+    return this.image.snapshots.list().map(snapshotInfo);
+  }
+
+  async createSnapshot(snapshot: NewInternalSnapshot) {
+    this.image.checkUsable();
+    return snapshotInfo(await this.image.snapshots.create(snapshot));
+  }
+
+  async deleteSnapshot(id: string | undefined, name: string | undefined) {
+    this.image.checkUsable();
+    const found = findSnapshot(this.image.snapshots.list(), id, name) >= 0;
+    // QEMU fails at the first write, the table's: the snapshot stays on disk.
+    if (found && this.image.node.readOnly) throw new IoError('EPERM', 'Failed to remove snapshot from snapshot list: Operation not permitted');
+    const deleted = await this.image.snapshots.delete(id, name);
+    return deleted && snapshotInfo(deleted);
   }
 
   info() {

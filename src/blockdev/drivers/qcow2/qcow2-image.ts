@@ -14,6 +14,7 @@ import type { BlockNode } from '../../node.js';
 import { RangeLock } from '../../range-lock.js';
 import { ClusterTables, type MappedCluster } from './cluster-tables.js';
 import { readSnapshotTable } from './consistency-check.js';
+import { InternalSnapshots } from './internal-snapshots.js';
 import { IncompatibleFeature, L1_ENTRY_SIZE, Qcow2FormatError } from './format-constants.js';
 import { serializeHeader, type Qcow2Header } from './header.js';
 import { Refcounts } from './refcounts.js';
@@ -42,6 +43,8 @@ export class Qcow2Image {
   private readonly inflated = new Map<bigint, Buffer>();
   /** References to drop once the entries that held them are durable. */
   private pendingReleases: [number, number][] = [];
+  /** The internal snapshots (set by load). */
+  snapshots!: InternalSnapshots;
   /** Where the metadata is, for the overlap check before every write. */
   readonly overlaps: MetadataIndex;
 
@@ -119,6 +122,7 @@ export class Qcow2Image {
     const snapshots = await readSnapshotTable(this.file, header);
     this.overlaps.add(MetadataKind.SnapshotTable, header.snapshotsOffset, snapshots.size);
     for (const snapshot of snapshots.snapshots) this.overlaps.add(MetadataKind.InactiveL1, snapshot.l1TableOffset, snapshot.l1Size * L1_ENTRY_SIZE);
+    this.snapshots = new InternalSnapshots(this, snapshots);
     // QEMU knows the directory only while the bitmaps are valid (the autoclear bit set): so does the parsed header.
     if (header.bitmaps) this.overlaps.add(MetadataKind.BitmapDirectory, header.bitmaps.directoryOffset, header.bitmaps.directorySize);
     this.loaded = true;
