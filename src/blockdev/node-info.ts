@@ -6,6 +6,7 @@
 import type { BlockDeviceInfo, ImageInfo } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
 import type { BlockNode } from './node.js';
+import { snapshotHolder } from './internal-snapshot.js';
 
 /**
  * The most ImageInfo entries a listing may nest under its nodes' "backing-image". Each node
@@ -58,7 +59,14 @@ export async function imageInfo(node: BlockNode): Promise<ImageInfo> {
     'virtual-size': node.length(),
     ...(actualSize === undefined ? {} : { 'actual-size': actualSize }),
     ...infoThroughFilters(node),
+    ...snapshotsOf(node),
   };
+}
+
+/** ImageInfo's snapshots: listed (through filters, as QEMU falls back to their child) when there are any. */
+function snapshotsOf(node: BlockNode): Partial<ImageInfo> {
+  const snapshots = snapshotHolder(node)?.state.listSnapshots?.() ?? [];
+  return snapshots.length ? { snapshots } : {};
 }
 
 /** Refuses a non-flat listing of these nodes that would nest more than MAX_LISTED_BACKING_IMAGES image infos. */

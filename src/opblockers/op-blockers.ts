@@ -108,6 +108,8 @@ export const OPERATION_CHECKS: readonly { command: string; operation: BlockOpera
   { command: 'block_resize', operation: 'resize', nodes: "the node; refused as \"Device '...' is in use\"" },
   { command: 'blockdev-snapshot', operation: 'external-snapshot', nodes: "'node'" },
   { command: 'blockdev-snapshot-sync', operation: 'external-snapshot', nodes: "'node-name' or 'device'" },
+  { command: 'blockdev-snapshot-internal-sync', operation: 'internal-snapshot', nodes: "'device' (which must be a root node)" },
+  { command: 'blockdev-snapshot-delete-internal-sync', operation: 'internal-snapshot-delete', nodes: "'device' (which must be a root node)" },
 ];
 
 /** Commands that start an operation but meet only permissions and image locks, no op blocker (as in QEMU). */

@@ -1,0 +1,105 @@
+/*
+ * Internal snapshots (qcow2's snapshot table) through QMP:
+ * blockdev-snapshot-internal-sync and blockdev-snapshot-delete-internal-sync, with
+ * qemu-storage-daemon's checks and texts. Creation is shaped as a transaction
+ * action: prepare does every check and writes the snapshot (QEMU does too: only
+ * prepare may fail), commit has nothing left to do, abort deletes the snapshot
+ * again and cannot fail (a failed delete is logged, as QEMU prints it).
+ */
+import type { SnapshotInfo } from '../generated/qapi-types.js';
+import { genericError } from '../errors.js';
+import { asQmpError, asTransaction, checkNotBlocked, type BlockLayer } from './block-layer.js';
+import { describeErrno } from './io-error.js';
+import type { BlockNode } from './node.js';
+import type { ChildEdge } from './child-edge.js';
+
+export interface PreparedInternalSnapshot {
+  device: string;
+  /** The node whose image holds the snapshot (the device, or the node it falls back to). */
+  holder: BlockNode;
+  snapshot: SnapshotInfo;
+}
+
+/**
+ * The node whose driver keeps `node`'s internal snapshots (QEMU's bdrv_snapshot_fallback): the
+ * node itself, or down through the one child that holds all its data (a filter, raw).
+ */
+export function snapshotHolder(node: BlockNode): BlockNode | undefined {
+  for (let current: BlockNode | undefined = node; current; ) {
+    if (current.state.listSnapshots) return current;
+    const data: ChildEdge[] = current.children.filter((edge) => edge.role !== 'cow');
+    current = data.length === 1 ? data[0]!.child : undefined;
+  }
+  return undefined;
+}
+
+/** QEMU's qmp_get_root_bs: the device must be a node that no other node uses. */
+function rootNode(layer: BlockLayer, device: string): BlockNode {
+  const node = layer.graph.find(device);
+  if (!node) throw genericError(`Cannot find device='${device}' nor node-name='${device}'`);
+  if (node.parents.some((edge) => 'node' in edge.parent)) throw genericError('Need a root block node');
+  return node;
+}
+
+function errnoText(error: unknown): string {
+  const code = (error as { code?: string }).code;
+  return code ? describeErrno(code) : (error as Error).message;
+}
+
+/** Every check of QEMU's internal_snapshot_action, then the snapshot is written. */
+export async function prepareInternalSnapshot(layer: BlockLayer, { device, name }: { device: string; name: string }): Promise<PreparedInternalSnapshot> {
+  const node = rootNode(layer, device);
+  checkNotBlocked(layer.blockers, node, 'internal-snapshot');
+  if (node.readOnly) throw genericError(`Device '${device}' is read only`);
+  const holder = snapshotHolder(node);
+  if (!holder?.state.createSnapshot || holder.readOnly) {
+    throw genericError(`Block format '${node.driver.name}' used by device '${device}' does not support internal snapshots`);
+  }
+  if (name === '') throw genericError('Name is empty');
+  if (holder.state.listSnapshots!().some((sn) => sn.name === name)) throw genericError(`Snapshot with name '${name}' already exists on device '${device}'`);
+  // QEMU takes the date from the wall clock in microseconds; a storage daemon's VM clock is that same wall clock.
+  const micros = BigInt(Math.round((performance.timeOrigin + performance.now()) * 1000));
+  const taken = { name, dateSec: Number(micros / 1_000_000n), dateNsec: Number(micros % 1_000_000n) * 1000, vmClockNsec: micros * 1000n };
+  try {
+    const snapshot = await holder.drained(() => holder.state.createSnapshot!(taken));
+    return { device, holder, snapshot };
+  } catch (error) {
+    throw genericError(`Failed to create snapshot '${name}' on device '${device}': ${errnoText(error)}`);
+  }
+}
+
+/** The snapshot stays: it was complete on disk when prepare returned. */
+export function commitInternalSnapshot(prepared: PreparedInternalSnapshot): void {
+  void prepared;
+}
+
+/** Deletes the snapshot prepare made; never fails (QEMU only reports a failed delete on stderr). */
+export async function abortInternalSnapshot(layer: BlockLayer, { device, holder, snapshot }: PreparedInternalSnapshot): Promise<void> {
+  await holder.drained(() => holder.state.deleteSnapshot!(snapshot.id, snapshot.name)).catch((error: unknown) => {
+    layer.graph.log.error({ err: error, device, snapshot: snapshot.name }, `Failed to delete snapshot with id '${snapshot.id}' and name '${snapshot.name}' on device '${device}'`);
+  });
+}
+
+/** blockdev-snapshot-internal-sync: a transaction of this one action. */
+export async function blockdevSnapshotInternalSync(layer: BlockLayer, args: { device: string; name: string }): Promise<void> {
+  await asTransaction(layer, layer.graph.find(args.device), async () => {
+    commitInternalSnapshot(await prepareInternalSnapshot(layer, args));
+  });
+}
+
+/** blockdev-snapshot-delete-internal-sync: QEMU's checks in its order, then the delete; returns what was deleted. */
+export async function blockdevSnapshotDeleteInternalSync(layer: BlockLayer, { device, id, name }: { device: string; id?: string; name?: string }): Promise<SnapshotInfo> {
+  const node = rootNode(layer, device);
+  if (id === undefined && name === undefined) throw genericError('Name or id must be provided');
+  checkNotBlocked(layer.blockers, node, 'internal-snapshot-delete');
+  const holder = snapshotHolder(node);
+  if (!holder?.state.deleteSnapshot) throw genericError('Failed to get a snapshot list: Operation not supported');
+  const missing = () => genericError(`Snapshot with id '${id ?? 'null'}' and name '${name ?? 'null'}' does not exist on device '${device}'`);
+  const exists = holder.state.listSnapshots!().some((sn) => (id === undefined || sn.id === id) && (name === undefined || sn.name === name));
+  if (!exists) throw missing();
+  const deleted = await holder.drained(() => holder.state.deleteSnapshot!(id, name)).catch((error: unknown) => {
+    throw asQmpError(error);
+  });
+  if (!deleted) throw missing();
+  return deleted;
+}
