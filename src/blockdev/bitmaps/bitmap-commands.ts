@@ -34,7 +34,7 @@ export function checkBitmap(bitmap: DirtyBitmap, refusals: Refusals): void {
 }
 
 /** QEMU's block_dirty_bitmap_lookup: the node by name, then its bitmap. */
-export function lookupBitmap(graph: BlockGraph, nodeName: string, name: string): { node: BlockNode; bitmap: DirtyBitmap } {
+export function lookupBitmap(graph: Pick<BlockGraph, 'find'>, nodeName: string, name: string): { node: BlockNode; bitmap: DirtyBitmap } {
   const node = graph.find(nodeName);
   if (!node) throw genericError(`Node '${nodeName}' not found`);
   const bitmap = node.bitmaps.find(name);

@@ -17,6 +17,7 @@ import { nbdDriver } from './nbd/nbd-driver.js';
 import { nullCoDriver } from './null-co.js';
 import { qcow2Driver } from './qcow2/qcow2-driver.js';
 import { rawDriver } from './raw.js';
+import { snapshotAccessDriver } from './snapshot-access.js';
 import { throttleDriver } from './throttle.js';
 
 const DRIVERS = new Map<string, BlockDriver<never>>([
@@ -31,6 +32,7 @@ const DRIVERS = new Map<string, BlockDriver<never>>([
   ['null-co', nullCoDriver],
   ['qcow2', qcow2Driver],
   ['raw', rawDriver],
+  ['snapshot-access', snapshotAccessDriver],
   ['throttle', throttleDriver],
 ]);
 
