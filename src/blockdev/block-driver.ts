@@ -107,6 +107,11 @@ export interface DriverState {
   copyRangeFrom?(offset: number, length: number, target: ChildEdge, targetOffset: number, flags: WriteFlags): Promise<void>;
   /** The target's half (QEMU's copy_range_to): stores `length` bytes of a host file at `offset`. */
   copyRangeTo?(source: HostFileRange, offset: number, length: number, flags: WriteFlags): Promise<void>;
+  /**
+   * The driver's flush is the whole flush (QEMU: a driver with its own bdrv_co_flush): the node
+   * does not then flush every child it writes to (copy-before-write flushes its source, not its target).
+   */
+  readonly flushCoversChildren?: boolean;
   /** Starts writing what was written to the storage, without waiting for it (protocol drivers). */
   startWriteback?(): Promise<void>;
   blockStatus(offset: number, length: number): Promise<DriverExtent>;

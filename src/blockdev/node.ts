@@ -353,6 +353,7 @@ export class BlockNode {
     await this.track(async () => {
       await this.state.flush?.();
     });
+    if (this.state.flushCoversChildren) return;
     for (const edge of this.children) {
       if (edge.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) await edge.child.flush();
     }

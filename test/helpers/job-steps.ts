@@ -62,8 +62,14 @@ export const compareExport = (name: string, expected: string): TranscriptStep =>
   action: async (dir) => tool('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', exportUri(dir, name), join(dir, expected)]).replaceAll(dir, '$DIR'),
 });
 
-/** qemu-io through an export (writes, or reads with -P that fail on a mismatch). */
-export const qemuIoExport = (name: string, commands: string[]): TranscriptStep => ({
-  action: async (dir) => tool('qemu-io', ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), exportUri(dir, name)])
-    .replaceAll(dir, '$DIR').replace(/\d+\.\d+ sec.*$/gm, '(timing)'),
+/** qemu-io through an export (writes, or reads with -P that fail on a mismatch); `readOnly` for a read-only export. */
+export const qemuIoExport = (name: string, commands: string[], { readOnly = false } = {}): TranscriptStep => ({
+  action: async (dir) => tool('qemu-io', ['-f', 'raw', ...(readOnly ? ['-r'] : []), ...commands.flatMap((command) => ['-c', command]), exportUri(dir, name)])
+    // Timings masked, the slow ones too (qemu-io prints those as 0:00:01.00).
+    .replaceAll(dir, '$DIR').replace(/ops; .*$/gm, 'ops; (timing)'),
+});
+
+/** nbdinfo --map of an export's meta context (base:allocation, qemu:dirty-bitmap:NAME): the extents, or the error. */
+export const nbdinfoMap = (name: string, context = 'base:allocation'): TranscriptStep => ({
+  action: async (dir) => tool('nbdinfo', [`--map=${context}`, exportUri(dir, name)]).replaceAll(dir, '$DIR'),
 });

@@ -18,7 +18,8 @@
  */
 import type { BlockDriver, DriverExtent, WriteFlags, ZeroFlags } from '../block-driver.js';
 import { BlockCopy, blockCopyClusterSize } from '../block-copy.js';
-import { lookupBitmap } from '../bitmaps/bitmap-commands.js';
+import { checkBitmap, lookupBitmap } from '../bitmaps/bitmap-commands.js';
+import { genericError } from '../../errors.js';
 import { DirtyBitmap } from '../bitmaps/dirty-bitmap.js';
 import type { ChildEdge } from '../child-edge.js';
 import { IoError } from '../io-error.js';
@@ -115,6 +116,13 @@ export class CopyBeforeWriteState extends PassThroughFilter implements SnapshotS
     return this.filtered.discard(offset, length);
   }
 
+  /** As QEMU's filter: a flush reaches the source only; the target is the filter's own business. */
+  readonly flushCoversChildren = true;
+
+  flush(): Promise<void> {
+    return this.filtered.flush();
+  }
+
   // ---- the snapshot API (snapshot-access) --------------------------------------------------
 
   /**
@@ -186,6 +194,16 @@ export class CopyBeforeWriteState extends PassThroughFilter implements SnapshotS
   }
 }
 
+/** What QEMU's merge into the copy bitmap refuses (block_copy_state_new), in its words. */
+function checkMergeable(bitmap: DirtyBitmap, source: ChildEdge): void {
+  try {
+    checkBitmap(bitmap, { busy: true, inconsistent: true });
+    if (bitmap.length !== source.length()) throw genericError("Bitmaps are incompatible and can't be merged");
+  } catch (error) {
+    throw genericError(`Cannot create block-copy-state: Failed to merge bitmap '${bitmap.name ?? ''}' to internal copy-bitmap: ${(error as Error).message}`);
+  }
+}
+
 export const copyBeforeWriteDriver: BlockDriver<BlockdevOptionsCbw> = {
   name: 'copy-before-write',
   kind: 'filter',
@@ -196,6 +214,7 @@ export const copyBeforeWriteDriver: BlockDriver<BlockdevOptionsCbw> = {
     const file = await context.openChild('file', { name: 'file', role: 'filtered' });
     const target = await context.openChild('target', { name: 'target', role: 'data' });
     const bitmap = options.bitmap && lookupBitmap({ find: context.findNode }, options.bitmap.node, options.bitmap.name).bitmap;
+    if (bitmap) checkMergeable(bitmap, file);
     return new CopyBeforeWriteState(file, target, context.node, {
       bitmap,
       onCbwError: options['on-cbw-error'] ?? 'break-guest-write',
