@@ -154,11 +154,11 @@ export class CopyBeforeWriteState extends PassThroughFilter implements SnapshotS
   async snapshotBlockStatus(offset: number, length: number): Promise<DriverExtent> {
     const view = this.lockView(offset, length);
     try {
-      const layer = view.edge.child;
-      const status = await layer.blockStatus(offset, view.length);
-      // An image without a backing file reads its holes as zeros (QEMU's bdrv_co_block_status).
-      const zero = status.zero || (!status.allocated && layer.driver.supportsBacking === true && !layer.backing());
-      return { length: status.length, allocated: status.data || zero, data: status.data, zero };
+      // Through the whole chain below (QEMU 7.2 asks only the top layer, and calls its holes
+      // neither data nor zero): the view is a whole disk, and a copied cluster is in the target.
+      const status = await view.edge.child.blockStatusAbove(offset, view.length);
+      // What is neither data nor surely zero (a protocol's unknown hole) is data to a reader.
+      return { length: status.length, allocated: true, data: status.data || !status.zero, zero: status.zero };
     } finally {
       view.release();
     }
