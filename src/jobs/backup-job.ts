@@ -47,14 +47,20 @@ export interface BackupJobOptions {
 }
 
 /**
- * QEMU's backup_job_create after the command's checks: the filter goes in and the bitmap gets
- * its successor before the job exists (their failures create no job), then the job starts.
+ * QEMU's backup_job_create after the command's checks: the bitmap gets its successor and then
+ * the filter goes in (so the node lists the filter's copy bitmap above the successor, as QEMU
+ * does), before the job exists (their failures create no job); then the job starts.
  */
 export async function startBackupJob(layer: BlockLayer, jobs: JobRegistry, options: BackupJobOptions): Promise<void> {
-  const { source, target, filterNodeName } = options;
+  const { source, target, filterNodeName, bitmap } = options;
   if (source.length() !== target.length()) throw genericError('Source and target image have different sizes');
-  const filter = await insertJobFilter(layer, { driver: 'copy-before-write', file: source.name, target: target.name }, source, filterNodeName);
-  const kind = new BackupJob(layer, options, filter);
+  if (bitmap) createSuccessor(source.bitmaps, bitmap);
+  const filter = await insertJobFilter(layer, { driver: 'copy-before-write', file: source.name, target: target.name }, source, filterNodeName)
+    .catch((error: unknown) => {
+      if (bitmap) reclaim(source.bitmaps, bitmap);
+      throw error;
+    });
+  const kind = new BackupJob(layer, options, filter, bitmap !== undefined);
   try {
     kind.prepareCopy();
     await jobs.launch(kind, { id: options.jobId, autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, speed: options.speed },
@@ -70,25 +76,21 @@ export class BackupJob implements JobKind {
   readonly blockJob = true;
   private readonly blockCopy: BlockCopy;
   private nodes: JobNodes<'backup'> | undefined;
-  private successorMade = false;
   private filterRemoved = false;
 
-  constructor(private readonly layer: BlockLayer, private readonly options: BackupJobOptions, private readonly filter: BlockNode) {
+  /** `successorMade`: the bitmap got its successor (startBackupJob), which the job's end settles. */
+  constructor(private readonly layer: BlockLayer, private readonly options: BackupJobOptions, private readonly filter: BlockNode, private successorMade: boolean) {
     this.blockCopy = (filter.state as CopyBeforeWriteState).blockCopy;
   }
 
-  /** The copy's settings, and the bitmap's successor (QEMU's bdrv_dirty_bitmap_create_successor). */
+  /** The copy's settings. */
   prepareCopy(): void {
-    const { perf, compress, bitmap } = this.options;
+    const { perf, compress } = this.options;
     const cluster = this.blockCopy.clusterSize;
     if (perf.maxChunk && perf.maxChunk < cluster) {
       throw genericError(`Required max-chunk (${perf.maxChunk}) is less than backup cluster size (${cluster})`);
     }
     this.blockCopy.configure({ compress, maxChunk: perf.maxChunk, useCopyRange: perf.useCopyRange });
-    if (bitmap) {
-      createSuccessor(this.options.source.bitmaps, bitmap);
-      this.successorMade = true;
-    }
   }
 
   /** The job's holds: the filter as its main node, and the target (the filter writes it). */
