@@ -14,15 +14,12 @@
  */
 import { copyFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import type { ChildProcess } from 'node:child_process';
 import { QmpClient } from '../src/qmp/client.js';
-import { runBlockd } from '../test/helpers/blockd-process.js';
 import { makeTempDir } from '../test/helpers/paths.js';
-import { startQsd } from '../test/helpers/qsd-process.js';
 import { cpuSeconds, fixed, median, ROUNDS, run, SIZE } from './bench-tools.js';
+import { pairedRounds, type BenchDaemon, type Side } from './paired-rounds.js';
 import { levelPageCache, makeRandomQcow2, readIntoCache } from './random-images.js';
 
-type Side = 'qsd' | 'blockd';
 type Kind = 'full' | 'incremental';
 
 interface Timing {
@@ -30,16 +27,11 @@ interface Timing {
   cpu: number;
 }
 
-interface Daemon {
-  socket: string;
-  child: ChildProcess;
-}
-
 const CLUSTER = 64 << 10;
 /** Every twentieth cluster: 5 % of the disk. */
 const DIRTY_EVERY = 20;
 
-async function backupOnce(qmp: QmpClient, daemon: Daemon, target: string, kind: Kind): Promise<Timing> {
+async function backupOnce(qmp: QmpClient, daemon: BenchDaemon, target: string, kind: Kind): Promise<Timing> {
   run('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(SIZE)]);
   await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: target } });
   const cpuBefore = cpuSeconds(daemon.child.pid!);
@@ -66,7 +58,7 @@ function dirtyThroughExport(nbdSocket: string): void {
 }
 
 /** A full backup, 5 % dirtied, an incremental one; each daemon on its own copy of the source. */
-async function roundOn(daemon: Daemon, dir: string, side: Side, pristine: string): Promise<Record<Kind, Timing>> {
+async function roundOn(daemon: BenchDaemon, dir: string, side: Side, pristine: string): Promise<Record<Kind, Timing>> {
   const source = join(dir, `source-${side}.qcow2`);
   copyFileSync(pristine, source);
   const nbdSocket = join(dir, `nbd-${side}.sock`);
@@ -106,28 +98,9 @@ async function roundOn(daemon: Daemon, dir: string, side: Side, pristine: string
 
 const temp = makeTempDir('blockd-bench-backup-');
 try {
-  const qsd = await startQsd(temp.dir);
-  const blockdSocket = join(temp.dir, 'blockd.sock');
-  const blockd = await runBlockd(['--qmp', `unix:${blockdSocket}`]);
-  const daemons: Record<Side, Daemon> = { qsd: { socket: qsd.socket, child: qsd.child }, blockd: { socket: blockdSocket, child: blockd.child } };
-  const rounds: Record<Side, Record<Kind, Timing>>[] = [];
-  try {
-    const pristine = join(temp.dir, 'pristine.qcow2');
-    makeRandomQcow2(pristine, SIZE, 'dense');
-    for (let round = 0; round < ROUNDS; round++) {
-      const order: Side[] = round % 2 === 0 ? ['qsd', 'blockd'] : ['blockd', 'qsd'];
-      const timing = {} as Record<Side, Record<Kind, Timing>>;
-      for (const side of order) {
-        timing[side] = await roundOn(daemons[side], temp.dir, side, pristine).catch((error: Error) => {
-          throw new Error(`${side}: ${error.message}${side === 'blockd' ? `\n${blockd.stderr().slice(-3000)}` : ''}`);
-        });
-      }
-      rounds.push(timing);
-    }
-  } finally {
-    await blockd.stop();
-    await qsd.stop();
-  }
+  const pristine = join(temp.dir, 'pristine.qcow2');
+  makeRandomQcow2(pristine, SIZE, 'dense');
+  const rounds = await pairedRounds(temp.dir, (daemon, side) => roundOn(daemon, temp.dir, side, pristine));
   const mib = SIZE >> 20;
   process.stdout.write(`blockdev-backup of a dense ${mib} MiB qcow2 of random data into a new qcow2, blockd vs qemu-storage-daemon, ${ROUNDS} alternating rounds\n`);
   process.stdout.write('seconds from the command to BLOCK_JOB_COMPLETED; ratio = QSD time / blockd time (above 1 = blockd faster); CPU s = user+system\n');
