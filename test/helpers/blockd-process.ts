@@ -5,6 +5,8 @@
  * must not set --log-level above info.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
+import { QmpClient } from '../../src/qmp/client.js';
 import { BLOCKD_BIN } from './paths.js';
 
 export interface BlockdProcess {
@@ -80,4 +82,26 @@ export function runBlockd(args: string[], options: StartOptions = {}): Promise<B
       timer.unref();
     }
   });
+}
+
+/** blockd serving NBD on `<dir>/nbd.sock`, with a QMP client connected on `<dir>/qmp.sock` (the interop tests under writes). */
+export interface BlockdWithNbd {
+  blockd: BlockdProcess;
+  qmp: QmpClient;
+  /** Closes the client, then stops the daemon. */
+  stop(): Promise<void>;
+}
+
+export async function runBlockdWithNbd(dir: string): Promise<BlockdWithNbd> {
+  const qmpSocket = join(dir, 'qmp.sock');
+  const blockd = await runBlockd(['--nbd-server', `addr.type=unix,addr.path=${join(dir, 'nbd.sock')}`, '--qmp', `unix:${qmpSocket}`]);
+  const qmp = await QmpClient.connect(`unix:${qmpSocket}`);
+  return {
+    blockd,
+    qmp,
+    async stop() {
+      await qmp.close();
+      await blockd.stop();
+    },
+  };
 }

@@ -22,9 +22,9 @@ import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test, type TestContext } from 'node:test';
 import type { MirrorCopyMode } from '../../src/generated/qapi-types.js';
-import { QmpClient } from '../../src/qmp/client.js';
+import type { QmpClient } from '../../src/qmp/client.js';
 import { applyAcked } from '../helpers/acked-write-model.js';
-import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
+import { runBlockdWithNbd, type BlockdWithNbd } from '../helpers/blockd-process.js';
 import { backingChain, mirrorChainTemplate, mirrorNodes, qcow2Node, WRITE_REGIONS, type MirrorRunImages, type MirrorSync } from '../helpers/mirror-images.js';
 import { AckedWriter } from '../helpers/nbd-acked-writes.js';
 import { makeTempDir } from '../helpers/paths.js';
@@ -58,19 +58,18 @@ interface BlockJob {
 const root = makeTempDir('blockd-mirror-writes-');
 const nbdSocket = join(root.dir, 'nbd.sock');
 let copyImages: ReturnType<typeof mirrorChainTemplate>;
-let blockd: BlockdProcess;
+let daemon: BlockdWithNbd;
 let qmp: QmpClient;
 let runs = 0;
 
 before(async () => {
   copyImages = mirrorChainTemplate(join(root.dir, 'template'));
-  blockd = await runBlockd(['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`, '--qmp', `unix:${join(root.dir, 'qmp.sock')}`]);
-  qmp = await QmpClient.connect(`unix:${join(root.dir, 'qmp.sock')}`);
+  daemon = await runBlockdWithNbd(root.dir);
+  qmp = daemon.qmp;
 });
 
 after(async () => {
-  await qmp?.close();
-  await blockd?.stop();
+  await daemon?.stop();
   root.cleanup();
 });
 

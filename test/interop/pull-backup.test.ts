@@ -19,9 +19,9 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
-import { QmpClient } from '../../src/qmp/client.js';
+import type { QmpClient } from '../../src/qmp/client.js';
 import { applyAcked } from '../helpers/acked-write-model.js';
-import { runBlockd, type BlockdProcess } from '../helpers/blockd-process.js';
+import { runBlockdWithNbd, type BlockdWithNbd } from '../helpers/blockd-process.js';
 import { mirrorChainTemplate, qcow2Node, WRITE_REGIONS } from '../helpers/mirror-images.js';
 import { AckedWriter } from '../helpers/nbd-acked-writes.js';
 import { NbdRawClient } from '../helpers/nbd-raw-client.js';
@@ -35,19 +35,18 @@ const PHASE = 60;
 const root = makeTempDir('blockd-pull-backup-');
 const nbdSocket = join(root.dir, 'nbd.sock');
 const uri = (name: string) => `nbd+unix:///${name}?socket=${nbdSocket}`;
-let blockd: BlockdProcess;
+let daemon: BlockdWithNbd;
 let qmp: QmpClient;
 let copyChain: ReturnType<typeof mirrorChainTemplate>;
 
 before(async () => {
   copyChain = mirrorChainTemplate(join(root.dir, 'template'));
-  blockd = await runBlockd(['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`, '--qmp', `unix:${join(root.dir, 'qmp.sock')}`]);
-  qmp = await QmpClient.connect(`unix:${join(root.dir, 'qmp.sock')}`);
+  daemon = await runBlockdWithNbd(root.dir);
+  qmp = daemon.qmp;
 });
 
 after(async () => {
-  await qmp?.close();
-  await blockd?.stop();
+  await daemon?.stop();
   root.cleanup();
 });
 
