@@ -38,6 +38,12 @@ export class ClusterTables {
   private readonly pendingL1 = new Map<number, bigint>();
   private readonly maxCachedTables: number;
   private readonly entryContext: L2EntryContext;
+  /**
+   * The mappings of raw entries 0 (unallocated) and 1 (zero, v3), decoded once and shared: most
+   * entries of sparse and fresh images are one of them, and decoding each (a bigint and an object
+   * per entry) was the largest allocation of a sparse mirror.
+   */
+  private readonly commonMappings: (MappedCluster | undefined)[];
 
   constructor(private readonly context: TablesContext, cacheBytes: number) {
     const { header } = context;
@@ -45,6 +51,10 @@ export class ClusterTables {
     this.entriesPerTable = this.clusterSize / L2_ENTRY_SIZE;
     this.maxCachedTables = Math.max(16, Math.floor(cacheBytes / this.clusterSize));
     this.entryContext = { clusterBits: header.clusterBits, version: header.version, externalDataFile: false };
+    this.commonMappings = [0n, 1n].map((raw) => {
+      const entry = decodeL2Entry(raw, this.entryContext);
+      return entry.type === 'INVALID' ? undefined : Object.freeze({ raw, entry: Object.freeze(entry) });
+    });
   }
 
   async load(): Promise<void> {
@@ -115,6 +125,12 @@ export class ClusterTables {
     const table = await this.table(l2);
     const run: MappedCluster[] = [];
     for (let i = first; i < first + n; i++) {
+      const low = table.readUInt32BE(i * L2_ENTRY_SIZE + 4);
+      const common = low <= 1 && table.readUInt32BE(i * L2_ENTRY_SIZE) === 0 ? this.commonMappings[low] : undefined;
+      if (common) {
+        run.push(common);
+        continue;
+      }
       const raw = table.readBigUInt64BE(i * L2_ENTRY_SIZE);
       const entry = decodeL2Entry(raw, this.entryContext);
       if (entry.type === 'INVALID') this.context.corrupt(`Invalid cluster entry found  (L2 offset: ${hex(BigInt(l2))}, L2 index: ${hex(BigInt(i))}): ${entry.reason}`);
