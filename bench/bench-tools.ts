@@ -1,5 +1,5 @@
 /*
- * What the NBD benches share: their sizes (`--quick` for a short run), running a client tool
+ * What the NBD benches share: their sizes (`--quick` for a short run, `--rounds=N`), running a client tool
  * (throwing with its stderr on failure), timing it, and a file of random bytes to write into
  * exports.
  */
@@ -9,7 +9,9 @@ import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 
 export const QUICK = process.argv.includes('--quick');
 export const SIZE = QUICK ? 256 << 20 : 1 << 30;
-export const ROUNDS = QUICK ? 2 : 3;
+/** `--rounds=N` asks for more alternating rounds (a busy machine's spread needs them). */
+const roundsOption = process.argv.find((arg) => arg.startsWith('--rounds='));
+export const ROUNDS = roundsOption ? Math.max(1, Number.parseInt(roundsOption.slice('--rounds='.length), 10) || 1) : QUICK ? 2 : 3;
 /** qemu-img bench has no random mode: both daemons get the same scattered stride (4 KiB x 7919). */
 export const STRIDE = 4096 * 7919;
 export const RANDOM_COUNT = QUICK ? 20_000 : 60_000;

@@ -11,7 +11,9 @@
  * of the rounds is the figure. The sparse case should take about the dense time's share of
  * the allocated data (10 %). Each round also times `dd conv=fdatasync` of the dense source:
  * what the disk allows a job that flushes its copy.
- * Run: node dist/bench/mirror.js [--quick]   (--quick: 256 MiB, 2 rounds)
+ * The rounds' spread (lowest and highest paired ratio) is printed beside the medians: on a
+ * machine shared with other work, one round can differ from the next by a factor of two.
+ * Run: node dist/bench/mirror.js [--quick] [--rounds=N]   (--quick: 256 MiB, 2 rounds)
  */
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
@@ -118,6 +120,11 @@ try {
         + ` ${fixed(medianOf((t) => t.qsd.user), 6, 2)}/${fixed(medianOf((t) => t.qsd.system), 4, 2)}`
         + ` ${fixed(medianOf((t) => t.blockd.user), 6, 2)}/${fixed(medianOf((t) => t.blockd.system), 4, 2)}`
         + `   CPU ratio (QSD/blockd, user+system) ${fixed(medianOf((t) => (t.qsd.user + t.qsd.system) / (t.blockd.user + t.blockd.system)), 4, 2)}`);
+      const spread = (pick: (timing: Record<Side, MirrorTiming>) => number) => {
+        const ratios = rounds.map(pick);
+        return `${Math.min(...ratios).toFixed(2)}-${Math.max(...ratios).toFixed(2)}`;
+      };
+      lines.push(`${`${name}, spread`.padEnd(22)} ratios to READY ${spread((t) => t.qsd.ready / t.blockd.ready)}, to COMPLETED ${spread((t) => t.qsd.total / t.blockd.total)}`);
       rmSync(source);
     }
   } finally {
