@@ -16,9 +16,7 @@ import { registerJobCommands } from './jobs/commands.js';
 import { registerCreateCommand } from './jobs/create-job.js';
 import { JobRegistry } from './jobs/job-registry.js';
 import type { BlockLayer } from './blockdev/block-layer.js';
-import { registerBlockdevBackupCommand } from './jobs/backup-command.js';
 import { registerCommitCommand } from './jobs/commit-job.js';
-import { registerDriveBackupCommand } from './jobs/drive-backup.js';
 import { registerDriveMirrorCommand } from './jobs/drive-mirror.js';
 import { registerMirrorCommands } from './jobs/mirror-command.js';
 import { registerStreamCommand } from './jobs/stream-job.js';
@@ -29,6 +27,7 @@ import { CommandRegistry } from './qmp/command-registry.js';
 import { registerControlCommands } from './qmp/control-commands.js';
 import { QmpServer, type MonitorOptions } from './qmp/server.js';
 import type { Listener } from './qmp/transports/stream-listener.js';
+import { registerTransactionCommands } from './transactions/transaction-command.js';
 import { versionInfo } from './version.js';
 import type { JsonObject, JsonValue } from './json/value.js';
 
@@ -68,8 +67,7 @@ export class Daemon {
     registerCommitCommand(this.registry, blockLayer, this.jobs);
     registerMirrorCommands(this.registry, blockLayer, this.jobs);
     registerDriveMirrorCommand(this.registry, blockLayer, this.jobs);
-    registerBlockdevBackupCommand(this.registry, { layer: blockLayer, jobs: this.jobs });
-    registerDriveBackupCommand(this.registry, { layer: blockLayer, jobs: this.jobs });
+    registerTransactionCommands(this.registry, blockLayer, { jobs: this.jobs, log: log.child({ component: 'transaction' }) });
     this.qmp = new QmpServer({ registry: this.registry, log, version: versionInfo, lock: this.lock });
     this.bus.subscribe((event) => this.qmp.broadcast(event));
     if (nativeAddonMissing !== undefined) {

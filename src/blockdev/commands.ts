@@ -8,7 +8,6 @@ import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
 import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
-import { blockdevSnapshot, blockdevSnapshotSync } from './snapshot.js';
 import { blockdevSnapshotDeleteInternalSync, blockdevSnapshotInternalSync } from './internal-snapshot.js';
 import { blockDeviceInfo, checkListable } from './node-info.js';
 import { registerBitmapCommands } from './bitmaps/bitmap-commands.js';
@@ -54,8 +53,6 @@ export function registerBlockCommands(registry: CommandTable, layer: BlockLayer)
     }
   });
 
-  registry.register('blockdev-snapshot', (args) => blockdevSnapshot(layer, args));
-  registry.register('blockdev-snapshot-sync', (args) => blockdevSnapshotSync(layer, args));
   registry.register('blockdev-snapshot-internal-sync', (args) => blockdevSnapshotInternalSync(layer, args));
   registry.register('blockdev-snapshot-delete-internal-sync', (args) => blockdevSnapshotDeleteInternalSync(layer, args));
 

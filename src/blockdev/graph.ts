@@ -136,11 +136,12 @@ export class BlockGraph implements NodeObserver {
   /**
    * Puts `overlay` in `old`'s place: `old` becomes the overlay's backing file and every
    * other parent of `old` now uses the overlay (QEMU's bdrv_append). Checked like any
-   * attach; on a conflict the graph is left as it was.
+   * attach; on a conflict the graph is left as it was. Returns what undoes it (a
+   * transaction's abort): the parents go back to `old` and the overlay loses its backing.
    */
-  async append(overlay: BlockNode, old: BlockNode): Promise<void> {
+  async append(overlay: BlockNode, old: BlockNode): Promise<() => Promise<void>> {
     refuseCycle(overlay, old, 'backing');
-    await old.drained(async () => {
+    return old.drained(async () => {
       // As QEMU's should_update_child: a parent below the overlay keeps `old` (moving it would close a loop).
       const below = nodesBelow(overlay);
       const moved = old.parents.filter((edge) => !('node' in edge.parent && below.has(edge.parent.node)));
@@ -163,6 +164,20 @@ export class BlockGraph implements NodeObserver {
         overlay.state.setBacking?.(undefined);
         throw error;
       }
+      return () => this.unappend(overlay, old, moved, backing);
+    });
+  }
+
+  /** Undoes an append: the graph before it had its permissions, so going back cannot conflict (a failure is logged). */
+  private async unappend(overlay: BlockNode, old: BlockNode, moved: ChildEdge[], backing: ChildEdge): Promise<void> {
+    await old.drained(async () => {
+      // Newest first, so the parents come back in their order.
+      this.moveParents(moved.filter((edge) => edge.child === overlay).reverse(), old);
+      this.unlink(backing);
+      overlay.state.setBacking?.(undefined);
+      await this.refreshPermissions([overlay, old]).catch((error: unknown) => {
+        this.log.error({ err: error, node: old.name }, 'undoing a snapshot: permissions did not go back');
+      });
     });
   }
 

@@ -2,22 +2,15 @@
  * External snapshots: put an overlay on top of a node so that new writes go
  * to the overlay and the node becomes its read-only backing file. The
  * overlay takes over every parent of the node (exports follow). Checks and
- * texts are qemu-storage-daemon's; the steps are split so that a transaction
- * can prepare several snapshots and commit or abort them together.
+ * texts are qemu-storage-daemon's. These are the steps; the transaction action
+ * (../transactions/snapshot-action.ts) runs them, alone or with others.
  */
 import type { BlockdevOptions } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
 import { createQcow2File } from './drivers/qcow2/create.js';
-import { asQmpError, asTransaction, checkNotBlocked, type BlockLayer } from './block-layer.js';
+import { asQmpError, checkNotBlocked, type BlockLayer } from './block-layer.js';
 import type { BlockNode } from './node.js';
 import { PERM_CONSISTENT_READ } from './permissions.js';
-
-export interface PreparedSnapshot {
-  old: BlockNode;
-  overlay: BlockNode;
-  /** The overlay was opened by the command (snapshot-sync) and is not monitor-owned. */
-  created: boolean;
-}
 
 /** The node to snapshot: looked up, not blocked, flushed. */
 export async function snapshotSource(layer: BlockLayer, old: BlockNode | undefined, device: string | undefined, nodeName: string | undefined): Promise<BlockNode> {
@@ -26,7 +19,6 @@ export async function snapshotSource(layer: BlockLayer, old: BlockNode | undefin
   if (!old.readOnly) await old.flush().catch((error: unknown) => {
     throw genericError(`Input/output error${error instanceof Error ? ` (${error.message})` : ''}`);
   });
-  void layer;
   return old;
 }
 
@@ -38,30 +30,27 @@ export function checkOverlay(overlay: BlockNode): void {
   if (!overlay.driver.supportsBacking) throw genericError('The overlay does not support backing images');
 }
 
-/** Appends the overlay and makes the old node read-only if it can be reopened. */
-export async function commitSnapshot(layer: BlockLayer, { old, overlay, created }: PreparedSnapshot): Promise<void> {
+/** Puts the overlay on top of the node (every parent follows); returns what takes it off again. */
+export async function appendOverlay(layer: BlockLayer, old: BlockNode, overlay: BlockNode): Promise<() => Promise<void>> {
   try {
-    await layer.graph.append(overlay, old);
+    return await layer.graph.append(overlay, old);
   } catch (error) {
     throw asQmpError(error);
   }
+}
+
+/** Once the snapshot stands: the old node becomes read-only if it can be reopened. */
+export async function settleSnapshot(layer: BlockLayer, old: BlockNode): Promise<void> {
   // The reopen drains the whole subtree (jobs below pause meanwhile). Like QEMU (which passes no
   // error pointer), a node that cannot be reopened stays writable: the snapshot itself is done.
   await layer.graph.reopenReadOnly(old).catch(() => {});
-  // An overlay the command made lives only as long as something uses it (QEMU drops it at once otherwise).
-  if (created && overlay.parents.length === 0) await layer.graph.close(overlay);
 }
 
-export async function blockdevSnapshot(layer: BlockLayer, args: { node: string; overlay: string }): Promise<void> {
-  return asTransaction(layer, layer.graph.find(args.node), () => snapshotOnto(layer, args));
-}
-
-async function snapshotOnto(layer: BlockLayer, { node, overlay }: { node: string; overlay: string }): Promise<void> {
-  const old = await snapshotSource(layer, layer.graph.find(node), node, node);
-  const overlayNode = layer.graph.find(overlay);
-  if (!overlayNode) throw genericError(`Cannot find device='${overlay}' nor node-name='${overlay}'`);
-  checkOverlay(overlayNode);
-  await commitSnapshot(layer, { old, overlay: overlayNode, created: false });
+/** blockdev-snapshot's overlay: a node of the monitor's. */
+export function findOverlay(layer: BlockLayer, overlay: string): BlockNode {
+  const node = layer.graph.find(overlay);
+  if (!node) throw genericError(`Cannot find device='${overlay}' nor node-name='${overlay}'`);
+  return node;
 }
 
 export interface SnapshotSyncArguments {
@@ -73,18 +62,15 @@ export interface SnapshotSyncArguments {
   mode?: 'existing' | 'absolute-paths';
 }
 
-/** Creates (or, with mode=existing, opens) an overlay image and puts it on top of the node. */
-export async function blockdevSnapshotSync(layer: BlockLayer, args: SnapshotSyncArguments): Promise<void> {
-  const name = args['node-name'];
-  return asTransaction(layer, name === undefined ? undefined : layer.graph.find(name), () => snapshotToNewImage(layer, args));
-}
-
-async function snapshotToNewImage(layer: BlockLayer, args: SnapshotSyncArguments): Promise<void> {
-  const nodeName = args['node-name'];
-  const old = await snapshotSource(layer, nodeName === undefined ? undefined : layer.graph.find(nodeName), args.device, nodeName);
+/**
+ * blockdev-snapshot-sync's overlay: the image created (unless mode=existing) with the old node
+ * as its backing file, then opened; the node is nobody's until appended. The file stays when
+ * a later step fails, as QEMU leaves it.
+ */
+export async function openNewOverlay(layer: BlockLayer, old: BlockNode, args: SnapshotSyncArguments): Promise<BlockNode> {
   const format = args.format ?? 'qcow2';
   const overlayName = args['snapshot-node-name'];
-  if (nodeName !== undefined && overlayName === undefined) throw genericError('New overlay node-name missing');
+  if (args['node-name'] !== undefined && overlayName === undefined) throw genericError('New overlay node-name missing');
   if (overlayName !== undefined && layer.graph.find(overlayName)) throw genericError('New overlay node-name already in use');
   const path = args['snapshot-file'];
   if ((args.mode ?? 'absolute-paths') !== 'existing') {
@@ -102,12 +88,10 @@ async function snapshotToNewImage(layer: BlockLayer, args: SnapshotSyncArguments
     file: { driver: 'file', filename: path },
     backing: null,
   } as unknown as BlockdevOptions;
-  const overlay = await layer.opener.open({ options, monitorOwned: false });
-  try {
-    checkOverlay(overlay);
-    await commitSnapshot(layer, { old, overlay, created: true });
-  } catch (error) {
-    if (layer.graph.find(overlay.name) === overlay && overlay.parents.length === 0) await layer.graph.close(overlay);
-    throw error;
-  }
+  return layer.opener.open({ options, monitorOwned: false });
+}
+
+/** An overlay the command opened lives only as long as something uses it (QEMU drops it at once otherwise). */
+export async function dropUnusedOverlay(layer: BlockLayer, overlay: BlockNode): Promise<void> {
+  if (layer.graph.find(overlay.name) === overlay && overlay.parents.length === 0) await layer.graph.close(overlay);
 }

@@ -7,22 +7,22 @@
  * the job id, and starts. The order was observed on qemu-storage-daemon with commands that
  * break two rules at once.
  *
- * Both commands run as QEMU runs a one-action transaction: every job is drained first
- * (running jobs say paused, then running), then the source stays drained while the
- * action checks and starts its job.
+ * Both commands, alone or in a transaction, are a transaction action
+ * (../transactions/backup-action.ts): the source stays drained while the action checks
+ * and creates its job, which starts at the transaction's commit.
  */
 import type { BlockLayer } from '../blockdev/block-layer.js';
 import { checkNotBlocked } from '../blockdev/block-layer.js';
 import { checkBitmap } from '../blockdev/bitmaps/bitmap-commands.js';
-import { usersReached, withUsersDrained } from '../blockdev/drain.js';
 import type { DirtyBitmap } from '../blockdev/bitmaps/dirty-bitmap.js';
 import { checkNodeName } from '../blockdev/node-names.js';
 import type { BlockNode } from '../blockdev/node.js';
-import type { CommandTable } from '../command-table.js';
 import { genericError, QmpError } from '../errors.js';
-import type { BackupCommon, QmpCommandMap } from '../generated/qapi-types.js';
+import type { BackupCommon } from '../generated/qapi-types.js';
 import type { JobRegistry } from './job-registry.js';
-import { startBackupJob, type BackupJobOptions } from './backup-job.js';
+import { createBackupJob, type BackupJobOptions } from './backup-job.js';
+import type { Job } from './job.js';
+import type { JobTxn } from './job-txn.js';
 
 /** What a backup command works with: the graph and the jobs. */
 export interface BackupContext {
@@ -65,9 +65,10 @@ function checkBitmapRules(args: BackupCommon, source: BlockNode): Required<Pick<
 
 /**
  * do_backup_common and backup_job_create's checks for a source and target found by the
- * command, then the job. Call inside the source's drained section (runAsTransaction).
+ * command, then the job, created but not started. Call inside the source's drained section
+ * (the transaction action's).
  */
-export async function startBackup(context: BackupContext, args: BackupCommon, source: BlockNode, target: BlockNode): Promise<void> {
+export async function prepareBackup(context: BackupContext, args: BackupCommon, source: BlockNode, target: BlockNode, txn?: JobTxn): Promise<Job> {
   const { layer, jobs } = context;
   const xPerf = args['x-perf'] ?? {};
   const perf = { maxWorkers: xPerf['max-workers'] ?? 64, maxChunk: xPerf['max-chunk'] ?? 0, useCopyRange: xPerf['use-copy-range'] ?? false };
@@ -97,8 +98,8 @@ export async function startBackup(context: BackupContext, args: BackupCommon, so
   } catch (error) {
     throw genericError(`Could not create node: ${(error as QmpError).message}`);
   }
-  // The filter, max-chunk against its copy's cluster size, then the job id: startBackupJob, in QEMU's order.
-  await startBackupJob(layer, jobs, {
+  // The filter, max-chunk against its copy's cluster size, then the job id: createBackupJob, in QEMU's order.
+  return createBackupJob(layer, jobs, {
     jobId: args['job-id'] ?? '',
     source,
     target,
@@ -113,6 +114,7 @@ export async function startBackup(context: BackupContext, args: BackupCommon, so
     autoFinalize: args['auto-finalize'] ?? true,
     autoDismiss: args['auto-dismiss'] ?? true,
     perf,
+    txn,
   });
 }
 
@@ -121,30 +123,4 @@ export function findBackupNode(layer: BlockLayer, name: string): BlockNode {
   const node = layer.graph.find(name);
   if (!node) throw genericError(`Cannot find device='${name}' nor node-name='${name}'`);
   return node;
-}
-
-/**
- * A backup command as QEMU runs a one-action transaction: everything drains (running jobs pause
- * and resume), `find` looks the nodes up, and `action` runs with the source drained. A job the
- * action starts joins that drained section: it pauses as soon as it runs and resumes when the
- * section ends, before the users that were there first (QEMU ends a drain newest parent first).
- */
-export async function runAsTransaction<T extends { source: BlockNode }>(layer: BlockLayer, find: () => T, action: (found: T) => Promise<void>): Promise<void> {
-  await layer.graph.drainedAll(async () => {});
-  const found = find();
-  const before = new Set(usersReached([found.source], 'node'));
-  await found.source.drained(async () => {
-    await action(found);
-    const joined = usersReached([found.source], 'node').filter((user) => !before.has(user));
-    await withUsersDrained(joined, async () => {});
-  }, { holdRequests: false });
-}
-
-export function registerBlockdevBackupCommand(registry: CommandTable, context: BackupContext): void {
-  const { layer } = context;
-  registry.register('blockdev-backup', (args: QmpCommandMap['blockdev-backup']['args']) => runAsTransaction(
-    layer,
-    () => ({ source: findBackupNode(layer, args.device), target: findBackupNode(layer, args.target) }),
-    ({ source, target }) => startBackup(context, args, source, target),
-  ));
 }

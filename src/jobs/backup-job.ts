@@ -21,6 +21,7 @@ import { PERM_ALL } from '../blockdev/permissions.js';
 import { genericError } from '../errors.js';
 import { JobCancelled, type ErrorPolicy, type Job, type JobKind } from './job.js';
 import { JobNodes, insertJobFilter } from './job-nodes.js';
+import type { JobTxn } from './job-txn.js';
 import type { JobRegistry } from './job-registry.js';
 import { RateLimit } from './rate-limit.js';
 
@@ -44,14 +45,17 @@ export interface BackupJobOptions {
   autoFinalize: boolean;
   autoDismiss: boolean;
   perf: { maxWorkers: number; maxChunk: number; useCopyRange: boolean };
+  /** The transaction's job transaction (completion-mode grouped). */
+  txn?: JobTxn;
 }
 
 /**
  * QEMU's backup_job_create after the command's checks: the bitmap gets its successor and then
  * the filter goes in (so the node lists the filter's copy bitmap above the successor, as QEMU
- * does), before the job exists (their failures create no job); then the job starts.
+ * does), before the job exists (their failures create no job); then the job is made and set
+ * up. It waits in 'created' until the caller (a transaction's commit) begins it.
  */
-export async function startBackupJob(layer: BlockLayer, jobs: JobRegistry, options: BackupJobOptions): Promise<void> {
+export async function createBackupJob(layer: BlockLayer, jobs: JobRegistry, options: BackupJobOptions): Promise<Job> {
   const { source, target, filterNodeName, bitmap } = options;
   if (source.length() !== target.length()) throw genericError('Source and target image have different sizes');
   if (bitmap) createSuccessor(source.bitmaps, bitmap);
@@ -63,7 +67,7 @@ export async function startBackupJob(layer: BlockLayer, jobs: JobRegistry, optio
   const kind = new BackupJob(layer, options, filter, bitmap !== undefined);
   try {
     kind.prepareCopy();
-    await jobs.launch(kind, { id: options.jobId, autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, speed: options.speed },
+    return await jobs.prepare(kind, { id: options.jobId, autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, speed: options.speed, txn: options.txn },
       (job) => kind.setUp(job), () => kind.undo());
   } catch (error) {
     await kind.undo();

@@ -13,15 +13,16 @@
 import type { BlockNode } from '../blockdev/node.js';
 import { checkNotBlocked } from '../blockdev/block-layer.js';
 import { driverFor } from '../blockdev/drivers/registry.js';
-import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
 import type { BlockdevOptions, QmpCommandMap } from '../generated/qapi-types.js';
 import { skipFilters } from './backing-chain.js';
-import { findBackupNode, runAsTransaction, startBackup, type BackupContext } from './backup-command.js';
+import { prepareBackup, type BackupContext } from './backup-command.js';
+import type { Job } from './job.js';
+import type { JobTxn } from './job-txn.js';
 import { skipImplicitFilters } from './mirror-command.js';
 import { createTargetImage, isImageDriver, probeTargetFormat } from './target-image.js';
 
-type DriveBackupArguments = QmpCommandMap['drive-backup']['args'];
+export type DriveBackupArguments = QmpCommandMap['drive-backup']['args'];
 
 /** Opens the target file as QEMU does for a backup; with `withoutBacking`, its header's backing chain is not opened. */
 async function openTarget(context: BackupContext, path: string, format: string | undefined, withoutBacking: boolean): Promise<BlockNode> {
@@ -37,7 +38,8 @@ async function openTarget(context: BackupContext, path: string, format: string |
   return context.layer.opener.open({ options, monitorOwned: false });
 }
 
-async function driveBackup(context: BackupContext, args: DriveBackupArguments, source: BlockNode): Promise<void> {
+/** drive-backup's target, then the backup's checks and its job, created but not started (see prepareBackup). */
+export async function prepareDriveBackup(context: BackupContext, args: DriveBackupArguments, source: BlockNode, txn?: JobTxn): Promise<Job> {
   const { layer } = context;
   const mode = args.mode ?? 'absolute-paths';
   const format = args.format ?? (mode === 'existing' ? undefined : source.driver.name);
@@ -62,17 +64,9 @@ async function driveBackup(context: BackupContext, args: DriveBackupArguments, s
       if (!target.driver.supportsBacking) throw genericError(`Driver '${target.driver.name}' of node '${target.name}' does not support backing files`);
       await layer.graph.changeBacking(target, source);
     }
-    await startBackup(context, { ...args, sync }, source, target);
+    return await prepareBackup(context, { ...args, sync }, source, target, txn);
   } catch (error) {
     if (layer.graph.find(target.name) === target && target.parents.length === 0) await layer.graph.close(target);
     throw error;
   }
-}
-
-export function registerDriveBackupCommand(registry: CommandTable, context: BackupContext): void {
-  registry.register('drive-backup', (args: DriveBackupArguments) => runAsTransaction(
-    context.layer,
-    () => ({ source: findBackupNode(context.layer, args.device) }),
-    ({ source }) => driveBackup(context, args, source),
-  ));
 }

@@ -34,6 +34,16 @@ export class JobRegistry {
    * before its first real I/O (a stream with nothing to copy) has sent all its events by then.
    */
   async launch(kind: JobKind, options: JobOptions & { speed: number }, setUp: (job: Job) => Promise<void>, undo: (job: Job) => Promise<void>): Promise<void> {
+    const job = await this.prepare(kind, options, setUp, undo);
+    job.begin();
+    await job.untilStartup();
+  }
+
+  /**
+   * The first half of `launch`: the job is created and set up, and waits in 'created' (a
+   * transaction's prepare). Then `job.begin()` starts it, or `job.cancelUnstarted()` drops it.
+   */
+  async prepare(kind: JobKind, options: JobOptions & { speed: number }, setUp: (job: Job) => Promise<void>, undo: (job: Job) => Promise<void>): Promise<Job> {
     const job = this.create(kind, options);
     try {
       job.announce();
@@ -44,8 +54,7 @@ export class JobRegistry {
       job.abandon();
       throw error instanceof QmpError ? error : genericError((error as Error).message);
     }
-    job.begin();
-    await job.untilStartup();
+    return job;
   }
 
   create(kind: JobKind, options: JobOptions): Job {

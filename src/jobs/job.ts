@@ -13,6 +13,7 @@ import type { JobStatus, JobType, JobVerb, MirrorCopyMode } from '../generated/q
 import { genericError } from '../errors.js';
 import type { MainLoopLock } from '../main-loop-lock.js';
 import { canTransition, verbAllowed } from './job-state-table.js';
+import { JobTxn } from './job-txn.js';
 
 export interface JobKind {
   readonly type: JobType;
@@ -53,7 +54,12 @@ export interface JobOptions {
   autoFinalize: boolean;
   autoDismiss: boolean;
   speed?: number;
+  /** The job transaction it joins (a transaction's grouped backups); a transaction of its own otherwise. */
+  txn?: JobTxn;
 }
+
+/** Statuses in which the job's run is over (QEMU's job_is_completed). */
+const WORK_DONE: readonly JobStatus[] = ['waiting', 'pending', 'aborting', 'concluded', 'null'];
 
 /** Thrown at a pause point once the job is cancelled. */
 export class JobCancelled extends Error {
@@ -72,6 +78,12 @@ export class Job {
   ioStatus: 'ok' | 'failed' | 'nospace' = 'ok';
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
+  /** The jobs that end together with this one (QEMU's JobTxn). */
+  readonly txn: JobTxn;
+  /** The job has failed or was cancelled (QEMU's job->ret != 0): it aborts. */
+  private failed = false;
+  /** The run began: only then does the job send BLOCK_JOB_COMPLETED or _CANCELLED. */
+  private started = false;
   /** The run is under way (between begin and its end). */
   private executing = false;
   private userPaused = false;
@@ -106,6 +118,8 @@ export class Job {
     this.autoDismiss = options.autoDismiss;
     this.speed = options.speed ?? 0;
     this.bus = env.bus;
+    this.txn = options.txn ?? new JobTxn();
+    this.txn.add(this);
   }
 
   /**
@@ -180,11 +194,13 @@ export class Job {
 
   /** Set-up failed: the job goes (created -> null), as in QEMU's job_early_fail. */
   abandon(): void {
+    this.txn.remove(this);
     this.transition('null');
     this.onNull(this);
   }
 
   begin(): void {
+    this.started = true;
     this.transition('running');
     this.executing = true;
     void this.execute().catch((error: unknown) => {
@@ -210,42 +226,92 @@ export class Job {
     await this.env.lock.run(() => this.end(failure), this);
   }
 
+  /** QEMU's job_completed: the run's result goes to the job's transaction, which ends the jobs together. */
   private async end(failure: unknown): Promise<void> {
-    // A cancel that came while the job waited for its turn counts too (QEMU's job_update_rc).
-    if (failure !== undefined || this.cancelled) return this.fail(this.cancelled ? new JobCancelled() : failure);
+    this.updateResult(failure);
+    if (this.failed) await this.txn.abort(this);
+    else await this.txn.succeed(this);
+  }
+
+  /**
+   * QEMU's job_update_rc: a failure, or a cancel (one that came while the job waited for its
+   * turn counts too), makes the job abort.
+   */
+  private updateResult(failure?: unknown): void {
+    if (!this.failed && (failure !== undefined || this.cancelled)) {
+      this.failed = true;
+      this.error = this.cancelled ? new JobCancelled().message : (failure as Error)?.message ?? String(failure);
+    }
+    if (this.failed) this.transition('aborting');
+  }
+
+  /** The run is over (waiting, pending, aborting or later). */
+  get workDone(): boolean {
+    return WORK_DONE.includes(this.status);
+  }
+
+  /** For the transaction: resolves once this job's run is over (its end runs inside the caller's section). */
+  untilWorkDone(): Promise<void> {
+    return this.env.lock.lend(this, this.until(() => this.workDone));
+  }
+
+  /** The run succeeded; peers of the transaction are still working (the command that started it may reply). */
+  markWaiting(): void {
     this.transition('waiting');
+    this.startupDone();
+  }
+
+  /** Every peer is done: the job waits for finalization (BLOCK_JOB_PENDING if that is the user's to ask). */
+  markPending(): void {
     this.transition('pending');
-    if (!this.autoFinalize) {
-      if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
-      this.startupDone();
-      return;
-    }
-    await this.finalize();
+    if (!this.autoFinalize && this.kind.blockJob) this.bus.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+    this.startupDone();
   }
 
-  /** Applies the job's result (prepare, commit, clean) and concludes it. Runs in a section of the lock (the job's end, or job-finalize). */
-  async finalize(): Promise<void> {
+  /** job-finalize: finalizes the job's whole transaction. Runs in a section of the lock. */
+  finalize(): Promise<void> {
+    return this.txn.finalize(this);
+  }
+
+  /** QEMU's job_prepare: the fallible part of the job's end; false if it failed (the job then aborts). */
+  async prepareEnd(): Promise<boolean> {
+    if (this.failed || !this.kind.prepare) return !this.failed;
     try {
-      await this.kind.prepare?.(this);
+      await this.kind.prepare(this);
     } catch (error) {
-      return this.fail(error);
+      this.updateResult(error);
     }
-    await this.infallible('commit', this.kind.commit);
+    return !this.failed;
+  }
+
+  /** QEMU's job_finalize_single: commit or abort, clean, the job's last event, concluded. */
+  async finalizeSingle(): Promise<void> {
+    this.updateResult();
+    if (this.failed) await this.infallible('abort', this.kind.abort);
+    else await this.infallible('commit', this.kind.commit);
     await this.infallible('clean', this.kind.clean);
-    if (this.kind.blockJob) this.bus.emit('BLOCK_JOB_COMPLETED', this.blockEvent());
+    if (this.kind.blockJob && this.started) {
+      if (this.cancelled) this.bus.emit('BLOCK_JOB_CANCELLED', this.blockEvent());
+      else this.bus.emit('BLOCK_JOB_COMPLETED', { ...this.blockEvent(), ...(this.failed ? { error: this.error } : {}) });
+    }
+    this.txn.remove(this);
     await this.conclude();
   }
 
-  private async fail(error: unknown): Promise<void> {
-    this.error = (error as Error)?.message ?? String(error);
-    this.transition('aborting');
-    await this.infallible('abort', this.kind.abort);
-    await this.infallible('clean', this.kind.clean);
-    if (this.kind.blockJob) {
-      if (this.cancelled) this.bus.emit('BLOCK_JOB_CANCELLED', this.blockEvent());
-      else this.bus.emit('BLOCK_JOB_COMPLETED', { ...this.blockEvent(), error: this.error });
-    }
-    await this.conclude();
+  /** A peer failed: this job is cancelled (forced), wherever it stands; its transaction waits for it to stop. */
+  cancelForPeer(): void {
+    this.requestCancel(true);
+  }
+
+  /**
+   * A transaction action that created the job is undone before the job ever ran (QEMU's
+   * job_cancel_sync on a created job): it aborts with no BLOCK_JOB_* event, and its
+   * transaction's other jobs with it.
+   */
+  async cancelUnstarted(): Promise<void> {
+    if (this.workDone) return;
+    this.requestCancel(true);
+    await this.end(undefined);
   }
 
   private async conclude(): Promise<void> {
@@ -469,17 +535,23 @@ export class Job {
     if (this.status === 'concluded') return this.dismiss();
     const idle = this.quiescent;
     const ready = this.status === 'ready' || this.status === 'standby';
+    this.requestCancel(force || !this.kind.complete || !ready);
+    // A job whose run is over (waiting for its peers, or pending) aborts with its transaction at once.
+    if (this.status === 'waiting' || this.status === 'pending') return this.txn.abort(this);
+    // Jobs that can complete drain their source on the way out, so like QEMU's their events follow the reply.
+    return idle && this.forceCancel && !this.kind.complete ? this.env.lock.lend(this, this.concluded()) : Promise.resolve();
+  }
+
+  /** QEMU's job_cancel_async: the cancel is noted, a user pause ends, and a sleeping or parked run goes on to stop. */
+  private requestCancel(force: boolean): void {
     this.cancelRequested = true;
-    this.forceCancel = this.forceCancel || force || !this.kind.complete || !ready;
+    this.forceCancel = this.forceCancel || force;
     if (this.userPaused) {
       this.userPaused = false;
       this.pauseCount--;
     }
-    if (this.status === 'pending') return this.fail(new JobCancelled());
     this.kickSleepers();
     this.wake();
-    // Jobs that can complete drain their source on the way out, so like QEMU's their events follow the reply.
-    return idle && this.forceCancel && !this.kind.complete ? this.env.lock.lend(this, this.concluded()) : Promise.resolve();
   }
 
   /**

@@ -1,7 +1,8 @@
 /*
  * The block-dirty-bitmap-* commands and x-debug-block-dirty-bitmap-sha256, with
- * qemu-storage-daemon's checks in its order and its texts. Each action is a function of its
- * own (the transaction command will run the same ones).
+ * qemu-storage-daemon's checks in its order and its texts. Each is a function of its own that
+ * also returns what undoes it: the transaction's bitmap actions run the same functions, as
+ * QEMU's do (../../transactions/bitmap-actions.ts).
  */
 import { createHash } from 'node:crypto';
 import type { CommandTable } from '../../command-table.js';
@@ -83,23 +84,78 @@ async function storeNow(node: BlockNode, undo: () => void): Promise<void> {
   }
 }
 
-export async function removeBitmap(graph: BlockGraph, nodeName: string, name: string): Promise<void> {
+/** Undoes an add: the bitmap goes again, from the image too when it was stored there. */
+export async function discardAddedBitmap(node: BlockNode, bitmap: DirtyBitmap): Promise<void> {
+  node.bitmaps.remove(bitmap);
+  if (bitmap.persistent && bitmap.name !== undefined) await node.state.removePersistentDirtyBitmap?.(bitmap.name);
+}
+
+/** A bitmap being removed (QEMU's do_block_dirty_bitmap_remove): gone from the image already, released from memory by `release`. */
+export interface RemovedBitmap {
+  node: BlockNode;
+  bitmap: DirtyBitmap;
+  wasPersistent: boolean;
+}
+
+/**
+ * Removes a bitmap; with `release` false (a transaction's prepare) it only leaves the image and
+ * stays busy in memory until `releaseBitmap` or `keepBitmap`.
+ */
+export async function removeBitmap(graph: BlockGraph, nodeName: string, name: string, release = true): Promise<RemovedBitmap> {
   const { node, bitmap } = lookupBitmap(graph, nodeName, name);
   checkBitmap(bitmap, { busy: true, readonly: true });
-  if (bitmap.persistent) await node.state.removePersistentDirtyBitmap?.(name);
+  const wasPersistent = bitmap.persistent;
+  if (wasPersistent) await node.state.removePersistentDirtyBitmap?.(name);
+  const removed = { node, bitmap, wasPersistent };
+  if (release) {
+    releaseBitmap(removed);
+  } else {
+    // Not stored again by anyone meanwhile, and no one else may use it (QEMU's busy and no-store).
+    bitmap.persistent = false;
+    bitmap.busy = true;
+  }
+  return removed;
+}
+
+export function releaseBitmap({ node, bitmap }: RemovedBitmap): void {
   node.bitmaps.remove(bitmap);
 }
 
-export function clearBitmap(graph: BlockGraph, nodeName: string, name: string): void {
-  const { bitmap } = lookupBitmap(graph, nodeName, name);
-  checkBitmap(bitmap, ANY_CHANGE);
-  bitmap.clear(0, bitmap.length);
+/** The removal is called off: the bitmap is usable again, and back in the image if it was there (QEMU writes it back at close; blockd at once). */
+export async function keepBitmap({ node, bitmap, wasPersistent }: RemovedBitmap): Promise<void> {
+  bitmap.busy = false;
+  bitmap.persistent = wasPersistent;
+  if (wasPersistent) await node.state.storePersistentDirtyBitmaps?.();
 }
 
-export function setBitmapEnabled(graph: BlockGraph, nodeName: string, name: string, enabled: boolean): void {
+/** The bitmap's bits as they are now; the returned function puts them back (QEMU's bdrv_restore_dirty_bitmap). */
+export function keepBits(bitmap: DirtyBitmap): () => void {
+  const copy = new DirtyBitmap(bitmap.length, bitmap.granularity);
+  copy.merge(bitmap);
+  return () => {
+    bitmap.clear(0, bitmap.length);
+    bitmap.merge(copy);
+  };
+}
+
+/** Clears the bitmap; returns what restores its bits. */
+export function clearBitmap(graph: BlockGraph, nodeName: string, name: string): () => void {
+  const { bitmap } = lookupBitmap(graph, nodeName, name);
+  checkBitmap(bitmap, ANY_CHANGE);
+  const restore = keepBits(bitmap);
+  bitmap.clear(0, bitmap.length);
+  return restore;
+}
+
+/** Enables or disables the bitmap; returns what restores its state. */
+export function setBitmapEnabled(graph: BlockGraph, nodeName: string, name: string, enabled: boolean): () => void {
   const { bitmap } = lookupBitmap(graph, nodeName, name);
   checkBitmap(bitmap, TOGGLE);
+  const was = bitmap.enabled;
   bitmap.enabled = enabled;
+  return () => {
+    bitmap.enabled = was;
+  };
 }
 
 /**
@@ -107,7 +163,7 @@ export function setBitmapEnabled(graph: BlockGraph, nodeName: string, name: stri
  * node's) is checked and gathered first, so a failure leaves the target as it was; sources of
  * another granularity merge by the bytes they cover.
  */
-export async function mergeBitmaps(graph: BlockGraph, args: BlockDirtyBitmapMerge): Promise<void> {
+export async function mergeBitmaps(graph: BlockGraph, args: BlockDirtyBitmapMerge): Promise<() => Promise<void>> {
   const { node, bitmap: target } = lookupBitmap(graph, args.node, args.target);
   const gathered = new DirtyBitmap(target.length, target.granularity);
   for (const source of args.bitmaps) {
@@ -119,10 +175,18 @@ export async function mergeBitmaps(graph: BlockGraph, args: BlockDirtyBitmapMerg
     gathered.merge(bitmap);
   }
   checkBitmap(target, ANY_CHANGE);
+  const restoreBits = keepBits(target);
   target.merge(gathered);
   // Stored now, or a crash would lose the merged bits until the next store. A failure leaves them merged in memory
   // (stored at close), as QEMU keeps them: the merge itself succeeded.
-  if (target.persistent) await node.state.storePersistentDirtyBitmaps?.().catch(() => {});
+  const store = async () => {
+    if (target.persistent) await node.state.storePersistentDirtyBitmaps?.().catch(() => {});
+  };
+  await store();
+  return async () => {
+    restoreBits();
+    await store();
+  };
 }
 
 function sourceBitmap(graph: BlockGraph, targetNode: BlockNode, source: BlockDirtyBitmapOrStr): DirtyBitmap {
@@ -145,10 +209,20 @@ export function registerBitmapCommands(registry: CommandTable, layer: BlockLayer
   registry.register('block-dirty-bitmap-add', async (args) => {
     await addBitmap(graph, args);
   });
-  registry.register('block-dirty-bitmap-remove', ({ node, name }) => removeBitmap(graph, node, name));
-  registry.register('block-dirty-bitmap-clear', ({ node, name }) => clearBitmap(graph, node, name));
-  registry.register('block-dirty-bitmap-enable', ({ node, name }) => setBitmapEnabled(graph, node, name, true));
-  registry.register('block-dirty-bitmap-disable', ({ node, name }) => setBitmapEnabled(graph, node, name, false));
-  registry.register('block-dirty-bitmap-merge', (args) => mergeBitmaps(graph, args));
+  registry.register('block-dirty-bitmap-remove', async ({ node, name }) => {
+    await removeBitmap(graph, node, name);
+  });
+  registry.register('block-dirty-bitmap-clear', async ({ node, name }) => {
+    clearBitmap(graph, node, name);
+  });
+  registry.register('block-dirty-bitmap-enable', async ({ node, name }) => {
+    setBitmapEnabled(graph, node, name, true);
+  });
+  registry.register('block-dirty-bitmap-disable', async ({ node, name }) => {
+    setBitmapEnabled(graph, node, name, false);
+  });
+  registry.register('block-dirty-bitmap-merge', async (args) => {
+    await mergeBitmaps(graph, args);
+  });
   registry.register('x-debug-block-dirty-bitmap-sha256', ({ node, name }) => ({ sha256: bitmapSha256(lookupBitmap(graph, node, name).bitmap) }));
 }
