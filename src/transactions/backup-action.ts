@@ -2,10 +2,10 @@
  * blockdev-backup and drive-backup as a transaction action (QEMU's blockdev_backup_* and
  * drive_backup_*): prepare drains the source, runs the backup's checks and creates its job
  * (in the transaction's job transaction when grouped), which waits in 'created'; commit
- * starts it; abort drops it before it ever ran (no BLOCK_JOB_* event); clean lets the
- * new job see the drain it was created in (it pauses and runs again), then ends it.
+ * starts it (it pauses at once in the drain it was created in); abort drops it before it
+ * ever ran (no BLOCK_JOB_* event); clean ends the drain.
  */
-import { usersReached, withUsersDrained } from '../blockdev/drain.js';
+import { usersReached } from '../blockdev/drain.js';
 import type { BlockNode } from '../blockdev/node.js';
 import { findBackupNode, prepareBackup, type BackupContext } from '../jobs/backup-command.js';
 import { prepareDriveBackup, type DriveBackupArguments } from '../jobs/drive-backup.js';
@@ -17,6 +17,8 @@ import { DrainedSection } from './drained-section.js';
 
 export class BackupAction implements TransactionAction {
   private readonly drain = new DrainedSection();
+  /** The new job's own share of the drain, from its start to the transaction's clean. */
+  private readonly jobDrain = new DrainedSection();
   private source: BlockNode | undefined;
   private usersBefore = new Set<unknown>();
   private job: Job | undefined;
@@ -37,8 +39,16 @@ export class BackupAction implements TransactionAction {
       : await prepareDriveBackup(this.context, request.drive, source, this.txn);
   }
 
+  /**
+   * Starts the job. It joined the drained section after the drain began: it pauses once it has
+   * started, and resumes at the clean, before the users that were there first (QEMU ends a drain
+   * newest parent first).
+   */
   async commit(): Promise<void> {
-    this.job?.begin();
+    if (!this.job) return;
+    this.job.begin();
+    await this.job.untilStartup();
+    await this.jobDrain.beginUsers(usersReached([this.source!], 'node').filter((user) => !this.usersBefore.has(user)));
   }
 
   async abort(): Promise<void> {
@@ -47,13 +57,7 @@ export class BackupAction implements TransactionAction {
   }
 
   async clean(): Promise<void> {
-    if (this.job) {
-      await this.job.untilStartup();
-      // The job joined the drained section after it began: it pauses now and resumes with the
-      // section's end, before the users that were there first (QEMU ends a drain newest parent first).
-      const joined = usersReached([this.source!], 'node').filter((user) => !this.usersBefore.has(user));
-      await withUsersDrained(joined, async () => {});
-    }
+    await this.jobDrain.end();
     await this.drain.end();
   }
 }

@@ -33,8 +33,8 @@ const refusal = (text: string): TransactionAction => ({
 function actionFor(context: TransactionContext, request: ActionRequest, txn: JobTxn | undefined): TransactionAction {
   const { layer } = context;
   const { graph } = layer;
-  // Only backups can complete as a group (QEMU's action_check_completion_mode, the first check of every other prepare).
-  if (txn && request.type !== 'blockdev-backup' && request.type !== 'drive-backup') {
+  // Only backups can complete as a group (QEMU's action_check_completion_mode, the first check of every other prepare but abort's).
+  if (txn && !['blockdev-backup', 'drive-backup', 'abort'].includes(request.type)) {
     return refusal(`Action '${request.type}' does not support Transaction property completion-mode = grouped`);
   }
   switch (request.type) {
@@ -77,6 +77,7 @@ export async function runTransaction(context: TransactionContext, { actions, pro
 export function registerTransactionCommands(registry: CommandTable, layer: BlockLayer, context: Omit<TransactionContext, 'layer'>): void {
   const full = { ...context, layer };
   const alone = (action: ActionRequest) => runTransaction(full, { actions: [action] });
+  registry.register('transaction', (args) => runTransaction(full, args));
   registry.register('blockdev-snapshot', (data) => alone({ type: 'blockdev-snapshot', data }));
   registry.register('blockdev-snapshot-sync', (data) => alone({ type: 'blockdev-snapshot-sync', data }));
   registry.register('blockdev-backup', (data) => alone({ type: 'blockdev-backup', data }));
