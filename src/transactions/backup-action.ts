@@ -3,7 +3,7 @@
  * drive_backup_*): prepare drains the source, runs the backup's checks and creates its job
  * (in the transaction's job transaction when grouped), which waits in 'created'; commit
  * starts it (it pauses at once in the drain it was created in); abort drops it before it
- * ever ran (no BLOCK_JOB_* event); clean ends the drain.
+ * ever ran (no BLOCK_JOB_* event); clean ends the drain, and the job runs.
  */
 import { usersReached } from '../blockdev/drain.js';
 import type { BlockNode } from '../blockdev/node.js';
@@ -40,15 +40,14 @@ export class BackupAction implements TransactionAction {
   }
 
   /**
-   * Starts the job. It joined the drained section after the drain began: it pauses once it has
-   * started, and resumes at the clean, before the users that were there first (QEMU ends a drain
-   * newest parent first).
+   * Starts the job. It joined the drained section after the drain began, so it is drained now on
+   * its own: it says running, then paused at its first pause point, and runs on at the clean
+   * (QEMU's job, drained with its node, does the same).
    */
   async commit(): Promise<void> {
     if (!this.job) return;
-    this.job.begin();
-    await this.job.untilStartup();
     await this.jobDrain.beginUsers(usersReached([this.source!], 'node').filter((user) => !this.usersBefore.has(user)));
+    this.job.begin();
   }
 
   async abort(): Promise<void> {
@@ -58,6 +57,8 @@ export class BackupAction implements TransactionAction {
 
   async clean(): Promise<void> {
     await this.jobDrain.end();
+    // A job that ends before its first real I/O sends its events before the reply, as in QEMU.
+    await this.job?.untilStartup();
     await this.drain.end();
   }
 }
