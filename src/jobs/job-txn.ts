@@ -33,13 +33,16 @@ export class JobTxn {
     job.markWaiting();
     if (this.jobs.some((peer) => !peer.workDone)) return;
     for (const peer of [...this.jobs]) peer.markPending();
-    if (this.jobs.every((peer) => peer.autoFinalize)) await this.finalize(job);
+    if (this.jobs.every((peer) => peer.autoFinalize)) await this.finalize();
   }
 
-  /** QEMU's job_do_finalize: every prepare, in order; a failing one aborts them all; otherwise each finalizes. */
-  async finalize(job: Job): Promise<void> {
+  /**
+   * QEMU's job_do_finalize: every prepare, in order; a failing one aborts them all (from the
+   * failing job, so every other is cancelled: none commits alone); otherwise each finalizes.
+   */
+  async finalize(): Promise<void> {
     for (const peer of [...this.jobs]) {
-      if (!(await peer.prepareEnd())) return this.abort(job);
+      if (!(await peer.prepareEnd())) return this.abort(peer);
     }
     for (const peer of [...this.jobs]) await peer.finalizeSingle();
   }

@@ -270,7 +270,7 @@ export class Job {
 
   /** job-finalize: finalizes the job's whole transaction. Runs in a section of the lock. */
   finalize(): Promise<void> {
-    return this.txn.finalize(this);
+    return this.txn.finalize();
   }
 
   /** QEMU's job_prepare: the fallible part of the job's end; false if it failed (the job then aborts). */
