@@ -237,6 +237,8 @@ function prepareGrouped(dir: string): void {
 
 const groupedSetUp: TranscriptStep[] = [...setUp, node('t1'), addFailing('e-src', 'read_aio', 5), addRaw('e-tgt')];
 const bitmapSha = { execute: 'x-debug-block-dirty-bitmap-sha256', arguments: { node: 'd1', name: 'existing' } };
+/** Both grouped backups have ended (b1's null is the last event: the newest job, b2, is finalized first); then b1's bitmap and the jobs. */
+const groupEnded: TranscriptStep[] = [untilJob('b1', 'null'), bitmapSha, { execute: 'query-jobs' }];
 /** A backup of d1 that takes long (speed 1) and settles the bitmap `existing` as on-success says. */
 const slowBitmapBackup = action('blockdev-backup', { 'job-id': 'b1', device: 'd1', target: 't1', sync: 'full', bitmap: 'existing', 'bitmap-mode': 'on-success', speed: 1 });
 
@@ -246,10 +248,7 @@ test('completion-mode grouped, one backup fails: the other is cancelled, events 
     { execute: 'block-dirty-bitmap-merge', arguments: { node: 'd1', target: 'existing', bitmaps: ['other'] } },
     bitmapSha,
     transaction([slowBitmapBackup, action('blockdev-backup', { 'job-id': 'b2', device: 'e-src', target: 'e-tgt', sync: 'full' })], { 'completion-mode': 'grouped' }),
-    // The last of the events: the newest job (b2) is finalized first.
-    untilJob('b1', 'null'),
-    bitmapSha,
-    { execute: 'query-jobs' },
+    ...groupEnded,
   ]);
 });
 
@@ -258,10 +257,7 @@ test('completion-mode grouped, one backup cancelled: every backup of the transac
     ...groupedSetUp,
     transaction([slowBitmapBackup, action('blockdev-backup', { 'job-id': 'b2', device: 'd2', target: 't2', sync: 'full', speed: 1 })], { 'completion-mode': 'grouped' }),
     { execute: 'job-cancel', arguments: { id: 'b2' } },
-    // The last of the events: the newest job (b2) is finalized first.
-    untilJob('b1', 'null'),
-    bitmapSha,
-    { execute: 'query-jobs' },
+    ...groupEnded,
   ]);
 });
 
