@@ -21,13 +21,13 @@
  * often the copy meets them does not depend on timing.
  */
 import assert from 'node:assert/strict';
-import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { assertSameTranscripts, differentialPeers } from '../helpers/differential-peers.js';
+import { guestWrites as guestWritesTo, keepModel } from '../helpers/guest-model-steps.js';
 import { makePatternChain } from '../helpers/pattern-chains.js';
 import { maskImageSizes, untilBlockJobIdle, untilJob, type TranscriptStep } from '../helpers/qmp-transcript.js';
-import { assertCheckClean, createQcow2, MiB, qemuImgCompare, qemuIo, qemuIoInBackground, runQemuImg } from '../helpers/qemu-tools.js';
+import { assertCheckClean, createQcow2, MiB, qemuImgCompare, runQemuImg } from '../helpers/qemu-tools.js';
 
 /** One guest disk: its chain's letter (files a-top.qcow2 ...), libvirt's first node index and the disk's target name. */
 interface Disk {
@@ -105,30 +105,13 @@ function mirror(disk: Disk, mirrorArguments: { sync: 'full' | 'top'; 'copy-mode'
 }
 
 /**
- * The guest writes through the disk's export (a qemu-io over NBD); the same writes go to the
- * disk's model. While a job runs the export's node is the job's filter, which (as QEMU's,
- * opened without discard=unmap) drops discards; otherwise a discard of whole clusters
- * leaves them reading zeroes.
+ * The guest writes through the disk's export. While a job runs the export's node is the job's
+ * filter, which (as QEMU's, opened without discard=unmap) drops discards; otherwise a discard
+ * of whole clusters leaves them reading zeroes.
  */
 function guestWrites(disk: Disk, commands: string[], duringJob = true): TranscriptStep {
   const effect = (command: string) => (command.startsWith('discard ') ? (duringJob ? [] : [command.replace(/^discard /, 'write -z ')]) : [command]);
-  return {
-    action: async (dir) => {
-      await qemuIoInBackground(`nbd+unix:///${disk.dev}?socket=${join(dir, 'nbd.sock')}`, commands, ['-f', 'raw']);
-      qemuIo(join(dir, `${disk.chain}-expected.raw`), commands.flatMap(effect), ['-f', 'raw']);
-      return `(the guest of ${disk.dev} wrote: ${commands.join('; ')})`;
-    },
-  };
-}
-
-/** Keeps the model as it is now (what a copy made at this moment must hold). */
-function keepModel(disk: Disk, as: string): TranscriptStep {
-  return {
-    action: async (dir) => {
-      copyFileSync(join(dir, `${disk.chain}-expected.raw`), join(dir, `${disk.chain}-${as}.raw`));
-      return `(model of ${disk.dev} kept as ${as})`;
-    },
-  };
+  return guestWritesTo(disk, disk.dev, commands, commands.flatMap(effect));
 }
 
 /**
