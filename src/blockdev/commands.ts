@@ -8,7 +8,7 @@ import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
 import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
-import { blockdevSnapshotDeleteInternalSync } from './internal-snapshot.js';
+import { blockdevSnapshotDeleteInternalSync, blockdevSnapshotInternalSync } from './internal-snapshot.js';
 import { blockDeviceInfo, checkListable } from './node-info.js';
 import { registerBitmapCommands } from './bitmaps/bitmap-commands.js';
 
@@ -53,6 +53,7 @@ export function registerBlockCommands(registry: CommandTable, layer: BlockLayer)
     }
   });
 
+  registry.register('blockdev-snapshot-internal-sync', (args) => blockdevSnapshotInternalSync(layer, args));
   registry.register('blockdev-snapshot-delete-internal-sync', (args) => blockdevSnapshotDeleteInternalSync(layer, args));
 
   registry.register('block-set-write-threshold', ({ 'node-name': name, 'write-threshold': threshold }) => {

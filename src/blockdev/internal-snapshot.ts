@@ -1,15 +1,14 @@
 /*
  * Internal snapshots (qcow2's snapshot table) through QMP:
  * blockdev-snapshot-internal-sync and blockdev-snapshot-delete-internal-sync, with
- * qemu-storage-daemon's checks and texts. Creation is a transaction action
- * (src/transactions/internal-snapshot-action.ts): prepare does every check and writes
- * the snapshot (QEMU does too: only prepare may fail), there is nothing left to commit,
- * and abort deletes the snapshot again and cannot fail (a failed delete is logged, as
- * QEMU prints it).
+ * qemu-storage-daemon's checks and texts. Creation is shaped as a transaction
+ * action: prepare does every check and writes the snapshot (QEMU does too: only
+ * prepare may fail), commit has nothing left to do, abort deletes the snapshot
+ * again and cannot fail (a failed delete is logged, as QEMU prints it).
  */
 import type { SnapshotInfo } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
-import { asQmpError, checkNotBlocked, type BlockLayer } from './block-layer.js';
+import { asQmpError, asTransaction, checkNotBlocked, type BlockLayer } from './block-layer.js';
 import { describeErrno } from './io-error.js';
 import type { BlockNode } from './node.js';
 import type { ChildEdge } from './child-edge.js';
@@ -69,10 +68,22 @@ export async function prepareInternalSnapshot(layer: BlockLayer, { device, name 
   }
 }
 
+/** The snapshot stays: it was complete on disk when prepare returned. */
+export function commitInternalSnapshot(prepared: PreparedInternalSnapshot): void {
+  void prepared;
+}
+
 /** Deletes the snapshot prepare made; never fails (QEMU only reports a failed delete on stderr). */
 export async function abortInternalSnapshot(layer: BlockLayer, { device, holder, snapshot }: PreparedInternalSnapshot): Promise<void> {
   await holder.drained(() => holder.state.deleteSnapshot!(snapshot.id, snapshot.name)).catch((error: unknown) => {
     layer.graph.log.error({ err: error, device, snapshot: snapshot.name }, `Failed to delete snapshot with id '${snapshot.id}' and name '${snapshot.name}' on device '${device}'`);
+  });
+}
+
+/** blockdev-snapshot-internal-sync: a transaction of this one action. */
+export async function blockdevSnapshotInternalSync(layer: BlockLayer, args: { device: string; name: string }): Promise<void> {
+  await asTransaction(layer, layer.graph.find(args.device), async () => {
+    commitInternalSnapshot(await prepareInternalSnapshot(layer, args));
   });
 }
 

@@ -16,7 +16,6 @@ import { JobTxn } from '../jobs/job-txn.js';
 import { runActions, type TransactionAction } from './action.js';
 import { BackupAction } from './backup-action.js';
 import { BitmapAddAction, BitmapRemoveAction, bitmapClear, bitmapMerge, bitmapToggle } from './bitmap-actions.js';
-import { InternalSnapshotAction } from './internal-snapshot-action.js';
 import { ExternalSnapshotAction } from './snapshot-action.js';
 
 export interface TransactionContext extends BackupContext {
@@ -62,7 +61,7 @@ function actionFor(context: TransactionContext, request: ActionRequest, txn: Job
     case 'blockdev-snapshot-sync':
       return new ExternalSnapshotAction(layer, { sync: request.data }, request.data['node-name'], request.data.device);
     case 'blockdev-snapshot-internal-sync':
-      return new InternalSnapshotAction(layer, request.data);
+      return refusal('blockdev-snapshot-internal-sync is not supported by blockd yet (internal snapshots are not implemented)');
   }
 }
 
@@ -83,5 +82,4 @@ export function registerTransactionCommands(registry: CommandTable, layer: Block
   registry.register('blockdev-snapshot-sync', (data) => alone({ type: 'blockdev-snapshot-sync', data }));
   registry.register('blockdev-backup', (data) => alone({ type: 'blockdev-backup', data }));
   registry.register('drive-backup', (data) => alone({ type: 'drive-backup', data }));
-  registry.register('blockdev-snapshot-internal-sync', (data) => alone({ type: 'blockdev-snapshot-internal-sync', data }));
 }
