@@ -15,6 +15,8 @@ import { PERM_ALL, PERM_WRITE, PERM_WRITE_UNCHANGED, defaultChildPermissions, pe
 
 export class BlockGraph implements NodeObserver {
   private readonly nodes = new Map<string, BlockNode>();
+  /** Nodes a reopen is making read-only right now: a writer refused on one is told so in QEMU's words. */
+  private readonly turningReadOnly = new Set<BlockNode>();
 
   constructor(readonly log: Logger, private readonly bus: EventBus) {}
 
@@ -243,9 +245,10 @@ export class BlockGraph implements NodeObserver {
 
   /**
    * Points `node`'s backing edge at `backing` (or removes it), QEMU's bdrv_set_backing_hd.
-   * Nodes left without users that the monitor does not own are closed.
+   * Nodes left without users that the monitor does not own are closed, unless `keepOrphan`
+   * (a reopen that may still be undone closes them once it is done).
    */
-  async changeBacking(node: BlockNode, backing: BlockNode | undefined): Promise<void> {
+  async changeBacking(node: BlockNode, backing: BlockNode | undefined, { keepOrphan = false }: { keepOrphan?: boolean } = {}): Promise<void> {
     const edge = node.backing();
     const old = edge?.child;
     if (old === backing) return;
@@ -262,7 +265,12 @@ export class BlockGraph implements NodeObserver {
       }
       await this.refreshPermissions([node, ...(old ? [old] : [])]);
     });
-    if (old && old.parents.length === 0 && !old.monitorOwned) await this.close(old);
+    if (old && !keepOrphan) await this.closeIfOrphan(old);
+  }
+
+  /** Closes a node nobody uses any more and the monitor does not own. */
+  async closeIfOrphan(node: BlockNode): Promise<void> {
+    if (node.parents.length === 0 && !node.monitorOwned && this.find(node.name) === node) await this.close(node);
   }
 
   /**
@@ -334,7 +342,8 @@ export class BlockGraph implements NodeObserver {
     }
     for (const current of changed) current.settings.readOnly = true;
     try {
-      await this.refreshPermissions([node]);
+      for (const current of changed) this.turningReadOnly.add(current);
+      await this.refreshPermissions([node]).finally(() => this.turningReadOnly.clear());
     } catch (error) {
       for (const current of changed) current.settings.readOnly = false;
       // What prepareReadOnly wrote back is taken into use again (qcow2 marks its bitmaps in use).
@@ -375,7 +384,7 @@ export class BlockGraph implements NodeObserver {
         }
       }
     }
-    for (const node of reached) checkParents(node, proposed);
+    for (const node of reached) checkParents(node, proposed, this.turningReadOnly.has(node));
 
     // Tell drivers (locks); undo the ones already told if one refuses.
     const told: { node: BlockNode; previous: PermissionPair }[] = [];
@@ -409,7 +418,7 @@ function checkReopenable(nodes: readonly BlockNode[]): void {
  * QEMU's rules: for every two parents a and b of a node, what b uses must be shared by a;
  * and nobody may write to a read-only node.
  */
-function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>): void {
+function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>, turningReadOnly: boolean): void {
   const pairOf = (edge: ChildEdge) => proposed.get(edge) ?? edge;
   for (const a of node.parents) {
     for (const b of node.parents) {
@@ -421,7 +430,8 @@ function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>)
     }
   }
   if (node.readOnly && node.neededPermissions(node.parents, proposed).perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) {
-    throw genericError('Block node is read-only');
+    // QEMU words it by whether the node is read-only already or only about to be (a reopen).
+    throw genericError(turningReadOnly ? `Read-only block node '${node.name}' cannot support read-write users` : 'Block node is read-only');
   }
 }
 

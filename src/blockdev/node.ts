@@ -75,7 +75,8 @@ export class BlockNode {
   constructor(
     readonly name: string,
     readonly driver: BlockDriver,
-    readonly options: BlockdevOptions,
+    /** The options the node was opened (or last reopened) with. */
+    public options: BlockdevOptions,
     readonly settings: NodeSettings,
     readonly monitorOwned: boolean,
     private readonly observer: NodeObserver,
