@@ -9,6 +9,8 @@ import { genericError } from '../errors.js';
 import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
 import { blockdevSnapshotDeleteInternalSync, blockdevSnapshotInternalSync } from './internal-snapshot.js';
+import { blockdevReopen } from './reopen.js';
+import { changeBackingFile } from './change-backing-file.js';
 import { blockDeviceInfo, checkListable } from './node-info.js';
 import { registerBitmapCommands } from './bitmaps/bitmap-commands.js';
 
@@ -55,6 +57,8 @@ export function registerBlockCommands(registry: CommandTable, layer: BlockLayer)
 
   registry.register('blockdev-snapshot-internal-sync', (args) => blockdevSnapshotInternalSync(layer, args));
   registry.register('blockdev-snapshot-delete-internal-sync', (args) => blockdevSnapshotDeleteInternalSync(layer, args));
+  registry.register('blockdev-reopen', ({ options }) => blockdevReopen(layer, options));
+  registry.register('change-backing-file', (args) => changeBackingFile(layer, args));
 
   registry.register('block-set-write-threshold', ({ 'node-name': name, 'write-threshold': threshold }) => {
     const node = graph.find(name);

@@ -109,12 +109,13 @@ export const OPERATION_CHECKS: readonly { command: string; operation: BlockOpera
   { command: 'blockdev-snapshot', operation: 'external-snapshot', nodes: "'node'" },
   { command: 'blockdev-snapshot-sync', operation: 'external-snapshot', nodes: "'node-name' or 'device'" },
   { command: 'blockdev-snapshot-internal-sync', operation: 'internal-snapshot', nodes: "'device' (which must be a root node)" },
+  { command: 'change-backing-file', operation: 'change', nodes: "'device' (which must be a root node)" },
   { command: 'blockdev-snapshot-delete-internal-sync', operation: 'internal-snapshot-delete', nodes: "'device' (which must be a root node)" },
 ];
 
 /** Commands that start an operation but meet only permissions and image locks, no op blocker (as in QEMU). */
 export const PERMISSION_ONLY_COMMANDS: readonly string[] = [
-  'blockdev-add', 'blockdev-create', 'block-export-add', 'nbd-server-add', 'block-set-write-threshold',
+  'blockdev-add', 'blockdev-create', 'block-export-add', 'nbd-server-add', 'block-set-write-threshold', 'blockdev-reopen',
 ];
 
 interface Claim {
