@@ -27,6 +27,12 @@ const RESETTABLE_OPTIONS: Record<string, readonly string[]> = {
   file: ['x-check-cache-dropped'],
 };
 
+/** Options QEMU's reopen changes that blockd cannot change on an open node yet: refused in its own words. */
+const NOT_YET_REOPENABLE: Record<string, readonly string[]> = {
+  raw: ['offset', 'size'],
+  throttle: ['throttle-group'],
+};
+
 /** Generic options that may be left out (bdrv_reset_options_allowed's common options). */
 const RESETTABLE_GENERIC = new Set(['node-name', 'discard', 'cache', 'read-only', 'auto-read-only', 'detect-zeroes']);
 
@@ -88,10 +94,13 @@ function plan(layer: BlockLayer, node: BlockNode, options: BlockdevOptions, beco
       if (value !== current.name) throw genericError(`blockd cannot replace the '${key}' child of '${node.name}' in a reopen; give its node name '${current.name}'`);
       continue;
     }
-    if (!same(value, old[key])) throw genericError(`Cannot change the option '${key}'`);
+    if (same(value, old[key])) continue;
+    if ((NOT_YET_REOPENABLE[node.driver.name] ?? []).includes(key)) throw genericError(`blockd cannot change the option '${key}' of an open '${node.driver.name}' node yet`);
+    throw genericError(`Cannot change the option '${key}'`);
   }
   for (const key of Object.keys(old)) {
     if (key in next || RESETTABLE_GENERIC.has(key) || childNames.has(key) || key === 'backing') continue;
+    if ((NOT_YET_REOPENABLE[node.driver.name] ?? []).includes(key)) throw genericError(`blockd cannot change the option '${key}' of an open '${node.driver.name}' node yet`);
     if (!(RESETTABLE_OPTIONS[node.driver.name] ?? []).includes(key)) throw genericError(`Option '${key}' cannot be reset to its default value`);
   }
   // Children opened with the node take its new mode only when the entry names one (QEMU copies an explicit
