@@ -43,3 +43,19 @@ export function lookupDeviceOrNode(graph: BlockGraph, device: string | undefined
   return node;
 }
 
+
+/**
+ * A root node: no other node and no job holds it, only exports and commands
+ * (QEMU's bdrv_is_root_node: BlockBackends are the only parents).
+ */
+export function isRootNode(node: BlockNode): boolean {
+  return node.parents.every((edge) => 'user' in edge.parent && !edge.parent.user.job);
+}
+
+/** QEMU's qmp_get_root_bs: the device looked up by name, which must be a root node. */
+export function lookupRootNode(graph: BlockGraph, device: string): BlockNode {
+  const node = graph.find(device);
+  if (!node) throw genericError(`Cannot find device='${device}' nor node-name='${device}'`);
+  if (!isRootNode(node)) throw genericError('Need a root block node');
+  return node;
+}

@@ -4,7 +4,7 @@
  * a read-only image is made writable for the header write and read-only again.
  */
 import { genericError } from '../errors.js';
-import { checkNotBlocked, type BlockLayer } from './block-layer.js';
+import { checkNotBlocked, lookupRootNode, type BlockLayer } from './block-layer.js';
 import { describeErrno } from './io-error.js';
 import type { BlockNode } from './node.js';
 
@@ -15,9 +15,7 @@ function inChain(top: BlockNode, image: BlockNode): boolean {
 
 export async function changeBackingFile(layer: BlockLayer, args: { device: string; 'image-node-name': string; 'backing-file': string }): Promise<void> {
   const { graph } = layer;
-  const device = graph.find(args.device);
-  if (!device) throw genericError(`Cannot find device='${args.device}' nor node-name='${args.device}'`);
-  if (device.parents.some((edge) => 'node' in edge.parent)) throw genericError('Need a root block node');
+  const device = lookupRootNode(graph, args.device);
   const image = graph.find(args['image-node-name']);
   if (!image) throw genericError(`Cannot find device='' nor node-name='${args['image-node-name']}'`);
   if (!image.below()) throw genericError('not allowing backing file change on an image without a backing file');

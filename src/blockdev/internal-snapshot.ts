@@ -8,7 +8,7 @@
  */
 import type { SnapshotInfo } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
-import { asQmpError, asTransaction, checkNotBlocked, type BlockLayer } from './block-layer.js';
+import { asQmpError, asTransaction, checkNotBlocked, lookupRootNode, type BlockLayer } from './block-layer.js';
 import { describeErrno } from './io-error.js';
 import type { BlockNode } from './node.js';
 import type { ChildEdge } from './child-edge.js';
@@ -33,22 +33,21 @@ export function snapshotHolder(node: BlockNode): BlockNode | undefined {
   return undefined;
 }
 
-/** QEMU's qmp_get_root_bs: the device must be a node that no other node uses. */
-function rootNode(layer: BlockLayer, device: string): BlockNode {
-  const node = layer.graph.find(device);
-  if (!node) throw genericError(`Cannot find device='${device}' nor node-name='${device}'`);
-  if (node.parents.some((edge) => 'node' in edge.parent)) throw genericError('Need a root block node');
-  return node;
-}
-
 function errnoText(error: unknown): string {
   const code = (error as { code?: string }).code;
   return code ? describeErrno(code) : (error as Error).message;
 }
 
-/** Every check of QEMU's internal_snapshot_action, then the snapshot is written. */
-export async function prepareInternalSnapshot(layer: BlockLayer, { device, name }: { device: string; name: string }): Promise<PreparedInternalSnapshot> {
-  const node = rootNode(layer, device);
+/**
+ * Every check of QEMU's internal_snapshot_action, then the snapshot is written. As in QEMU, the
+ * device's users are drained from the root-node check on (a refused lookup pauses no job).
+ */
+export async function prepareInternalSnapshot(layer: BlockLayer, args: { device: string; name: string }): Promise<PreparedInternalSnapshot> {
+  const node = lookupRootNode(layer.graph, args.device);
+  return node.drained(() => checkAndCreate(layer, node, args), { holdRequests: false });
+}
+
+async function checkAndCreate(layer: BlockLayer, node: BlockNode, { device, name }: { device: string; name: string }): Promise<PreparedInternalSnapshot> {
   checkNotBlocked(layer.blockers, node, 'internal-snapshot');
   if (node.readOnly) throw genericError(`Device '${device}' is read only`);
   const holder = snapshotHolder(node);
@@ -82,14 +81,14 @@ export async function abortInternalSnapshot(layer: BlockLayer, { device, holder,
 
 /** blockdev-snapshot-internal-sync: a transaction of this one action. */
 export async function blockdevSnapshotInternalSync(layer: BlockLayer, args: { device: string; name: string }): Promise<void> {
-  await asTransaction(layer, layer.graph.find(args.device), async () => {
+  await asTransaction(layer, undefined, async () => {
     commitInternalSnapshot(await prepareInternalSnapshot(layer, args));
   });
 }
 
 /** blockdev-snapshot-delete-internal-sync: QEMU's checks in its order, then the delete; returns what was deleted. */
 export async function blockdevSnapshotDeleteInternalSync(layer: BlockLayer, { device, id, name }: { device: string; id?: string; name?: string }): Promise<SnapshotInfo> {
-  const node = rootNode(layer, device);
+  const node = lookupRootNode(layer.graph, device);
   if (id === undefined && name === undefined) throw genericError('Name or id must be provided');
   checkNotBlocked(layer.blockers, node, 'internal-snapshot-delete');
   const holder = snapshotHolder(node);

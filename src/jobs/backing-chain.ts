@@ -58,10 +58,3 @@ export async function allocatedBetween(top: BlockNode, bottom: BlockNode, offset
   return { length: run, allocated: false };
 }
 
-/**
- * A root node: no other node and no job holds it, only exports and commands
- * (QEMU's bdrv_is_root_node: BlockBackends are the only parents).
- */
-export function isRootNode(node: BlockNode): boolean {
-  return node.parents.every((edge) => 'user' in edge.parent && !edge.parent.user.job);
-}

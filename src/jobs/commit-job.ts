@@ -17,12 +17,13 @@ import type { QmpCommandMap } from '../generated/qapi-types.js';
 import type { CommandTable } from '../command-table.js';
 import { QmpError, genericError } from '../errors.js';
 import { ActiveCommitJob } from './active-commit-job.js';
-import { allocatedBetween, below, chainBelow, findBackingImage, isRootNode, overlayIn, skipFilters } from './backing-chain.js';
+import { allocatedBetween, below, chainBelow, findBackingImage, overlayIn, skipFilters } from './backing-chain.js';
 import { copyRange } from '../blockdev/copy-range.js';
 import { runCopy } from './copy-engine.js';
 import { JobNodes, insertJobFilter, makeWritable } from './job-nodes.js';
 import type { JobRegistry } from './job-registry.js';
 import type { ErrorPolicy, Job, JobKind } from './job.js';
+import { isRootNode } from '../blockdev/block-layer.js';
 
 type CommitArguments = QmpCommandMap['block-commit']['args'];
 

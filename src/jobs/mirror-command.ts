@@ -11,10 +11,11 @@ import type { BlockNode } from '../blockdev/node.js';
 import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
 import type { MirrorSyncMode, QmpCommandMap } from '../generated/qapi-types.js';
-import { chainBelow, isRootNode, overlayIn, skipFilters } from './backing-chain.js';
+import { chainBelow, overlayIn, skipFilters } from './backing-chain.js';
 import type { JobRegistry } from './job-registry.js';
 import { DEFAULT_BUF_SIZE } from './mirror-engine.js';
 import { MirrorJob, type MirrorSettings } from './mirror-job.js';
+import { isRootNode } from '../blockdev/block-layer.js';
 
 type BlockdevMirrorArguments = QmpCommandMap['blockdev-mirror']['args'];
 

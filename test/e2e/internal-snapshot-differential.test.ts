@@ -14,8 +14,8 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { compareWithQsd, assertReadsAs } from '../helpers/differential-scenario.js';
 import { addImage, addRaw, exportNode, nbdServer, qemuIoExport } from '../helpers/job-steps.js';
-import { createQcow2, MiB, qemuIo, qemuImgCompare, runQemuImg, runTool } from '../helpers/qemu-tools.js';
-import type { TranscriptStep } from '../helpers/qmp-transcript.js';
+import { assertCheckClean, createQcow2, MiB, qemuImgCheck, qemuIo, qemuImgCompare, runQemuImg, runTool } from '../helpers/qemu-tools.js';
+import { untilBlockJobIdle, type TranscriptStep } from '../helpers/qmp-transcript.js';
 
 const snap = (device: string, name: string): TranscriptStep => ({ execute: 'blockdev-snapshot-internal-sync', arguments: { device, name } });
 const del = (device: string, which: { id?: string; name?: string }): TranscriptStep => ({ execute: 'blockdev-snapshot-delete-internal-sync', arguments: { device, ...which } });
@@ -48,7 +48,28 @@ function prepare(dir: string): void {
   createQcow2(join(dir, 'ro.qcow2'), 4 * MiB);
   runQemuImg('snapshot', '-c', 'frozen', join(dir, 'ro.qcow2'));
   createQcow2(join(dir, 'x0.qcow2'), MiB);
+  // Many L2 tables (512-byte clusters), a v2 image, 1-bit refcounts: each snapshotted under writes.
+  for (const [name, options] of [['small', { clusterSize: 512 }], ['v2', { compat: '0.10' }], ['narrow', { refcountBits: 1 }]] as const) {
+    qemuIo(createQcow2(join(dir, `${name}.qcow2`), 4 * MiB, options), ['write -P 0x41 0 3M']);
+  }
+  // A chain whose top a rate-limited commit of its middle layer holds (the top stays a root node).
+  createQcow2(join(dir, 'cbase.qcow2'), 4 * MiB);
+  createQcow2(join(dir, 'cmid.qcow2'), 4 * MiB, { backing: { path: 'cbase.qcow2', format: 'qcow2' } });
+  qemuIo(join(dir, 'cmid.qcow2'), ['write -P 0x51 0 4M']);
+  createQcow2(join(dir, 'ctop.qcow2'), 4 * MiB, { backing: { path: 'cmid.qcow2', format: 'qcow2' } });
 }
+
+/** The other images: snapshot, write through the export, snapshot again, delete the first. */
+const OTHER_IMAGES = ['small', 'v2', 'narrow'];
+const otherImageSteps: TranscriptStep[] = OTHER_IMAGES.flatMap((name) => [
+  addImage(name),
+  exportNode(name, name),
+  snap(name, 'a'),
+  qemuIoExport(name, ['write -P 0x42 1M 1M', 'write -z 2M 512k', 'write -P 0x43 3584k 8k']),
+  snap(name, 'b'),
+  qemuIoExport(name, ['write -P 0x44 0 4M']),
+  del(name, { name: 'a' }),
+]);
 
 /** A snapshot read with qemu-img while the daemon holds the image: it must equal its model. */
 const readsAsModel = (snapshot: string, model: string): TranscriptStep => ({
@@ -114,6 +135,20 @@ const STEPS: TranscriptStep[] = [
   readsAsModel('last', 'final'),
   del('disk', { id: '4', name: 'last' }),
   graph,
+  ...otherImageSteps,
+  graph,
+  // A job holds the node: both commands are refused with the blocker's reason.
+  addImage('cbase'),
+  addImage('cmid', { backing: 'cbase' }),
+  addImage('ctop', { backing: 'cmid' }),
+  { execute: 'block-commit', arguments: { 'job-id': 'cj', device: 'ctop', 'top-node': 'cmid', 'base-node': 'cbase', speed: 1 } },
+  untilBlockJobIdle('cj'),
+  snap('ctop', 'x'),
+  del('ctop', { name: 'x' }),
+  snap('cmid', 'x'),
+  { execute: 'block-job-set-speed', arguments: { device: 'cj', speed: 0 } },
+  { awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id: 'cj', status: 'null' } } },
+  snap('ctop', 'after-commit'),
   // Last: QEMU drops the snapshot from its list in memory although the write failed, so nothing queries "ro" after this.
   del('ro', { name: 'frozen' }),
 ];
@@ -134,6 +169,20 @@ test('internal snapshots: replies, listings and the data of every snapshot as qe
       // The snapshot made by qemu-img and kept by the read-only node is intact.
       assert.match(runQemuImg('snapshot', '-l', join(dir, 'ro.qcow2')), /^1\s+frozen\s/m);
       assert.equal(runTool('qemu-img', ['check', join(dir, 'x0.qcow2')]).status, 0);
+      // 1-bit refcounts cannot count a second reference: both refuse the snapshot; QEMU leaks its L1 copy, blockd nothing.
+      const narrow = qemuImgCheck(join(dir, 'narrow.qcow2'));
+      assert.ok(narrow.corruptions === 0 && narrow.checkErrors === 0 && (dir.endsWith('qsd') || narrow.status === 0), narrow.output);
+      assert.doesNotMatch(runQemuImg('snapshot', '-l', join(dir, 'narrow.qcow2')), /\d+\s+[ab]\s/);
+      qemuIo(join(dir, 'narrow.qcow2'), ['read -P 0x44 0 4M']);
+      for (const name of ['small', 'v2']) {
+        const image = join(dir, `${name}.qcow2`);
+        assertCheckClean(image, name);
+        assert.match(runQemuImg('snapshot', '-l', image), /^2\s+b\s/m, name);
+        qemuIo(image, ['read -P 0x44 0 4M']);
+        const b = join(dir, `${name}-b.raw`);
+        runQemuImg('convert', '-l', 'snapshot.name=b', '-O', 'raw', image, b);
+        qemuIo(b, ['read -P 0x41 0 1M', 'read -P 0x42 1M 1M', 'read -P 0 2M 512k', 'read -P 0x41 2560k 512k', 'read -P 0 3M 512k', 'read -P 0x43 3584k 8k', 'read -P 0 3592k 504k'], ['-f', 'raw']);
+      }
     },
   }, 'blockd-internal-snapshot-');
 });

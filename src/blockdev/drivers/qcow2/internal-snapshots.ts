@@ -49,7 +49,17 @@ export class InternalSnapshots {
           await image.file.write(l1Offset!, l1Bytes);
         }
         // One more reference on everything the active tables reach; COPIED cleared where now shared.
-        await this.updateReferences(l1, 1, true);
+        const applied: number[] = [];
+        try {
+          await this.updateReferences(l1, 1, true, applied);
+        } catch (error) {
+          // A count at its maximum (1-bit refcounts): nothing of the snapshot stays, in memory or on disk.
+          for (const cluster of applied) await image.refcounts.update(cluster, -1);
+          await this.updateReferences(l1, 0, true);
+          if (l1Bytes.length) await image.refcounts.release(l1Offset!, l1Bytes.length);
+          await image.writeBackMetadata();
+          throw error;
+        }
         await image.tables.writeBack(); // refcounts, barrier, L2 tables, barrier, L1 entries
         await image.barrier.flush();
         image.overlaps.add(MetadataKind.InactiveL1, l1Offset!, l1Bytes.length);
@@ -109,9 +119,13 @@ export class InternalSnapshots {
    * and cluster the L1 entries reach and, for the active table, sets each COPIED flag to
    * "refcount is 1". Changes stay in memory until the next write-back.
    */
-  private async updateReferences(l1: bigint[], delta: -1 | 0 | 1, active: boolean): Promise<void> {
+  private async updateReferences(l1: bigint[], delta: -1 | 0 | 1, active: boolean, applied: number[] = []): Promise<void> {
     const { image } = this;
     const { refcounts, tables } = image;
+    const bump = async (cluster: number) => {
+      await refcounts.update(cluster, delta);
+      applied.push(cluster);
+    };
     const cs = image.clusterSize;
     const context = { clusterBits: image.header.clusterBits, version: image.header.version, externalDataFile: false };
     for (let l1Index = 0; l1Index < l1.length; l1Index++) {
@@ -125,12 +139,12 @@ export class InternalSnapshots {
         let refcount = 0;
         if (entry.type === 'NORMAL' || entry.type === 'ZERO_ALLOC') {
           const cluster = entry.hostOffset / cs;
-          if (delta) await refcounts.update(cluster, delta);
+          if (delta) await bump(cluster);
           refcount = await refcounts.get(cluster);
         } else if (entry.type === 'COMPRESSED') {
           const { hostOffset, compressedSize } = entry.compressed;
           const last = Math.floor((hostOffset + compressedSize - 1) / cs);
-          if (delta) for (let cluster = Math.floor(hostOffset / cs); cluster <= last; cluster++) await refcounts.update(cluster, delta);
+          if (delta) for (let cluster = Math.floor(hostOffset / cs); cluster <= last; cluster++) await bump(cluster);
           // refcount stays 0: compressed clusters never carry COPIED
         } else if (entry.type === 'INVALID') {
           image.corrupt(`Invalid cluster entry found  (L2 offset: 0x${l1Entry.l2Offset.toString(16)}, L2 index: 0x${i.toString(16)}): ${entry.reason}`);
@@ -142,7 +156,7 @@ export class InternalSnapshots {
       }
       if (changed.length) tables.setTableEntries(l1Entry.l2Offset, changed);
       const tableCluster = l1Entry.l2Offset / cs;
-      if (delta) await refcounts.update(tableCluster, delta);
+      if (delta) await bump(tableCluster);
       const tableRefcount = await refcounts.get(tableCluster);
       if (tableRefcount === 0) tables.forgetTable(l1Entry.l2Offset);
       if (active) {
