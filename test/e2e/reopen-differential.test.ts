@@ -63,6 +63,10 @@ const STEPS: TranscriptStep[] = [
   reopen(fileNode('plain', { aio: 'native' }, 'raw')),
   reopen(fileNode('other', {}, 'raw')),
   reopen(fileNode('plain', { 'drop-cache': false }, 'raw')),
+  reopen(qcow2('base', { 'read-only': true, backing: 'top' })),
+  reopen(qcow2('top', { backing: 'top' })),
+  reopen({ driver: 'raw', 'node-name': 'plain', file: 'plain-file', backing: null }),
+  reopen(qcow2('top', { backing: 'base', 'overlap-check': 'none' }), qcow2('top', { backing: 'base' })),
   graph,
   // The backing link: removed, set again, switched to another image (its data shows through the export).
   reopen(qcow2('top', { backing: null })),
