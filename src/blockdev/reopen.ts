@@ -3,9 +3,10 @@
  * options, changed all together or not at all. Options left out take their
  * defaults; the ones a driver cannot change must keep their value ("Cannot
  * change the option '...'"). What can change: read-only (with the children
- * that inherit it), auto-read-only, detect-zeroes, discard, cache.no-flush
- * (passed on to inheriting children), the backing link (`null` removes it, a
- * node name sets it), and each driver's runtime options (REOPENABLE_OPTIONS).
+ * that inherit it), auto-read-only, detect-zeroes, discard, cache.direct and
+ * cache.no-flush (passed on to inheriting children; direct is reported only,
+ * as at open), the backing link (`null` removes it, a node name sets it), and
+ * each driver's runtime options (REOPENABLE_OPTIONS).
  * Every check runs before anything changes; a change that still fails (a
  * permission conflict, an image lock) undoes the ones made before it.
  */
@@ -43,7 +44,7 @@ interface ReopenPlan {
   node: BlockNode;
   options: BlockdevOptions;
   readOnly: boolean;
-  settings: Pick<NodeSettings, 'autoReadOnly' | 'detectZeroes' | 'discard' | 'cacheNoFlush'>;
+  settings: Pick<NodeSettings, 'autoReadOnly' | 'detectZeroes' | 'discard' | 'cacheDirect' | 'cacheNoFlush'>;
   /** The new backing node (undefined: none), when the link changes. */
   backing?: { to: BlockNode | undefined };
 }
@@ -77,8 +78,6 @@ function plan(layer: BlockLayer, node: BlockNode, options: BlockdevOptions, beco
   if (next.driver !== node.driver.name) throw genericError("Cannot change the option 'driver'");
   if ((options['force-share'] ?? false) !== node.settings.forceShare) throw genericError("Cannot change the option 'force-share'");
   if (readOnly === false && node.settings.forceShare) throw genericError('force-share=on can only be used with read-only images');
-  const noFlush = options.cache?.['no-flush'] ?? false;
-  if ((options.cache?.direct ?? false) !== node.settings.cacheDirect) throw genericError('blockd cannot change cache.direct in a reopen');
 
   const childNames = new Set(node.children.map((edge) => edge.name));
   let backing: ReopenPlan['backing'];
@@ -112,7 +111,10 @@ function plan(layer: BlockLayer, node: BlockNode, options: BlockdevOptions, beco
   if (node.driver.supportsBacking && !('backing' in next) && (node.backing() || node.state.autoBackingFile)) {
     throw genericError(`backing is missing for '${node.name}'`);
   }
-  return { node, options, readOnly, settings: { autoReadOnly: options['auto-read-only'] ?? false, detectZeroes, discard, cacheNoFlush: noFlush }, backing };
+  return { node, options, readOnly, settings: {
+    autoReadOnly: options['auto-read-only'] ?? false, detectZeroes, discard,
+    cacheDirect: options.cache?.direct ?? false, cacheNoFlush: options.cache?.['no-flush'] ?? false,
+  }, backing };
 }
 
 function backingChange(layer: BlockLayer, node: BlockNode, value: string | null): ReopenPlan['backing'] {
@@ -121,9 +123,12 @@ function backingChange(layer: BlockLayer, node: BlockNode, value: string | null)
   return to === node.backing()?.child ? undefined : { to };
 }
 
-/** Children that take a cache.no-flush given to their parent: those opened with it and without their own. */
-function inheritingChildren(node: BlockNode): BlockNode[] {
-  return node.children.map((edge) => edge.child).filter((child) => !child.monitorOwned && child.options.cache?.['no-flush'] === undefined);
+/** The cache options a reopen passes on, and the setting each is kept in. */
+const CACHE_SETTINGS = [['direct', 'cacheDirect'], ['no-flush', 'cacheNoFlush']] as const;
+
+/** Children that take a cache option given to their parent: those opened with it and without their own. */
+function inheritingChildren(node: BlockNode, option: 'direct' | 'no-flush'): BlockNode[] {
+  return node.children.map((edge) => edge.child).filter((child) => !child.monitorOwned && child.options.cache?.[option] === undefined);
 }
 
 /** One undoable step of the reopen. */
@@ -138,11 +143,13 @@ async function apply(layer: BlockLayer, step: ReopenPlan, undo: Undo[]): Promise
     Object.assign(node.settings, previous.settings);
   });
   Object.assign(node.settings, step.settings);
-  if (step.options.cache?.['no-flush'] !== undefined) {
-    for (const child of inheritingChildren(node)) {
-      const had = child.settings.cacheNoFlush;
-      child.settings.cacheNoFlush = step.settings.cacheNoFlush;
-      undo.push(async () => void (child.settings.cacheNoFlush = had));
+  // An explicit cache option reaches the children opened with the node (QEMU copies it into their options).
+  for (const [option, setting] of CACHE_SETTINGS) {
+    if (step.options.cache?.[option] === undefined) continue;
+    for (const child of inheritingChildren(node, option)) {
+      const had = child.settings[setting];
+      child.settings[setting] = step.settings[setting];
+      undo.push(async () => void (child.settings[setting] = had));
     }
   }
   if (step.readOnly !== previous.settings.readOnly) {

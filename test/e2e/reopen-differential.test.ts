@@ -83,6 +83,8 @@ const STEPS: TranscriptStep[] = [
   graph,
   reopen(qcow2('top', { backing: 'base', cache: { 'no-flush': true } })),
   graph,
+  reopen(qcow2('top', { backing: 'base', cache: { direct: true } })),
+  graph,
   reopen(qcow2('top', { backing: 'base', 'auto-read-only': true, 'detect-zeroes': 'on' })),
   graph,
   reopen(fileNode('plain', { 'read-only': true, 'x-check-cache-dropped': true }, 'raw')),
