@@ -23,13 +23,6 @@ export interface BlockLayer {
   blockers: OpBlockers;
 }
 
-/** Runs `action` the way QEMU runs a one-action transaction: everything drains at once, then the users around `node` stay drained while it runs. */
-export async function asTransaction<T>(layer: BlockLayer, node: BlockNode | undefined, action: () => Promise<T>): Promise<T> {
-  await layer.graph.drainedAll(async () => {});
-  // The action's steps (append, reopen) hold the node's requests as they change it.
-  return node ? node.drained(action, { holdRequests: false }) : action();
-}
-
 /** Refuses `operation` on a blocked node with QEMU's text. */
 export function checkNotBlocked(blockers: OpBlockers, node: BlockNode, operation: BlockOperation): void {
   const reason = blockers.reason(node, operation);

@@ -8,7 +8,7 @@ import type { CommandTable } from '../command-table.js';
 import { genericError } from '../errors.js';
 import { COMMAND_USER, asQmpError, checkNotBlocked, lookupDeviceOrNode, type BlockLayer } from './block-layer.js';
 import { PERM_ALL, PERM_RESIZE } from './permissions.js';
-import { blockdevSnapshotDeleteInternalSync, blockdevSnapshotInternalSync } from './internal-snapshot.js';
+import { blockdevSnapshotDeleteInternalSync } from './internal-snapshot.js';
 import { blockdevReopen } from './reopen.js';
 import { changeBackingFile } from './change-backing-file.js';
 import { blockDeviceInfo, checkListable } from './node-info.js';
@@ -55,7 +55,6 @@ export function registerBlockCommands(registry: CommandTable, layer: BlockLayer)
     }
   });
 
-  registry.register('blockdev-snapshot-internal-sync', (args) => blockdevSnapshotInternalSync(layer, args));
   registry.register('blockdev-snapshot-delete-internal-sync', (args) => blockdevSnapshotDeleteInternalSync(layer, args));
   registry.register('blockdev-reopen', ({ options }) => blockdevReopen(layer, options));
   registry.register('change-backing-file', (args) => changeBackingFile(layer, args));

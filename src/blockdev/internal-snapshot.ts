@@ -1,14 +1,14 @@
 /*
  * Internal snapshots (qcow2's snapshot table) through QMP:
- * blockdev-snapshot-internal-sync and blockdev-snapshot-delete-internal-sync, with
- * qemu-storage-daemon's checks and texts. Creation is shaped as a transaction
- * action: prepare does every check and writes the snapshot (QEMU does too: only
- * prepare may fail), commit has nothing left to do, abort deletes the snapshot
- * again and cannot fail (a failed delete is logged, as QEMU prints it).
+ * blockdev-snapshot-internal-sync (a transaction action: transactions/
+ * internal-snapshot-action.ts) and blockdev-snapshot-delete-internal-sync, with
+ * qemu-storage-daemon's checks and texts. Creation writes the snapshot in the
+ * action's prepare (QEMU does too: only prepare may fail); its abort deletes the
+ * snapshot again and cannot fail (a failed delete is logged, as QEMU prints it).
  */
 import type { SnapshotInfo } from '../generated/qapi-types.js';
 import { genericError } from '../errors.js';
-import { asQmpError, asTransaction, checkNotBlocked, lookupRootNode, type BlockLayer } from './block-layer.js';
+import { asQmpError, checkNotBlocked, lookupRootNode, type BlockLayer } from './block-layer.js';
 import { describeErrno } from './io-error.js';
 import type { BlockNode } from './node.js';
 import type { ChildEdge } from './child-edge.js';
@@ -39,15 +39,10 @@ function errnoText(error: unknown): string {
 }
 
 /**
- * Every check of QEMU's internal_snapshot_action, then the snapshot is written. As in QEMU, the
- * device's users are drained from the root-node check on (a refused lookup pauses no job).
+ * QEMU's internal_snapshot_prepare after the root-node lookup (the caller drains `node` from
+ * there on, as QEMU does): every check, then the snapshot is written.
  */
-export async function prepareInternalSnapshot(layer: BlockLayer, args: { device: string; name: string }): Promise<PreparedInternalSnapshot> {
-  const node = lookupRootNode(layer.graph, args.device);
-  return node.drained(() => checkAndCreate(layer, node, args), { holdRequests: false });
-}
-
-async function checkAndCreate(layer: BlockLayer, node: BlockNode, { device, name }: { device: string; name: string }): Promise<PreparedInternalSnapshot> {
+export async function createInternalSnapshot(layer: BlockLayer, node: BlockNode, { device, name }: { device: string; name: string }): Promise<PreparedInternalSnapshot> {
   checkNotBlocked(layer.blockers, node, 'internal-snapshot');
   if (node.readOnly) throw genericError(`Device '${device}' is read only`);
   const holder = snapshotHolder(node);
@@ -67,22 +62,10 @@ async function checkAndCreate(layer: BlockLayer, node: BlockNode, { device, name
   }
 }
 
-/** The snapshot stays: it was complete on disk when prepare returned. */
-export function commitInternalSnapshot(prepared: PreparedInternalSnapshot): void {
-  void prepared;
-}
-
 /** Deletes the snapshot prepare made; never fails (QEMU only reports a failed delete on stderr). */
 export async function abortInternalSnapshot(layer: BlockLayer, { device, holder, snapshot }: PreparedInternalSnapshot): Promise<void> {
   await holder.drained(() => holder.state.deleteSnapshot!(snapshot.id, snapshot.name)).catch((error: unknown) => {
     layer.graph.log.error({ err: error, device, snapshot: snapshot.name }, `Failed to delete snapshot with id '${snapshot.id}' and name '${snapshot.name}' on device '${device}'`);
-  });
-}
-
-/** blockdev-snapshot-internal-sync: a transaction of this one action. */
-export async function blockdevSnapshotInternalSync(layer: BlockLayer, args: { device: string; name: string }): Promise<void> {
-  await asTransaction(layer, undefined, async () => {
-    commitInternalSnapshot(await prepareInternalSnapshot(layer, args));
   });
 }
 

@@ -1,6 +1,7 @@
 /*
  * The transaction command and the commands QEMU runs as a transaction of one action
- * (blockdev-snapshot, blockdev-snapshot-sync, blockdev-backup, drive-backup), so both
+ * (blockdev-snapshot, blockdev-snapshot-sync, blockdev-snapshot-internal-sync,
+ * blockdev-backup, drive-backup), so both
  * paths share one implementation. Every node drains once first (running jobs say paused,
  * then running), as QEMU's qmp_transaction does; with completion-mode grouped the jobs the
  * actions create share one job transaction. The bitmap commands stay commands of their
@@ -17,6 +18,7 @@ import { runActions, type TransactionAction } from './action.js';
 import { BackupAction } from './backup-action.js';
 import { BitmapAddAction, BitmapRemoveAction, bitmapClear, bitmapMerge, bitmapToggle } from './bitmap-actions.js';
 import { ExternalSnapshotAction } from './snapshot-action.js';
+import { InternalSnapshotAction } from './internal-snapshot-action.js';
 
 export interface TransactionContext extends BackupContext {
   log: Logger;
@@ -61,7 +63,7 @@ function actionFor(context: TransactionContext, request: ActionRequest, txn: Job
     case 'blockdev-snapshot-sync':
       return new ExternalSnapshotAction(layer, { sync: request.data }, request.data['node-name'], request.data.device);
     case 'blockdev-snapshot-internal-sync':
-      return refusal('blockdev-snapshot-internal-sync is not supported by blockd yet (internal snapshots are not implemented)');
+      return new InternalSnapshotAction(layer, request.data);
   }
 }
 
@@ -80,6 +82,7 @@ export function registerTransactionCommands(registry: CommandTable, layer: Block
   registry.register('transaction', (args) => runTransaction(full, args));
   registry.register('blockdev-snapshot', (data) => alone({ type: 'blockdev-snapshot', data }));
   registry.register('blockdev-snapshot-sync', (data) => alone({ type: 'blockdev-snapshot-sync', data }));
+  registry.register('blockdev-snapshot-internal-sync', (data) => alone({ type: 'blockdev-snapshot-internal-sync', data }));
   registry.register('blockdev-backup', (data) => alone({ type: 'blockdev-backup', data }));
   registry.register('drive-backup', (data) => alone({ type: 'drive-backup', data }));
 }

@@ -11,8 +11,8 @@
  *   - completion-mode grouped: the refusal of actions other than backups, two backups of
  *     which one fails (blkdebug) or is cancelled: the other is cancelled, the bitmap of a
  *     bitmap-mode on-success backup is as it was plus nothing.
- * blockdev-snapshot-internal-sync is not compared (blockd refuses it until internal
- * snapshots land; a test of blockd alone checks the refusal).
+ *   - blockdev-snapshot-internal-sync with other actions, deleted again by a later failure,
+ *     refused in grouped mode (the snapshots each image holds, read with qemu-img -U).
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
@@ -297,12 +297,31 @@ test('a failing block-dirty-bitmap-enable in every position (which takes qemu-st
   assert.equal(transcript.filter((line) => line === '{"error": {"class": "GenericError", "desc": "Node \'nowhere\' not found"}}').length, 3);
 });
 
-test('blockdev-snapshot-internal-sync: declared, refused by blockd with a clear error until internal snapshots land, nothing done before it kept', async () => {
-  const transcript = await blockdAlone([
-    node('d1'),
-    transaction([action('block-dirty-bitmap-add', { node: 'd1', name: 'kept-not' }), { type: 'blockdev-snapshot-internal-sync', data: { device: 'd1', name: 's1' } }]),
+/**
+ * The internal snapshots an image's file holds (names, not dates), read while the daemon holds it
+ * (not checked here: QEMU's refcounts on disk lag behind its cache until it closes the image).
+ */
+const internalSnapshots = (name: string): TranscriptStep => ({
+  action: async (dir) => {
+    const info = JSON.parse(runQemuImg('info', '-U', '--output=json', join(dir, `${name}.qcow2`))) as { snapshots?: { id: string; name: string }[] };
+    return `${name}: snapshots [${(info.snapshots ?? []).map((sn) => `${sn.id} ${sn.name}`).join(', ')}]`;
+  },
+});
+
+test('blockdev-snapshot-internal-sync in transactions: taken with other actions, deleted again when a later action fails, refused in grouped mode, as qemu-storage-daemon', async () => {
+  const internal = (device: string, name: string) => ({ type: 'blockdev-snapshot-internal-sync', data: { device, name } });
+  const listed = [internalSnapshots('d1'), internalSnapshots('d2')];
+  await bothDaemons(prepareImages, [
+    node('d1'), node('d2'),
+    transaction([internal('d1', 's1'), action('block-dirty-bitmap-add', { node: 'd1', name: 'b1' }), internal('d2', 's1')]),
+    ...listed,
+    transaction([action('block-dirty-bitmap-add', { node: 'd1', name: 'kept-not' }), internal('d1', 's2'), internal('d2', 's2'), action('abort')]),
+    ...listed,
+    transaction([internal('d2', 's3'), internal('d1', 's1')]),
+    ...listed,
+    transaction([internal('d1', 's4')], { 'completion-mode': 'grouped' }),
+    { execute: 'blockdev-snapshot-internal-sync', arguments: { device: 'd1', name: 's5' } },
+    ...listed,
     { execute: 'query-named-block-nodes', arguments: { flat: true } },
-  ]);
-  assert.match(transcript[1]!, /"class": "GenericError", "desc": "blockdev-snapshot-internal-sync is not supported by blockd yet/);
-  assert.doesNotMatch(transcript[2]!, /kept-not/);
+  ], (line) => maskImageSizes(line).replace(/"(date-sec|date-nsec|vm-clock-sec|vm-clock-nsec)": \d+/g, '"$1": 0'));
 });
