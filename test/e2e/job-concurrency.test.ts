@@ -217,9 +217,9 @@ test('random pairs of operations: the same replies and events as qemu-storage-da
     const transcripts: string[][] = [];
     for (const peer of [peers.qsd, peers.blockd]) {
       const before = await runTranscript(peer.socket, peer.dir, steps.before);
-      const request = await runTranscript(peer.socket, peer.dir, [steps.request]);
-      const after = await runTranscript(peer.socket, peer.dir, steps.after);
-      transcripts.push([...before, '-- request', ...request, '-- after', ...after]);
+      // The request and what follows share one connection: the events of a job B that ends at once are not lost between two.
+      const rest = await runTranscript(peer.socket, peer.dir, [steps.request, { action: async () => '-- after' }, ...steps.after]);
+      transcripts.push([...before, '-- request', ...rest]);
     }
     const [theirs, ours] = transcripts as [string[], string[]];
     assert.equal(describeDifferences(ours, theirs), '', `${context}; blockd said: ${peers.blockdLog().slice(-1500)}`);
