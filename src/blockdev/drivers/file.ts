@@ -152,13 +152,20 @@ class FileState implements DriverState {
   async blockStatus(offset: number, length: number): Promise<DriverExtent> {
     const available = Math.min(length, this.length() - offset);
     if (offset >= this.size) return { length: available, allocated: true, data: false, zero: true, hostOffset: offset };
-    const data = await nativeFileOps.seekData(this.handle.fd, offset);
+    const data = await this.seek(offset, false);
     if (data === null) return { length: available, allocated: true, data: false, zero: true, hostOffset: offset };
     if (data > offset) return { length: Math.min(available, data - offset), allocated: true, data: false, zero: true, hostOffset: offset };
-    const hole = (await nativeFileOps.seekHole(this.handle.fd, offset)) ?? this.size;
+    const hole = (await this.seek(offset, true)) ?? this.size;
     // An unaligned end of file counts as data up to the sector boundary, as QEMU rounds it.
     const dataEnd = hole >= this.size ? this.length() : hole;
     return { length: Math.max(1, Math.min(available, dataEnd - offset)), allocated: true, data: true, zero: false, hostOffset: offset };
+  }
+
+  /** SEEK_DATA or SEEK_HOLE; on the calling thread when the addon can (as QEMU does: cheaper than a hand-off). */
+  private async seek(offset: number, hole: boolean): Promise<number | null> {
+    const fd = this.handle.fd;
+    if (nativeFileOps.seekNow) return nativeFileOps.seekNow(fd, offset, hole);
+    return hole ? nativeFileOps.seekHole(fd, offset) : nativeFileOps.seekData(fd, offset);
   }
 
   async setPermissions(needs: PermissionPair): Promise<void> {

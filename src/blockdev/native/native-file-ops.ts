@@ -42,6 +42,11 @@ export interface NativeFileOps {
    * (-EAGAIN: not cached). Absent without the addon.
    */
   readCached?(fd: number, buffer: Buffer, offset: number): number;
+  /**
+   * lseek(SEEK_DATA, or SEEK_HOLE when `hole`) on the calling thread, as seekData/seekHole answer
+   * (null on ENXIO; other errors throw as the async ones reject). Absent without the addon.
+   */
+  seekNow?(fd: number, offset: number, hole: boolean): number | null;
 }
 
 /** The addon's exports (native/blockd_native.c); they throw a TypeError on bad arguments. */
@@ -55,6 +60,7 @@ interface Addon {
   startWriteback(fd: number, offset: number, length: number): Promise<void>;
   copyFileRange?(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, length: number): Promise<number>;
   readCached(fd: number, buffer: Buffer, offset: number): number;
+  seekNow?(fd: number, offset: number, hole: 0 | 1): number;
 }
 
 const fstatAsync = promisify(fstat);
@@ -102,6 +108,14 @@ function loadAddon(): { addon: Addon } | { missing: string } {
   }
 }
 
+/** seekNow's number as seekData/seekHole resolve: the offset, null for ENXIO, else an Error shaped as fs's. */
+function seekResult(result: number): number | null {
+  if (result >= 0) return result;
+  if (-result === constants.errno.ENXIO) return null;
+  const code = Object.entries(constants.errno).find(([, value]) => value === -result)?.[0] ?? `E${-result}`;
+  throw Object.assign(new Error(`${code}: lseek failed`), { code, errno: -result, syscall: 'lseek' });
+}
+
 function addonFileOps(addon: Addon): NativeFileOps {
   // async wrappers turn the addon's synchronous argument errors into rejections too.
   return {
@@ -121,6 +135,7 @@ function addonFileOps(addon: Addon): NativeFileOps {
       ? async (fds, offsets, buffers, results) => addon.writeBatch(fds, offsets, buffers, results)
       : undefined,
     readCached: typeof addon.readCached === 'function' ? (fd, buffer, offset) => addon.readCached(fd, buffer, offset) : undefined,
+    seekNow: typeof addon.seekNow === 'function' ? (fd, offset, hole) => seekResult(addon.seekNow!(fd, offset, hole ? 1 : 0)) : undefined,
   };
 }
 
