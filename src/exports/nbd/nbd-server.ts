@@ -28,6 +28,8 @@ export class NbdServer implements ExportLookup {
   /** Oldest first: the order LIST reports them in. */
   private readonly exports = new Map<string, NbdExport>();
   private readonly sockets = new Set<net.Socket>();
+  /** The reader of each adopted socket (none for a TLS server's: see accept). */
+  private readonly readers = new Map<net.Socket, SocketReader | undefined>();
   private readonly waiting: net.Socket[] = [];
   private active = 0;
   private nextConnection = 1;
@@ -45,7 +47,8 @@ export class NbdServer implements ExportLookup {
    * the address is taken before the credentials are looked up, and let go if that fails.
    */
   static async start(address: NbdListenAddress, maxConnections: number, log: Logger, resolveTls?: () => ServerTls): Promise<NbdServer> {
-    const server = net.createServer({ allowHalfOpen: false, noDelay: true });
+    // Paused: a connection's socket is taken over by a reader of reused buffers (SocketReader.adopt).
+    const server = net.createServer({ allowHalfOpen: false, noDelay: true, pauseOnConnect: true });
     let description: string;
     if (address.type === 'unix') {
       await listenUnixPrivate(server, address.path);
@@ -83,11 +86,15 @@ export class NbdServer implements ExportLookup {
     };
   }
 
-  private accept(socket: net.Socket): void {
+  private accept(accepted: net.Socket): void {
+    // TLS takes over a plain socket's reading, which only a socket of 'data' events hands over.
+    const { socket, reader } = this.tls ? { socket: accepted, reader: undefined } : SocketReader.adopt(accepted);
+    this.readers.set(socket, reader);
     this.sockets.add(socket);
     socket.on('error', () => socket.destroy());
     socket.on('close', () => {
       this.sockets.delete(socket);
+      this.readers.delete(socket);
       const index = this.waiting.indexOf(socket);
       if (index >= 0) this.waiting.splice(index, 1);
     });
@@ -115,7 +122,8 @@ export class NbdServer implements ExportLookup {
   private async runConnection(socket: net.Socket, number: number): Promise<void> {
     const log = this.log.child({ connection: number });
     // STARTTLS replaces the socket and reader with TLS ones.
-    const channel: NbdChannel = { socket, reader: new SocketReader(socket) };
+    const channel: NbdChannel = { socket, reader: this.readers.get(socket) ?? new SocketReader(socket) };
+    socket.resume(); // accepted paused (see start)
     let handle: NbdClientHandle | undefined;
     let exported: NbdExport | undefined;
     const handshakeLimit = setTimeout(() => {
