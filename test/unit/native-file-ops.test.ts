@@ -61,6 +61,21 @@ test('seekData / seekHole find the data of a sparse file', async () => {
   }
 });
 
+test('seekNow answers as seekData / seekHole do, on the calling thread; errors throw with their errno names', async () => {
+  const file = await sparseFile('sparse-now.raw');
+  try {
+    const seekNow = ops.seekNow!;
+    for (const offset of [0, MiB - 1, MiB, MiB + 100, MiB + 4 * KiB, 4 * MiB - 1, 4 * MiB, 5 * MiB]) {
+      assert.equal(seekNow(file.fd, offset, false), await ops.seekData(file.fd, offset), `SEEK_DATA at ${offset}`);
+      assert.equal(seekNow(file.fd, offset, true), await ops.seekHole(file.fd, offset), `SEEK_HOLE at ${offset}`);
+    }
+    assert.throws(() => seekNow(-1, 0, false), { code: 'EBADF', syscall: 'lseek' });
+    assert.throws(() => seekNow(file.fd, 0.5, false), { name: 'TypeError' });
+  } finally {
+    await file.close();
+  }
+});
+
 test('fallocate punches holes, zeroes ranges, extends, and reports errno names', async () => {
   const file = await sparseFile('falloc.raw');
   try {
