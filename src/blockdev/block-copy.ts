@@ -128,10 +128,38 @@ export class BlockCopy {
     }
   }
 
-  /** The first dirty run at or after `from` (no wrapping), at most one copy long: the next piece a job copies. */
+  /** The first dirty run at or after `from` (no wrapping), at most one copy long. */
   nextDirty(from: number): { offset: number; length: number } | undefined {
     const area = this.bitmap.dirtyArea(from, this.bitmap.length);
     return area && { offset: area.offset, length: Math.min(area.length, this.maxCopy) };
+  }
+
+  /**
+   * The next piece a job copies from `from` on (QEMU's block_copy_task_create, then _shrink):
+   * the first dirty run, at most one copy long, cut where the source's block status changes.
+   * The rest is the next piece, so pieces start where QEMU's do, and a job's progress at a
+   * failure is QEMU's. Undefined when nothing is dirty from `from` on.
+   */
+  async nextPiece(from: number): Promise<{ offset: number; length: number } | undefined> {
+    const area = this.nextDirty(from);
+    if (!area) return undefined;
+    const { length } = await this.status(area.offset, area.length);
+    return { offset: area.offset, length: Math.min(area.length, length) };
+  }
+
+  /**
+   * The source's status over [offset, offset + length) in whole clusters (QEMU's
+   * block_copy_block_status): a run cut down to clusters (up at the disk's end); a failure or a
+   * run shorter than a cluster counts as one cluster of data.
+   */
+  private async status(offset: number, length: number): Promise<{ length: number; allocated: boolean; zero: boolean }> {
+    const cluster = this.clusterSize;
+    const asData = { length: cluster, allocated: true, zero: false };
+    const status = await (this.settings.skipUnallocated ? this.source.child.blockStatus(offset, length) : this.source.child.blockStatusAbove(offset, length))
+      .catch(() => undefined);
+    if (!status || status.length < cluster) return asData;
+    const end = offset + status.length >= this.bitmap.length ? Math.ceil(status.length / cluster) * cluster : Math.floor(status.length / cluster) * cluster;
+    return { length: end, allocated: status.allocated, zero: status.zero };
   }
 
   /**
@@ -178,18 +206,11 @@ export class BlockCopy {
   }
 
   private async copyClusters(offset: number, length: number): Promise<void> {
-    const status = await (this.settings.skipUnallocated ? this.source.child.blockStatus(offset, length) : this.source.child.blockStatusAbove(offset, length))
-      .catch((error: unknown) => {
-        throw new CopyError('read', error);
-      });
+    const status = await this.status(offset, length);
     if (status.length < length) {
       // The status changes inside: copy the first part now and the rest as a copy of its own.
-      const cluster = this.clusterSize;
-      const first = Math.min(length, Math.max(cluster, Math.ceil(status.length / cluster) * cluster));
-      if (first < length) {
-        await Promise.all([this.copyClusters(offset, first), this.copyClusters(offset + first, length - first)]);
-        return;
-      }
+      await Promise.all([this.copyClusters(offset, status.length), this.copyClusters(offset + status.length, length - status.length)]);
+      return;
     }
     if (this.settings.skipUnallocated && !status.allocated) return;
     if (status.zero) {

@@ -16,6 +16,7 @@ import { createSuccessor, reclaim } from '../blockdev/bitmaps/successor.js';
 import { CopyError } from '../blockdev/copy-range.js';
 import type { CopyBeforeWriteState } from '../blockdev/drivers/copy-before-write.js';
 import { describeErrno, errnoOf } from '../blockdev/io-error.js';
+import { Mutex } from '../blockdev/mutex.js';
 import type { BlockNode } from '../blockdev/node.js';
 import { PERM_ALL } from '../blockdev/permissions.js';
 import { genericError } from '../errors.js';
@@ -149,6 +150,8 @@ export class BackupJob implements JobKind {
   /** Copies every dirty cluster, several at a time (one under a speed limit), until none is left. */
   private async copyAll(job: Job, copy: BlockCopy): Promise<void> {
     const limit = new RateLimit('keep-account');
+    // Pieces are cut one after the other, as QEMU's block_copy_dirty_clusters creates its tasks.
+    const cutting = new Mutex();
     let cursor = 0;
     let failure: unknown;
     const work = async (index: number) => {
@@ -161,9 +164,12 @@ export class BackupJob implements JobKind {
           continue;
         }
         // A pass ends at the disk's end; copies that failed left their clusters dirty for the next.
-        const next = copy.nextDirty(cursor) ?? copy.nextDirty(0);
+        const next = await cutting.run(async () => {
+          const piece = (await copy.nextPiece(cursor)) ?? (await copy.nextPiece(0));
+          if (piece) cursor = piece.offset + piece.length;
+          return piece;
+        });
         if (!next) return;
-        cursor = next.offset + next.length;
         try {
           await copy.copy(next.offset, next.length);
         } catch (error) {

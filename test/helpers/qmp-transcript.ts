@@ -25,7 +25,7 @@ export interface PolledState {
   holds: (result: unknown) => boolean;
 }
 
-export type TranscriptStep = object | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { poll: PolledState } | { untilClosed: true };
+export type TranscriptStep = object | { action: (dir: string) => Promise<string> } | { awaitEvent: AwaitedEvent } | { poll: PolledState } | { untilClosed: true } | { racing: object };
 
 /** Waits until query-block-jobs shows the job in a state (e.g. a rate-limited job idle after its first chunk). */
 export function untilBlockJob(device: string, holds: (job: { offset: number; busy: boolean; status: string }) => boolean): TranscriptStep {
@@ -89,6 +89,15 @@ export const untilBlockJobsRest: TranscriptStep = {
   },
 };
 
+/**
+ * A command whose reply races the events it causes in QEMU too (a job it wakes may act before
+ * the reply goes out): the transcript records the reply first, then the events that came
+ * before it, so both daemons' transcripts read alike whichever way the race went.
+ */
+export function racingReply(command: object): TranscriptStep {
+  return { racing: command };
+}
+
 /** Waits for a job's status change (its last event of a phase, so later ones cannot race the next reply). */
 export function untilJob(id: string, status: string): TranscriptStep {
   return { awaitEvent: { event: 'JOB_STATUS_CHANGE', data: { id, status } } };
@@ -138,6 +147,12 @@ export async function runTranscript(socket: string, dir: string, steps: readonly
       }
       transcript.push('(connection closed)');
       return transcript;
+    } else if ('racing' in step) {
+      connection.send(JSON.stringify(step.racing).replaceAll('$DIR', dir));
+      const early: string[] = [];
+      let line: string;
+      while ((line = await connection.readLine(10_000)).startsWith('{"timestamp"')) early.push(line);
+      for (const received of [line, ...early]) record(received);
     } else if ('awaitEvent' in step) {
       // Events up to the awaited one, however long the job takes on this machine; it may
       // already have come before the reply of the command that caused it.
