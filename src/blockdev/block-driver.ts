@@ -125,6 +125,12 @@ export interface DriverState {
   autoBackingFile?: string;
   /** Switches between read-only and read-write (the node is drained, and its children already switched when becoming writable). */
   reopen?(writable: boolean): Promise<void>;
+  /**
+   * A reopen's new options for the driver (its bdrv_reopen_prepare): refuses them in QEMU's words, or returns
+   * what makes them take effect, called only once every entry of the reopen passed its checks; that in turn
+   * returns what puts the old ones back (a later entry failed).
+   */
+  prepareReopen?(options: Record<string, unknown>, findObject: (id: string) => unknown): () => () => void;
   /** Before the node becomes read-only, while it still may write: keeps what only lives in memory (qcow2's persistent bitmaps). */
   prepareReadOnly?(): Promise<void>;
   /** The node became writable and holds its write permissions: the first writes a writer makes (qcow2 marks its bitmaps in use). */

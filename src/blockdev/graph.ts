@@ -268,6 +268,27 @@ export class BlockGraph implements NodeObserver {
     if (old && !keepOrphan) await this.closeIfOrphan(old);
   }
 
+  /**
+   * Points `node`'s file edge at `to` (a reopen naming another node as `file`). The driver keeps its
+   * state: the new file must hold what the old one did. On a permission conflict the graph is left as it was.
+   */
+  async changeFile(node: BlockNode, to: BlockNode): Promise<void> {
+    const edge = node.children.find((child) => child.name === 'file');
+    const old = edge?.child;
+    if (!edge || !old || old === to) return;
+    refuseCycle(node, to, 'file');
+    await node.drained(async () => {
+      this.moveParents([edge], to);
+      try {
+        await this.refreshPermissions([node, to, old]);
+      } catch (error) {
+        this.moveParents([edge], old);
+        await this.refreshPermissions([node, old]).catch(() => {});
+        throw error;
+      }
+    });
+  }
+
   /** Closes a node nobody uses any more and the monitor does not own. */
   async closeIfOrphan(node: BlockNode): Promise<void> {
     if (node.parents.length === 0 && !node.monitorOwned && this.find(node.name) === node) await this.close(node);
@@ -436,7 +457,7 @@ function checkParents(node: BlockNode, proposed: Map<ChildEdge, PermissionPair>,
 }
 
 /** `top` and every node below it, walked without recursion (a chain may be thousands deep). */
-function nodesBelow(top: BlockNode): Set<BlockNode> {
+export function nodesBelow(top: BlockNode): Set<BlockNode> {
   const seen = new Set<BlockNode>();
   for (const stack = [top]; stack.length;) {
     const node = stack.pop()!;

@@ -76,6 +76,11 @@ let nodeSequence = 0;
 export class NodeOpener {
   constructor(private readonly graph: BlockGraph, private readonly log: Logger, private readonly objects?: { find(id: string): unknown }) {}
 
+  /** A user-created object (object-add) by id, as drivers look them up. */
+  findObject(id: string): unknown {
+    return this.objects?.find(id);
+  }
+
   /** Opens a node and everything it needs; the node is registered in the graph. */
   async open(request: OpenRequest): Promise<BlockNode> {
     const created: BlockNode[] = [];
@@ -109,7 +114,7 @@ export class NodeOpener {
     const context: OpenContext = {
       node,
       log,
-      findObject: (id) => this.objects?.find(id),
+      findObject: (id) => this.findObject(id),
       findNode: (name) => this.graph.find(name),
       openChild: async (key: string, child: ChildRequest): Promise<ChildEdge> => {
         if (key !== 'file') named();

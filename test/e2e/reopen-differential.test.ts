@@ -7,9 +7,13 @@
  * changed together, and lists where one entry fails, after which the graph is as before.
  * Replies and query-named-block-nodes must be equal; after both daemons stopped, each
  * image passes qemu-img check and records the backing file change-backing-file wrote.
+ * A second script changes links and driver options QEMU lets change: a node's `file`
+ * switched to another node (and its refusals: missing node, cycle, a node another parent
+ * writes, an inline definition), raw's offset/size window and a throttle node's group,
+ * each read through an NBD export afterwards, and lists whose later entry fails.
  */
 import assert from 'node:assert/strict';
-import { symlinkSync } from 'node:fs';
+import { copyFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { compareWithQsd } from '../helpers/differential-scenario.js';
@@ -113,6 +117,97 @@ const STEPS: TranscriptStep[] = [
   changeBackingFile('plain', 'plain', 'x.qcow2'),
   graph,
 ];
+
+const M = MiB;
+
+function prepareLinks(dir: string): void {
+  qemuIo(createQcow2(join(dir, 'top.qcow2'), 4 * MiB), ['write -P 3 0 1M']);
+  // A copy with the same clusters and other data: the qcow2 driver keeps its metadata over a new file, as QEMU's does.
+  copyFileSync(join(dir, 'top.qcow2'), join(dir, 'copy.qcow2'));
+  qemuIo(join(dir, 'copy.qcow2'), ['write -P 4 0 1M']);
+  writeFileSync(join(dir, 'plain.raw'), Buffer.concat([Buffer.alloc(M, 5), Buffer.alloc(M, 6), Buffer.alloc(2 * M, 7)]));
+  writeFileSync(join(dir, 'small.raw'), Buffer.alloc(2 * M, 8));
+}
+
+const raw = (name: string, file: string | object, extra: object = {}) => ({ driver: 'raw', 'node-name': name, file, ...extra });
+const throttle = (group: string, file = 'plain') => ({ driver: 'throttle', 'node-name': 'thr', file, 'throttle-group': group });
+const throttleGroup = (id: string): TranscriptStep => ({ execute: 'object-add', arguments: { 'qom-type': 'throttle-group', id, limits: { 'iops-total': 100000 } } });
+
+const LINK_STEPS: TranscriptStep[] = [
+  add('top'),
+  { execute: 'blockdev-add', arguments: fileNode('copy') },
+  { execute: 'blockdev-add', arguments: raw('plain', fileOf('plain', 'raw')) },
+  { execute: 'blockdev-add', arguments: fileNode('small', {}, 'raw') },
+  { execute: 'blockdev-add', arguments: raw('win', { ...fileOf('win', 'raw'), filename: '$DIR/plain.raw' }, { offset: M, size: M }) },
+  nbdServer,
+  exportNode('top', 'top'),
+  exportNode('plain', 'plain'),
+  exportNode('win', 'win'),
+  graph,
+  // `file` naming another node: refusals first, each leaving the graph as it was.
+  reopen(qcow2('top', { file: 'nosuch' })),
+  reopen(qcow2('top', { file: 'top' })),
+  reopen(qcow2('top', { file: 'plain-file' })),
+  reopen(qcow2('top', { file: 'plain' })),
+  reopen(qcow2('top', { file: { driver: 'file', 'node-name': 'other-file', filename: '$DIR/top.qcow2' } })),
+  reopen(qcow2('top', { file: { driver: 'file', 'node-name': 'top-file', filename: '$DIR/top.qcow2', 'x-check-cache-dropped': true } })),
+  reopen(qcow2('top', { file: { driver: 'file', filename: '$DIR/copy.qcow2' } })),
+  reopen(qcow2('top', { file: { driver: 'raw', file: 'plain-file' } })),
+  reopen(raw('plain', 'plain-file', { backing: 'small-file' })),
+  graph,
+  // A later entry that fails only when applied (the export writes to "top") undoes the switch before it.
+  reopen(raw('plain', 'small-file'), qcow2('top', { file: 'top-file', 'read-only': true })),
+  graph,
+  qemuIoExport('plain', ['read -P 5 0 1M']),
+  // The switch: the export reads the new file's data; the file opened with the node is closed.
+  reopen(qcow2('top', { file: 'copy-file' })),
+  graph,
+  qemuIoExport('top', ['read -P 4 0 1M', 'read -P 0 1M 3M']),
+  reopen(qcow2('top', { file: 'top-file' })), // gone with the switch
+  reopen(raw('plain', 'small-file')),
+  graph,
+  qemuIoExport('plain', ['read -P 8 0 2M']),
+  // raw's window: moved, grown, refused beyond the file, dropped.
+  reopen(raw('win', 'win-file', { offset: 2 * M, size: M })),
+  qemuIoExport('win', ['read -P 7 0 1M']),
+  reopen(raw('win', 'win-file', { offset: 2 * M, size: 4 * M })),
+  reopen(raw('win', 'win-file', { offset: 8 * M })),
+  reopen(raw('win', 'win-file', { size: 1000 })),
+  reopen(raw('win', 'win-file', { offset: 512, size: M }), raw('plain', 'nosuch')),
+  reopen(raw('win', 'win-file', { offset: 512, size: M }), qcow2('top', { file: 'copy-file', 'read-only': true })),
+  graph,
+  qemuIoExport('win', ['read -P 7 0 1M']),
+  reopen(raw('win', 'win-file', { size: M })),
+  qemuIoExport('win', ['read -P 5 0 1M']),
+  reopen(raw('win', 'win-file', { offset: 2 * M, size: 2 * M })),
+  graph,
+  reopen(raw('win', 'win-file')),
+  graph,
+  // A throttle node's group.
+  throttleGroup('tg1'),
+  throttleGroup('tg2'),
+  { execute: 'blockdev-add', arguments: throttle('tg1', 'small-file') },
+  reopen(throttle('nosuch', 'small-file')),
+  reopen({ driver: 'throttle', 'node-name': 'thr', file: 'small-file' }),
+  reopen(throttle('tg2', 'small-file'), raw('plain', 'nosuch')),
+  // The group a node is in cannot be deleted: the failed list left it in tg1, the next one moves it to tg2.
+  { execute: 'object-del', arguments: { id: 'tg1' } },
+  reopen(throttle('tg2', 'small-file')),
+  { execute: 'object-del', arguments: { id: 'tg1' } },
+  { execute: 'object-del', arguments: { id: 'tg2' } },
+  reopen(throttle('tg1', 'small-file')),
+  graph,
+];
+
+test('blockdev-reopen of links and driver options (file, raw window, throttle group) as qemu-storage-daemon', async () => {
+  await compareWithQsd({
+    prepare: prepareLinks,
+    steps: LINK_STEPS,
+    images(dir) {
+      for (const name of ['top', 'copy']) assertCheckClean(join(dir, `${name}.qcow2`), name);
+    },
+  }, 'blockd-reopen-links-');
+});
 
 test('blockdev-reopen and change-backing-file as qemu-storage-daemon', async () => {
   await compareWithQsd({

@@ -16,8 +16,34 @@ interface RawOptions {
 
 const SECTOR = 512;
 
+/** The window of the file the options describe, refused in QEMU's words where the file cannot hold it (raw_apply_options). */
+function windowOf(options: RawOptions, fileSize: number): { offset: number; size: number | undefined } {
+  const offset = options.offset ?? 0;
+  if (offset < 0) throw genericError(`Parameter 'offset' expects a non-negative value`);
+  if (offset > fileSize) throw genericError(`Offset (${offset}) cannot be greater than size of the containing file (${fileSize})`);
+  if (options.size !== undefined && fileSize - offset < options.size) {
+    throw genericError(`The sum of offset (${offset}) and size (${options.size}) has to be smaller or equal to the  actual size of the containing file (${fileSize})`);
+  }
+  if (options.size !== undefined && options.size % SECTOR !== 0) throw genericError(`Specified size is not multiple of ${SECTOR}`);
+  return { offset, size: options.size };
+}
+
 class RawState implements DriverState {
-  constructor(private readonly file: ChildEdge, private readonly offset: number, private readonly fixedSize: number | undefined, private readonly filename: () => string) {}
+  constructor(private readonly file: ChildEdge, private offset: number, private fixedSize: number | undefined, private readonly filename: () => string) {}
+
+  /** A reopen may move the window (checked against the file the node has now, as QEMU does before switching files). */
+  prepareReopen(options: Record<string, unknown>): () => () => void {
+    const window = windowOf(options, this.file.length());
+    return () => {
+      const old = { offset: this.offset, size: this.fixedSize };
+      this.offset = window.offset;
+      this.fixedSize = window.size;
+      return () => {
+        this.offset = old.offset;
+        this.fixedSize = old.size;
+      };
+    };
+  }
 
   length(): number {
     if (this.fixedSize !== undefined) return this.fixedSize;
@@ -80,14 +106,7 @@ export const rawDriver: BlockDriver<RawOptions & Record<string, unknown>> = {
   async open(context, options) {
     const windowed = options.offset !== undefined || options.size !== undefined;
     const file = await context.openChild('file', { name: 'file', role: windowed ? 'data' : 'filtered' });
-    const offset = options.offset ?? 0;
-    const fileSize = file.length();
-    if (offset < 0) throw genericError(`Parameter 'offset' expects a non-negative value`);
-    if (offset > fileSize) throw genericError(`Offset (${offset}) cannot be greater than size of the containing file (${fileSize})`);
-    if (options.size !== undefined && fileSize - offset < options.size) {
-      throw genericError(`The sum of offset (${offset}) and size (${options.size}) has to be smaller or equal to the  actual size of the containing file (${fileSize})`);
-    }
-    if (options.size !== undefined && options.size % SECTOR !== 0) throw genericError(`Specified size is not multiple of ${SECTOR}`);
-    return new RawState(file, offset, options.size, () => nodeFilename(context.node));
+    const window = windowOf(options, file.length());
+    return new RawState(file, window.offset, window.size, () => nodeFilename(context.node));
   },
 };

@@ -15,9 +15,31 @@ interface ThrottleOptions {
   'throttle-group': string;
 }
 
+/** The throttle group an id names, refused in QEMU's words when there is none. */
+function groupNamed(id: string, findObject: (id: string) => unknown): ThrottleGroup {
+  const group = findObject(id);
+  if (!(group instanceof ThrottleGroup)) throw genericError(`Throttle group '${id}' does not exist`);
+  return group;
+}
+
 class ThrottleState extends PassThroughFilter {
-  constructor(file: ChildEdge, private readonly group: ThrottleGroup, node: BlockNode) {
+  constructor(file: ChildEdge, private group: ThrottleGroup, node: BlockNode) {
     super(file, node);
+  }
+
+  /** A reopen may put the node in another group (QEMU's throttle_reopen_prepare); requests then wait for that one. */
+  prepareReopen(options: Record<string, unknown>, findObject: (id: string) => unknown): () => () => void {
+    const group = groupNamed(options['throttle-group'] as string, findObject);
+    const join = (from: ThrottleGroup, to: ThrottleGroup) => {
+      from.users--;
+      to.users++;
+      this.group = to;
+    };
+    return () => {
+      const old = this.group;
+      join(old, group);
+      return () => join(group, old);
+    };
   }
 
   /** As QEMU's filter, it forwards compressed writes (a backup with `compress` may target it). */
@@ -59,8 +81,7 @@ export const throttleDriver: BlockDriver<ThrottleOptions> = {
   kind: 'filter',
   strongOptions: ['throttle-group'],
   async open(context, options) {
-    const group = context.findObject(options['throttle-group']);
-    if (!(group instanceof ThrottleGroup)) throw genericError(`Throttle group '${options['throttle-group']}' does not exist`);
+    const group = groupNamed(options['throttle-group'], context.findObject);
     const file = await context.openChild('file', { name: 'file', role: 'filtered' });
     group.users++;
     return new ThrottleState(file, group, context.node);
