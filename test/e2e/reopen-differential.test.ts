@@ -154,6 +154,8 @@ const LINK_STEPS: TranscriptStep[] = [
   reopen(qcow2('top', { file: { driver: 'file', filename: '$DIR/copy.qcow2' } })),
   reopen(qcow2('top', { file: { driver: 'raw', file: 'plain-file' } })),
   reopen(raw('plain', 'plain-file', { backing: 'small-file' })),
+  // An inline definition reopens the file opened with the node with its options.
+  reopen(qcow2('top', { file: { driver: 'file', filename: '$DIR/top.qcow2', 'detect-zeroes': 'on', cache: { 'no-flush': true } } })),
   graph,
   // A later entry that fails only when applied (the export writes to "top") undoes the switch before it.
   reopen(raw('plain', 'small-file'), qcow2('top', { file: 'top-file', 'read-only': true })),
