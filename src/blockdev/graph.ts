@@ -126,8 +126,12 @@ export class BlockGraph implements NodeObserver {
       await node.state.close();
     });
     this.unregister(node);
-    for (const edge of node.children) {
-      if (edge.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) await edge.flush().catch(() => {});
+    // As a flush of the node would (QEMU's bdrv_close flushes the node): a driver whose flush covers its
+    // children chose which (copy-before-write: its source, never the backup's target).
+    if (!node.state.flushCoversChildren) {
+      for (const edge of node.children) {
+        if (edge.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) await edge.flush().catch(() => {});
+      }
     }
     for (const edge of [...node.children]) {
       await this.detach(edge);
