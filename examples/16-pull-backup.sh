@@ -10,11 +10,7 @@
 # the increment on the full backup. Needs: npm run build, socat, qemu-utils, libnbd-bin.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-work="$(mktemp -d)"
-blockd=""
-cleanup() { if [ -n "$blockd" ]; then kill "$blockd" 2>/dev/null || true; wait "$blockd" 2>/dev/null || true; fi; rm -rf "$work"; }
-trap cleanup EXIT
-cd "$work"
+. "$here/lib/scratch.sh"
 
 qemu-img create -q -f qcow2 disk.qcow2 64M
 qemu-io -c 'write -P 0x11 0 32M' -c 'write -P 0x12 60M 4M' disk.qcow2 >/dev/null

@@ -7,11 +7,7 @@
 # file it made stays on disk, as QEMU leaves it). Needs: npm run build, socat, qemu-utils.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-work="$(mktemp -d)"
-blockd=""
-cleanup() { if [ -n "$blockd" ]; then kill "$blockd" 2>/dev/null || true; wait "$blockd" 2>/dev/null || true; fi; rm -rf "$work"; }
-trap cleanup EXIT
-cd "$work"
+. "$here/lib/scratch.sh"
 
 for disk in a b c; do
   qemu-img create -q -f qcow2 "$disk.qcow2" 16M

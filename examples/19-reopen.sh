@@ -7,11 +7,7 @@
 # header records. Needs: npm run build, socat, qemu-utils.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-work="$(mktemp -d)"
-blockd=""
-cleanup() { if [ -n "$blockd" ]; then kill "$blockd" 2>/dev/null || true; wait "$blockd" 2>/dev/null || true; fi; rm -rf "$work"; }
-trap cleanup EXIT
-cd "$work"
+. "$here/lib/scratch.sh"
 
 qemu-img create -q -f qcow2 base.qcow2 16M
 qemu-io -c 'write -P 0x11 0 4M' base.qcow2 >/dev/null
