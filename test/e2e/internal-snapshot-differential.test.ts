@@ -15,7 +15,7 @@ import { test } from 'node:test';
 import { compareWithQsd, assertReadsAs } from '../helpers/differential-scenario.js';
 import { addImage, addRaw, exportNode, nbdServer, qemuIoExport } from '../helpers/job-steps.js';
 import { assertCheckClean, createQcow2, MiB, qemuImgCheck, qemuIo, qemuImgCompare, runQemuImg, runTool } from '../helpers/qemu-tools.js';
-import { untilBlockJobIdle, type TranscriptStep } from '../helpers/qmp-transcript.js';
+import { maskSnapshotDates, untilBlockJobIdle, type TranscriptStep } from '../helpers/qmp-transcript.js';
 
 const snap = (device: string, name: string): TranscriptStep => ({ execute: 'blockdev-snapshot-internal-sync', arguments: { device, name } });
 const del = (device: string, which: { id?: string; name?: string }): TranscriptStep => ({ execute: 'blockdev-snapshot-delete-internal-sync', arguments: { device, ...which } });
@@ -80,9 +80,6 @@ const readsAsModel = (snapshot: string, model: string): TranscriptStep => ({
     return `snapshot ${snapshot}: convert exit ${convert.status} ${convert.stderr.trim()}; compare with ${model}: ${compare.stdout.trim()}`;
   },
 });
-
-/** Snapshot dates are the wall clock: masked in both transcripts. */
-const maskDates = (line: string) => line.replace(/"(date-sec|date-nsec|vm-clock-sec|vm-clock-nsec)": \d+/g, '"$1": 0');
 
 const STEPS: TranscriptStep[] = [
   addImage('disk'),
@@ -157,7 +154,7 @@ test('internal snapshots: replies, listings and the data of every snapshot as qe
   await compareWithQsd({
     prepare,
     steps: STEPS,
-    normalise: maskDates,
+    normalise: maskSnapshotDates,
     images(dir) {
       assertReadsAs(dir, 'disk.qcow2', 'final.raw');
       const listed = JSON.parse(runQemuImg('info', '--output=json', join(dir, 'disk.qcow2'))) as { snapshots?: { id: string; name: string }[] };

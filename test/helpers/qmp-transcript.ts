@@ -202,6 +202,11 @@ export function maskImageSizes(line: string): string {
   return line.replace(/"actual-size": \d+/g, '"actual-size": 0').replace(/"virtual-size": \d+(, "filename": "[^"]*", "format": "file")/g, '"virtual-size": 0$1');
 }
 
+/** Internal snapshots' dates are the wall clock when each daemon (or qemu-img) took them: masked. */
+export function maskSnapshotDates(line: string): string {
+  return line.replace(/"(date-sec|date-nsec|vm-clock-sec|vm-clock-nsec)": \d+/g, '"$1": 0');
+}
+
 /**
  * For transcripts while a qcow2 image with persistent bitmaps is open: the image's bitmaps
  * list (format-specific "bitmaps") is masked, because blockd writes a new persistent bitmap and

@@ -28,8 +28,8 @@ async function adoptedPair(): Promise<{ reader: SocketReader; socket: net.Socket
   };
 }
 
-/** Waits a turn of the event loop, so that more reads land while the consumer is away. */
-const lag = () => new Promise((resolve) => setTimeout(resolve, 2));
+/** Gives the event loop a turn (its poll phase), so that more reads land while the consumer is away. */
+const lag = () => new Promise((resolve) => setImmediate(resolve));
 
 test('an adopted socket delivers a large stream exactly, to a consumer that lags behind', async () => {
   const pair = await adoptedPair();
